@@ -1,0 +1,241 @@
+"""Time training steps of several configurations against a baseline measured in the same run.
+
+A *suite* is a module ``benchmarks/bench_<name>.py`` with a function
+``speed_cases(smoke: bool) -> list[SpeedCase]``. :func:`run_speed` trains every case with a real
+``Trainer`` for ``warmup + steps`` steps, several rounds interleaved so that drift in machine load
+hits all cases alike, and reports the median step time (from ``on_train_batch_start`` to
+``on_train_batch_end``: forward, every callback, backward and optimizer step), the ratio to the
+case's baseline, and the peak memory (CUDA: ``max_memory_allocated``; CPU: the peak resident set
+growth of a fresh subprocess that runs only that case).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class SpeedCase:
+    """One configuration to time.
+
+    Attributes:
+        name: unique name within the suite (rows of the table).
+        make_module: builds a fresh LightningModule.
+        make_datamodule: builds the DataModule it trains on.
+        make_callbacks: builds the callbacks under test (none for a baseline).
+        baseline: name of the case whose median step time divides this one's (``None``: this is a
+            baseline itself).
+        target: the ratio the issue asks for, printed beside the measured one.
+    """
+
+    name: str
+    make_module: Callable[[], pl.LightningModule]
+    make_datamodule: Callable[[], pl.LightningDataModule]
+    make_callbacks: Callable[[], list[Callback]] = field(default=list)
+    baseline: str | None = None
+    target: float | None = None
+
+
+@dataclass
+class SpeedResult:
+    name: str
+    baseline: str | None
+    median_ms: float
+    iqr_ms: float
+    steps: int
+    ratio: float | None = None
+    target: float | None = None
+    peak_mb: float | None = None
+
+
+class StepTimer(Callback):
+    """Records the wall time of every training step after ``warmup`` steps."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.times: list[float] = []
+        self._start = 0.0
+        self._seen = 0
+
+    def _sync(self, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._sync(pl_module)
+        if self._seen >= self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+        self._seen += 1
+
+
+def _trainer(steps: int, callbacks: list[Callback], accelerator: str) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
+def time_case(case: SpeedCase, steps: int, warmup: int, accelerator: str = "auto") -> list[float]:
+    """Step times in seconds of one fresh run of ``case`` (after ``warmup`` steps)."""
+    timer = StepTimer(warmup)
+    trainer = _trainer(warmup + steps, [*case.make_callbacks(), timer], accelerator)
+    trainer.fit(case.make_module(), datamodule=case.make_datamodule())
+    return timer.times
+
+
+def peak_memory_mb(case: SpeedCase, steps: int, accelerator: str = "auto") -> float:
+    """Peak memory of training ``case`` for ``steps`` steps, in MiB, measured in this process.
+
+    On CUDA this is ``max_memory_allocated``; on the CPU the growth of the peak resident set, which
+    is only meaningful in a fresh process (see :func:`run_speed`).
+    """
+    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        time_case(case, steps, 0, accelerator)
+        return torch.cuda.max_memory_allocated() / 2**20
+    module, datamodule, callbacks = case.make_module(), case.make_datamodule(), case.make_callbacks()
+    before = _resident_mb()
+    _reset_peak_resident()
+    _trainer(steps, callbacks, accelerator).fit(module, datamodule=datamodule)
+    return _peak_resident_mb() - before
+
+
+def _status_mb(field_name: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _resident_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _reset_peak_resident() -> None:
+    # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so import-time peaks do not mask training's.
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_resident_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def load_suite(name: str) -> Callable[[bool], list[SpeedCase]]:
+    return importlib.import_module(f"benchmarks.bench_{name}").speed_cases
+
+
+def available_suites() -> list[str]:
+    return sorted(p.stem.removeprefix("bench_") for p in (ROOT / "benchmarks").glob("bench_*.py"))
+
+
+def _memory_in_subprocess(suite: str, case: str, smoke: bool, steps: int) -> float | None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.speed",
+        "--suite",
+        suite,
+        "--memory-of",
+        case,
+        "--steps",
+        str(steps),
+    ]
+    if smoke:
+        cmd.append("--smoke")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    for line in proc.stdout.splitlines():
+        if line.startswith("PEAK_MB "):
+            return float(line.split()[1])
+    sys.stderr.write(proc.stderr[-2000:])
+    return None
+
+
+def run_speed(
+    suite: str, steps: int, warmup: int, rounds: int, smoke: bool, memory: bool, accelerator: str = "auto"
+) -> list[SpeedResult]:
+    """Time every case of ``suite`` and compute ratios against each case's baseline."""
+    cases = load_suite(suite)(smoke)
+    samples: dict[str, list[float]] = {case.name: [] for case in cases}
+    for _ in range(rounds):
+        for case in cases:
+            pl.seed_everything(0, verbose=False)
+            samples[case.name].extend(time_case(case, steps, warmup, accelerator))
+    results = []
+    for case in cases:
+        times = sorted(samples[case.name])
+        q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+        results.append(
+            SpeedResult(
+                case.name,
+                case.baseline,
+                1e3 * statistics.median(times),
+                1e3 * (q[2] - q[0]),
+                len(times),
+                target=case.target,
+            )
+        )
+    by_name = {r.name: r for r in results}
+    for result in results:
+        if result.baseline is not None:
+            result.ratio = result.median_ms / by_name[result.baseline].median_ms
+    if memory:
+        for case, result in zip(cases, results, strict=True):
+            if torch.cuda.is_available() and accelerator != "cpu":
+                result.peak_mb = peak_memory_mb(case, steps, accelerator)
+            else:
+                result.peak_mb = _memory_in_subprocess(suite, case.name, smoke, steps)
+    return results
+
+
+def format_table(suite: str, results: list[SpeedResult]) -> str:
+    """A Markdown table of results."""
+    lines = [
+        f"### speed: {suite}",
+        "",
+        "| case | baseline | median step (ms) | IQR (ms) | steps | ratio | target | peak mem (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        ratio = f"{r.ratio:.3f}" if r.ratio is not None else "1 (baseline)"
+        target = f"<= {r.target:.2f}" if r.target is not None else ""
+        peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "n/a"
+        lines.append(
+            f"| {r.name} | {r.baseline or ''} | {r.median_ms:.2f} | {r.iqr_ms:.2f} | {r.steps} "
+            f"| {ratio} | {target} | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def save_results(suite: str, results: list[SpeedResult], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    path.write_text(json.dumps({"suite": suite, "device": device, "results": [asdict(r) for r in results]}, indent=2))

@@ -1,0 +1,10 @@
+"""Pure-PyTorch losses and logit transforms; nothing here imports Lightning.
+
+Each function takes and returns tensors, documents its shapes, and validates its input with a
+message that names the problem. Callbacks and modules in :mod:`lightning_logits` are thin layers
+over these functions.
+"""
+
+from lightning_logits.functional.classification import classification_loss
+
+__all__ = ["classification_loss"]

@@ -1,0 +1,37 @@
+"""Cross-entropy for hard or soft targets, the task loss of :class:`~lightning_logits.modules.Classifier`."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_logits.functional._checks import check_logits, check_target
+
+
+def classification_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy of ``logits`` against class indices or soft scores.
+
+    Args:
+        logits: ``[N, C]`` unnormalized scores.
+        target: int64 ``[N]`` class indices, or float ``[N, C]`` scores that sum to one per row
+            (what timm's ``Mixup``/``CutMix`` produce).
+        label_smoothing: the smoothing of :func:`torch.nn.functional.cross_entropy`, in ``[0, 1)``.
+
+    Returns:
+        A scalar tensor, computed in float32 and returned in the dtype of ``logits``.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+        >>> round(classification_loss(logits, torch.tensor([0, 1])).item(), 4)
+        0.1269
+        >>> round(classification_loss(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]])).item(), 4)
+        0.1269
+    """
+    check_logits(logits)
+    check_target(target, logits.shape[0], logits.shape[1])
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    target = target.float() if target.is_floating_point() else target.long()
+    loss = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+    return loss.to(logits.dtype)

@@ -1,0 +1,248 @@
+"""A LightningModule that trains any classifier: a timm name, a torchvision name, or an nn.Module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from typing_extensions import override
+
+from lightning_logits.batch import batch_input, batch_target
+from lightning_logits.functional import classification_loss
+from lightning_logits.functional._checks import check_target, hard_target
+from lightning_logits.loss_terms import check_finite_loss
+from lightning_logits.taps import find_classifier
+
+TORCHVISION_PREFIX = "torchvision/"
+
+
+def build_model(model: str | nn.Module, num_classes: int | None, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Create a model from a timm name, ``"torchvision/<name>"``, or pass an ``nn.Module`` through.
+
+    Args:
+        model: timm model name (``"resnet18"``, ``"vit_tiny_patch16_224"``), a torchvision model
+            name prefixed with ``"torchvision/"``, or a ready ``nn.Module``.
+        num_classes: classes of the new head (ignored for a ready module).
+        pretrained: load pretrained weights (timm/torchvision download them: off by default).
+        **kwargs: passed to the model factory (``in_chans=1``, ``img_size=32``, ...).
+
+    Example:
+        >>> net = build_model("resnet18", num_classes=10, in_chans=1)
+        >>> net.get_classifier().out_features
+        10
+    """
+    if isinstance(model, nn.Module):
+        return model
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
+    if num_classes is None:
+        raise ValueError(f"num_classes is required to build '{model}' by name")
+    if model.startswith(TORCHVISION_PREFIX):
+        import torchvision
+
+        name = model[len(TORCHVISION_PREFIX) :]
+        weights = "DEFAULT" if pretrained else None
+        return torchvision.models.get_model(name, weights=weights, num_classes=num_classes, **kwargs)
+    import timm
+
+    if not timm.is_model(model):
+        close = timm.list_models(f"*{model}*")[:10]
+        raise ValueError(
+            f"'{model}' is not a timm model name (similar: {close or 'none'}); for torchvision "
+            f"use '{TORCHVISION_PREFIX}<name>', or pass an nn.Module"
+        )
+    return timm.create_model(model, pretrained=pretrained, num_classes=num_classes, **kwargs)
+
+
+def _head_out_features(model: nn.Module) -> int | None:
+    try:
+        _, head = find_classifier(model)
+    except LookupError:
+        return None
+    for attr in ("out_features", "out_channels"):
+        value = getattr(head, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+class Classifier(pl.LightningModule):
+    """Train any classifier with cross-entropy, accuracy and calibration metrics.
+
+    Args:
+        model: a timm model name, ``"torchvision/<name>"``, or an ``nn.Module`` (in a YAML, a
+            ``class_path``). Default ``"resnet18"`` (timm).
+        num_classes: number of classes. Required for names; for a module it is read off its head.
+        model_kwargs: keyword arguments for the model factory (``{"in_chans": 1}``). Extra keyword
+            arguments of this constructor are merged into it, so ``Classifier("resnet18",
+            num_classes=10, in_chans=1)`` works in Python.
+        pretrained: load pretrained weights by name (needs internet; off by default).
+        head: dotted path of the classifier head inside ``model`` when it cannot be found
+            automatically (see :func:`lightning_logits.taps.find_classifier`).
+        label_smoothing: cross-entropy label smoothing.
+        mixup_alpha: timm ``Mixup`` alpha; ``0`` disables mixup. Needs an even batch size.
+        cutmix_alpha: timm ``CutMix`` alpha; ``0`` disables it.
+        optimizer: a callable that takes the parameters and returns an optimizer (in a YAML, a
+            ``class_path`` such as ``torch.optim.AdamW`` with ``init_args``). Default: AdamW, lr 1e-3.
+        lr_scheduler: a callable that takes the optimizer and returns a scheduler, stepped each
+            epoch (``ReduceLROnPlateau`` monitors ``val/loss``). Default: none.
+
+    Logged: ``train/loss``, ``train/acc``; ``val/loss``, ``val/acc``, ``val/acc_top5`` (more than 5
+    classes), ``val/ece``; the same under ``test/``.
+
+    Example:
+        >>> import torch
+        >>> module = Classifier("resnet18", num_classes=10, in_chans=1)
+        >>> module(torch.randn(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = "resnet18",
+        num_classes: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        head: str | None = None,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        ignored = ["optimizer", "lr_scheduler"] + (["model"] if isinstance(model, nn.Module) else [])
+        self.save_hyperparameters(ignore=ignored)
+        factory_kwargs = {**(model_kwargs or {}), **kwargs}
+        self.model = build_model(model, num_classes, pretrained=pretrained, **factory_kwargs)
+        found = _head_out_features(self.model) if head is None else None
+        if num_classes is None:
+            if found is None:
+                raise ValueError(f"cannot read the class count off {type(self.model).__name__}; pass num_classes")
+            num_classes = found
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.head = head
+        self.label_smoothing = label_smoothing
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+        metrics: dict[str, Metric | MetricCollection] = {"acc": MulticlassAccuracy(num_classes, top_k=1)}
+        if num_classes > 5:
+            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5)
+        metrics["ece"] = MulticlassCalibrationError(num_classes, n_bins=15)
+        base = MetricCollection(metrics)
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1)
+        self.val_metrics = base.clone(prefix="val/")
+        self.test_metrics = base.clone(prefix="test/")
+
+    @property
+    def classifier_head(self) -> str | None:
+        """Dotted path of the head in this module when ``head`` was given, for the logit tap."""
+        return f"model.{self.head}" if self.head is not None else None
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"batch input must be a tensor, got {type(x).__name__}")
+        try:
+            logits = self(x)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"{type(self.model).__name__} failed on a batch of shape {tuple(x.shape)}: {err}. "
+                "Check the data's channels and image size against the model "
+                "(e.g. model_kwargs: {in_chans: 1} for grayscale)"
+            ) from err
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"the model returned logits of shape {tuple(logits.shape)} but num_classes is "
+                f"{self.num_classes}; the model's head and num_classes must agree"
+            )
+        return logits
+
+    @override
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if isinstance(data_classes, int) and data_classes != self.num_classes:
+            raise ValueError(
+                f"the model has {self.num_classes} classes but {type(datamodule).__name__} has "
+                f"{data_classes}: set num_classes: {data_classes} on the model"
+            )
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x, target = batch_input(batch), batch_target(batch)
+        check_target(target, x.shape[0], self.num_classes)
+        smoothing = self.label_smoothing
+        if self.mixup is not None:
+            if x.shape[0] % 2:
+                raise ValueError(
+                    f"mixup/cutmix need an even batch size, got {x.shape[0]}; use an even "
+                    "batch_size and drop_last=True for the training loader"
+                )
+            x, target = self.mixup(x, target)
+            smoothing = 0.0  # already folded into the mixed targets
+        logits = self._logits(x)
+        loss = classification_loss(logits, target, label_smoothing=smoothing)
+        check_finite_loss("cross_entropy", loss, self.global_step)
+        self.train_acc(logits.detach(), hard_target(target))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return {"loss": loss, "logits": logits, "target": target, "input": x}
+
+    def _evaluate(self, batch: Any, metrics: MetricCollection, prefix: str) -> None:
+        x, target = batch_input(batch), batch_target(batch)
+        check_target(target, x.shape[0], self.num_classes)
+        logits = self._logits(x)
+        loss = classification_loss(logits, target)
+        metrics.update(logits.float().softmax(dim=1), hard_target(target))
+        self.log(f"{prefix}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log_dict(metrics, on_epoch=True, prog_bar=prefix == "val")
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Class probabilities ``[N, C]``."""
+        return self._logits(batch_input(batch)).float().softmax(dim=1)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=1e-3)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
+        }
