@@ -35,11 +35,13 @@ def _module_name(root: nn.Module, target: nn.Module) -> str:
     raise LookupError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
 
 
-def _last_parameterized(module: nn.Module, prefix: str) -> tuple[str, nn.Module] | None:
-    """The last Linear/1x1-conv inside ``module`` (itself if it is one)."""
+def _last_parameterized(
+    module: nn.Module, prefix: str, kinds: tuple[type[nn.Module], ...] = _PARAMETERIZED_HEADS
+) -> tuple[str, nn.Module] | None:
+    """The last module of one of ``kinds`` inside ``module`` (itself if it is one)."""
     found: tuple[str, nn.Module] | None = None
     for name, sub in module.named_modules(prefix=prefix):
-        if isinstance(sub, _PARAMETERIZED_HEADS) and not _is_aux(name):
+        if isinstance(sub, kinds) and not _is_aux(name):
             found = (name, sub)
     return found
 
@@ -120,7 +122,8 @@ def find_classifier(model: nn.Module, head: str | None = None) -> tuple[str, nn.
                 if inner is not None:
                     return inner
 
-    last = _last_parameterized(model, "")
+    # Convolutions count as heads only inside a named head container (SqueezeNet's classifier).
+    last = _last_parameterized(model, "", (nn.Linear, nn.LazyLinear))
     if last is not None and last[0]:
         return last
     raise LookupError(

@@ -1,0 +1,26 @@
+"""Smoke run of the foundation speed suite, so the harness cannot rot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_foundation_speed_smoke_prints_a_ratio_table() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", "--suite", "foundation", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| classifier+zero_term | classifier |" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| classifier+zero_term"))
+    ratio = float(row.split("|")[6])
+    assert ratio > 0
