@@ -25,7 +25,7 @@ def test_builds_timm_torchvision_and_plain_modules() -> None:
 
 
 def test_unknown_names_and_missing_class_count_fail_clearly() -> None:
-    with pytest.raises(ValueError, match="'resnet_18' is not a timm model name.*similar"):
+    with pytest.raises(ValueError, match=r"'resnet_18' is not a timm model name.*similar"):
         build_model("resnet_18", num_classes=3)
     with pytest.raises(ValueError, match="num_classes is required"):
         Classifier("resnet10t")

@@ -68,11 +68,7 @@ def test_fit_writes_csv_logs_and_checkpoints(tmp_path: Path) -> None:
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_cli_runs_two_process_ddp_on_cpu(tmp_path: Path, ddp_env: int) -> None:
-    args = list(SMALL) + [
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=2",
-        "--trainer.strategy=ddp",
-    ]
+    args = [*SMALL, "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
     proc = _run_cli(args, tmp_path, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ddp_env)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr

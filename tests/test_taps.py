@@ -50,7 +50,7 @@ def test_find_classifier_through_a_lightning_module_and_skips_aux_heads() -> Non
 def test_explicit_head_and_missing_head_errors() -> None:
     net = TinyNet()
     assert find_classifier(net, head="fc")[1] is net.fc
-    with pytest.raises(LookupError, match="no module named 'fx'.*features"):
+    with pytest.raises(LookupError, match=r"no module named 'fx'.*features"):
         find_classifier(net, head="fx")
     with pytest.raises(LookupError, match=r"no classifier head found in Sequential.*Conv2d.*head="):
         find_classifier(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()))
