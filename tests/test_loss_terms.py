@@ -178,3 +178,12 @@ def test_replacing_callback_makes_terms_the_whole_loss() -> None:
     logged = trainer.callback_metrics
     torch.testing.assert_close(logged["train/loss_total_step"], logged["train/loss_only_step"])
     assert logged["train/loss_task_step"] != logged["train/loss_total_step"]
+
+
+def test_terms_work_under_bf16_autocast_on_cpu() -> None:
+    callback = LogitL2(weight=0.1)
+    module = Classifier(TinyMLP(), optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+    trainer = fast_trainer(max_steps=3, limit_val_batches=0, precision="bf16-mixed", callbacks=[callback])
+    trainer.fit(module, datamodule=_data())
+    assert callback.seen[0]["logits"].dtype == torch.bfloat16  # the head ran under autocast
+    assert torch.isfinite(trainer.callback_metrics["train/loss_total_step"])
