@@ -30,7 +30,9 @@ class CIFARDataModule(pl.LightningDataModule):
     std: ClassVar[tuple[float, float, float]]
     in_channels = 3
 
-    def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 128, num_workers: int = 4) -> None:
+    def __init__(
+        self, data_dir: str = "data", download: bool = False, batch_size: int = 128, num_workers: int = 4
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.data_dir = data_dir

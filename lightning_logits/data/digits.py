@@ -113,9 +113,7 @@ class DigitsDataModule(pl.LightningDataModule):
             index, test_size=self.test_fraction, stratify=labels.numpy(), random_state=self.seed
         )
         val_share = self.val_fraction / (1 - self.test_fraction)
-        train, val = train_test_split(
-            rest, test_size=val_share, stratify=labels[rest].numpy(), random_state=self.seed
-        )
+        train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest].numpy(), random_state=self.seed)
         if self.train_fraction < 1:
             train, _ = train_test_split(
                 train, train_size=self.train_fraction, stratify=labels[train].numpy(), random_state=self.seed
