@@ -209,7 +209,10 @@ def run_speed(
             result.ratio = result.median_ms / by_name[result.baseline].median_ms
     if memory:
         for case, result in zip(cases, results, strict=True):
-            if torch.cuda.is_available() and accelerator != "cpu":
+            on_cuda = torch.cuda.is_available() and accelerator != "cpu"
+            if on_cuda or smoke:
+                # Smoke runs only check that the code works: in-process is enough and saves a
+                # process start per case.
                 result.peak_mb = peak_memory_mb(case, steps, accelerator)
             else:
                 result.peak_mb = _memory_in_subprocess(suite, case.name, smoke, steps)
