@@ -65,27 +65,41 @@ class SpeedResult:
 
 
 class StepTimer(Callback):
-    """Records the wall time of every training step after ``warmup`` steps."""
+    """Records the wall time of every training step after ``warmup`` steps.
+
+    Place it first in the callback list and its :attr:`end` marker last, so the step's time
+    includes every other callback's batch hooks (a teacher forward in ``on_train_batch_start``).
+    """
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.times: list[float] = []
         self._start = 0.0
         self._seen = 0
-
-    def _sync(self, pl_module: pl.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+        self.end = _StepTimerEnd(self)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._sync(pl_module)
+        _sync(pl_module)
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._sync(pl_module)
+    def stop(self, pl_module: pl.LightningModule) -> None:
+        _sync(pl_module)
         if self._seen >= self.warmup:
             self.times.append(time.perf_counter() - self._start)
         self._seen += 1
+
+
+class _StepTimerEnd(Callback):
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.timer.stop(pl_module)
+
+
+def _sync(pl_module: pl.LightningModule) -> None:
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
 
 
 def _trainer(steps: int, callbacks: list[Callback], accelerator: str) -> pl.Trainer:
@@ -106,7 +120,7 @@ def _trainer(steps: int, callbacks: list[Callback], accelerator: str) -> pl.Trai
 def time_case(case: SpeedCase, steps: int, warmup: int, accelerator: str = "auto") -> list[float]:
     """Step times in seconds of one fresh run of ``case`` (after ``warmup`` steps)."""
     timer = StepTimer(warmup)
-    trainer = _trainer(warmup + steps, [*case.make_callbacks(), timer], accelerator)
+    trainer = _trainer(warmup + steps, [timer, *case.make_callbacks(), timer.end], accelerator)
     trainer.fit(case.make_module(), datamodule=case.make_datamodule())
     return timer.times
 

@@ -1,5 +1,6 @@
 """Callbacks that attach logit-level training methods to any LightningModule."""
 
+from lightning_logits.callbacks.teacher_distillation import ResizeInput, TeacherDistillation
 from lightning_logits.loss_terms import LossTermCallback
 
-__all__ = ["LossTermCallback"]
+__all__ = ["LossTermCallback", "ResizeInput", "TeacherDistillation"]

@@ -6,5 +6,6 @@ over these functions.
 """
 
 from lightning_logits.functional.classification import classification_loss
+from lightning_logits.functional.distillation import kd_loss, nkd_loss
 
-__all__ = ["classification_loss"]
+__all__ = ["classification_loss", "kd_loss", "nkd_loss"]

@@ -1,0 +1,322 @@
+"""Distill a frozen teacher's logits into any classifier: KD or NKD as a loss-term Callback."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_logits.batch import batch_index
+from lightning_logits.functional.distillation import kd_loss, nkd_loss
+from lightning_logits.loss_terms import LossTermCallback, StepContext
+from lightning_logits.taps import find_classifier
+from lightning_logits.teacher_cache import TeacherLogitCache, _first_tensor, load_teacher, teacher_fingerprint
+
+__all__ = ["ResizeInput", "TeacherDistillation"]
+
+_LOSSES = ("kd", "nkd")
+_DEFAULT_TEMPERATURE = {"kd": 4.0, "nkd": 1.0}
+_PRECISIONS: dict[str, torch.dtype | None] = {
+    "32": None,
+    "32-true": None,
+    "bf16": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "16": torch.float16,
+    "fp16": torch.float16,
+    "16-true": torch.float16,
+}
+
+
+class ResizeInput:
+    """A picklable teacher input transform: resize images to ``size`` (and optionally repeat channels).
+
+    For heterogeneous pairs, e.g. a ViT teacher that wants 224x224 RGB with a 32x32 grayscale CNN
+    student: ``ResizeInput(224, channels=3)``. In a YAML, give it as a ``class_path``.
+
+    Args:
+        size: the output side (int) or ``[height, width]``.
+        mode: interpolation mode of :func:`torch.nn.functional.interpolate` (default ``"bilinear"``).
+        channels: repeat a 1-channel input to this many channels (``None``: keep).
+
+    Example:
+        >>> import torch
+        >>> ResizeInput(16, channels=3)(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 3, 16, 16])
+    """
+
+    def __init__(self, size: int | Sequence[int], mode: str = "bilinear", channels: int | None = None) -> None:
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.mode = mode
+        self.channels = channels
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != self.size:
+            align = False if self.mode in ("bilinear", "bicubic") else None
+            x = F.interpolate(x, size=self.size, mode=self.mode, align_corners=align)
+        if self.channels is not None and x.shape[1] != self.channels:
+            if x.shape[1] != 1:
+                raise ValueError(f"can only repeat a 1-channel input to {self.channels} channels, got {x.shape[1]}")
+            x = x.expand(-1, self.channels, -1, -1)
+        return x
+
+
+def _head_classes(model: nn.Module) -> int | None:
+    try:
+        _, head = find_classifier(model)
+    except LookupError:
+        return None
+    for attr in ("out_features", "out_channels"):
+        value = getattr(head, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+class TeacherDistillation(LossTermCallback):
+    """Add a KD or NKD term from a frozen teacher to the training loss of any classifier.
+
+    The task loss stays; ``weight * loss(student_logits, teacher_logits)`` is added and logged as
+    ``train/loss_kd`` or ``train/loss_nkd``. The teacher sees ``context.input``, the student's
+    actual input (after mixup/cutmix when the module applies them), and the target is
+    ``context.target`` (soft after mixup: NKD uses its argmax).
+
+    The teacher lives on this callback, not on the LightningModule: Lightning never moves it to
+    train mode, DDP never wraps it, and it is never written into the student's checkpoint. It is
+    frozen (``requires_grad=False``), kept in eval mode (checked before each forward pass), run
+    under ``torch.no_grad()`` on the student's device, optionally in bf16/fp16 and channels_last.
+    The checkpoint records where the teacher came from (``teacher``, ``checkpoint``, ``cache``)
+    and a fingerprint of its weights, so a resumed run reloads it, and warns if it differs.
+
+    Args:
+        teacher: an ``nn.Module`` (moved and cast in place, as Lightning moves a model); the path
+            of a checkpoint of our :class:`~lightning_logits.modules.Classifier`; or a timm model name (or
+            ``"torchvision/<name>"``) with ``checkpoint``. ``None`` when ``cache`` is given, or on
+            resume (the recorded source is loaded).
+        loss: ``"nkd"`` (default) or ``"kd"``.
+        weight: weight of the term in the total loss (default 1.0).
+        temperature: ``None`` for the loss's default (NKD 1.0, KD 4.0).
+        gamma: NKD's non-target weight (default 1.5; ignored by KD).
+        cache: directory of a top-k teacher-logit cache
+            (:mod:`lightning_logits.teacher_cache`); the batches must then carry sample indices
+            (``(input, target, index)``), and no teacher runs.
+        checkpoint: weights of a teacher given by name.
+        num_classes: classes of a teacher given by name (default: the student's ``num_classes``).
+        teacher_kwargs: keyword arguments of the model factory for a teacher given by name
+            (``{"in_chans": 1}``).
+        precision: teacher weights and inputs in ``"bf16"`` or ``"16"``; ``None`` keeps float32.
+            (Under ``precision="bf16-mixed"`` the teacher also runs under autocast.)
+        channels_last: convert the teacher and its inputs to channels_last memory format.
+        input_transform: a callable applied to the student's input before the teacher (e.g.
+            :class:`ResizeInput` for a ViT/CNN pair with different input sizes).
+        name: the loss term's name (default: the value of ``loss``).
+
+    Example:
+        >>> from torch import nn
+        >>> callback = TeacherDistillation(nn.Linear(4, 3), loss="kd", weight=0.5)
+        >>> callback.name, callback.temperature, callback.weight
+        ('kd', 4.0, 0.5)
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | str | None = None,
+        loss: str = "nkd",
+        weight: float = 1.0,
+        temperature: float | None = None,
+        gamma: float = 1.5,
+        cache: str | None = None,
+        checkpoint: str | None = None,
+        num_classes: int | None = None,
+        teacher_kwargs: dict[str, Any] | None = None,
+        precision: str | None = None,
+        channels_last: bool = False,
+        input_transform: Callable[[Tensor], Tensor] | None = None,
+        name: str | None = None,
+    ) -> None:
+        if loss not in _LOSSES:
+            raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
+        super().__init__(name=name or loss, weight=weight)
+        if temperature is None:
+            temperature = _DEFAULT_TEMPERATURE[loss]
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        if precision is not None and str(precision) not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)} or None, got {precision!r}")
+        if teacher is not None and not isinstance(teacher, nn.Module | str):
+            raise TypeError(f"teacher must be an nn.Module, a name or a checkpoint path, got {type(teacher).__name__}")
+        self.loss = loss
+        self.temperature = float(temperature)
+        self.gamma = float(gamma)
+        self.teacher_source = teacher
+        self.cache_path = cache
+        self.checkpoint = checkpoint
+        self.num_classes = num_classes
+        self.teacher_kwargs = dict(teacher_kwargs or {})
+        self.precision = None if precision is None else str(precision)
+        self.channels_last = channels_last
+        self.input_transform = input_transform
+        self.teacher: nn.Module | None = None
+        self.cache: TeacherLogitCache | None = None
+        self.fingerprint: str | None = None
+        self._dtype: torch.dtype | None = None
+        self._restored: dict[str, Any] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Fixed class name, so a subclass (or the base class) resumes a checkpoint of the other.
+        return f"TeacherDistillation{{'name': '{self.name}'}}"
+
+    # ----------------------------------------------------------------- teacher
+    def _source_record(self) -> dict[str, Any]:
+        source = self.teacher_source
+        return {
+            "teacher": source if isinstance(source, str) else None,
+            "teacher_class": type(source).__qualname__ if isinstance(source, nn.Module) else None,
+            "checkpoint": self.checkpoint,
+            "num_classes": self.num_classes,
+            "teacher_kwargs": self.teacher_kwargs,
+            "cache": self.cache_path,
+            "fingerprint": self.fingerprint,
+            "loss": self.loss,
+            "temperature": self.temperature,
+            "gamma": self.gamma,
+        }
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self._source_record()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+        # A callback created without a teacher (or cache) on resume takes the recorded one.
+        if self.teacher_source is None and self.cache_path is None:
+            self.teacher_source = state_dict.get("teacher")
+            self.cache_path = state_dict.get("cache")
+            self.checkpoint = state_dict.get("checkpoint")
+            self.num_classes = state_dict.get("num_classes")
+            self.teacher_kwargs = dict(state_dict.get("teacher_kwargs") or {})
+            if self.teacher_source is None and self.cache_path is None:
+                raise ValueError(
+                    f"the checkpoint's {self.state_key} teacher was an nn.Module of class "
+                    f"{state_dict.get('teacher_class')}, which cannot be reloaded from a path; pass "
+                    "TeacherDistillation(teacher=<the same module>) when resuming"
+                )
+        # Loading happens in on_train_start, after Lightning restored this state.
+        self.teacher = None
+        self.cache = None
+
+    def _student_classes(self, pl_module: pl.LightningModule) -> int | None:
+        value = getattr(pl_module, "num_classes", None)
+        return value if isinstance(value, int) else _head_classes(pl_module)
+
+    def _prepare_teacher(self, pl_module: pl.LightningModule) -> None:
+        student_classes = self._student_classes(pl_module)
+        if self.cache_path is not None:
+            self.cache = TeacherLogitCache(self.cache_path)
+            if student_classes is not None and self.cache.num_classes != student_classes:
+                raise ValueError(
+                    f"the teacher-logit cache '{self.cache_path}' has {self.cache.num_classes} classes but the "
+                    f"student has {student_classes}: build the cache with a teacher trained on the same labels"
+                )
+            if getattr(pl_module, "mixup", None) is not None:
+                rank_zero_warn(
+                    "TeacherDistillation(cache=...) with mixup/cutmix: the cached logits belong to the "
+                    "un-mixed samples, not to the mixed inputs the student sees"
+                )
+            self.fingerprint = f"cache:{self.cache.source}"
+            self._check_same_teacher()
+            return
+        if self.teacher_source is None:
+            raise ValueError(
+                "TeacherDistillation needs a teacher (an nn.Module, a Classifier checkpoint path, or a "
+                "model name with checkpoint=) or cache=<directory of cached teacher logits>"
+            )
+        num_classes = self.num_classes if self.num_classes is not None else student_classes
+        teacher = load_teacher(self.teacher_source, self.checkpoint, num_classes, self.teacher_kwargs)
+        teacher.requires_grad_(False)
+        teacher.eval()
+        dtype = _PRECISIONS[self.precision] if self.precision is not None else None
+        teacher.to(device=pl_module.device, dtype=dtype)
+        if self.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        teacher_classes = _head_classes(teacher)
+        if teacher_classes is not None and student_classes is not None and teacher_classes != student_classes:
+            raise ValueError(
+                f"the teacher has {teacher_classes} classes but the student has {student_classes}: pass a "
+                "teacher trained on the same labels"
+            )
+        self.teacher = teacher
+        self._dtype = dtype
+        self.fingerprint = teacher_fingerprint(teacher)
+        self._check_same_teacher()
+
+    def _check_same_teacher(self) -> None:
+        recorded = self._restored.get("fingerprint")
+        if recorded is not None and recorded != self.fingerprint:
+            rank_zero_warn(
+                f"resuming with a different teacher than the checkpoint's ({self.fingerprint} vs {recorded}, "
+                f"recorded source {self._restored.get('teacher') or self._restored.get('cache')})"
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here rather than in setup: the student is on its device and a resumed state is loaded.
+        if self.teacher is None and self.cache is None:
+            self._prepare_teacher(pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if stage == "fit":
+            self.teacher = None  # free its memory; a new fit reloads it
+            self.cache = None
+
+    def teacher_logits(self, context: StepContext) -> Tensor:
+        """The teacher's ``[N, C]`` logits for this step: from the cache, or a no-grad forward pass.
+
+        Override to change how the teacher is called (e.g. a teacher with several inputs).
+        """
+        if self.cache is not None:
+            index = batch_index(context.batch)
+            if index is None:
+                raise ValueError(
+                    "TeacherDistillation(cache=...) needs batches that carry sample indices: yield "
+                    "(input, target, index), e.g. DigitsDataModule(return_index=True)"
+                )
+            return self.cache.logits(index, device=context.logits.device)
+        teacher = self.teacher
+        if teacher is None:
+            raise RuntimeError("the teacher is not loaded: TeacherDistillation runs inside Trainer.fit only")
+        if teacher.training:  # someone called .train() on it: distill from the eval-mode teacher anyway
+            teacher.eval()
+        x = context.input.detach()
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        if self._dtype is not None and x.is_floating_point():
+            x = x.to(self._dtype)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            return _first_tensor(teacher(x))
+
+    @override
+    def loss_term(self, context: StepContext) -> Tensor:
+        student = context.logits
+        teacher = self.teacher_logits(context)
+        if teacher.shape != student.shape:
+            raise ValueError(
+                f"the teacher gave logits of shape {tuple(teacher.shape)} but the student "
+                f"{tuple(student.shape)}: teacher {teacher.shape[-1]} classes, student {student.shape[-1]}"
+            )
+        if self.loss == "kd":
+            return kd_loss(student, teacher, temperature=self.temperature)
+        return nkd_loss(student, teacher, context.target, temperature=self.temperature, gamma=self.gamma)

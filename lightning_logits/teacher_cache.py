@@ -1,0 +1,434 @@
+"""Offline teacher logits: run a teacher once over a data set, store its top-k logits, read them back.
+
+Distilling from a large teacher costs a teacher forward pass per student step and the teacher's
+memory on every device. When the student's inputs are the same every epoch, the teacher's
+logits can be computed once and read back by sample index instead.
+
+**Layout.** A cache is a directory holding memory-mapped ``.npy`` arrays, one row per sample
+index of the data set (row ``i`` is the sample the dataloader tags with index ``i``):
+
+- ``values.npy``: float16 ``[M, k]``, the teacher's ``k`` largest logits, in descending order;
+- ``indices.npy``: int16 (int32 beyond 32767 classes) ``[M, k]``, their class indices;
+- ``rest.npy``: float32 ``[M]``, the log-sum-exp of the ``C - k`` other logits (``-inf`` when ``k = C``);
+- ``written.npy``: bool ``[M]``, which rows were filled (reading an unfilled row is an error);
+- ``meta.json``: ``num_samples``, ``num_classes``, ``k``, the teacher's source and the format version.
+
+**Reconstruction of a full row** (:func:`reconstruct_logits`). The ``k`` stored logits are put
+back in their columns and every other column gets the same fill value
+``f = rest - log(C - k)``, so that ``(C - k) * exp(f) = exp(rest)``. Hence at temperature 1 the
+softmax of the rebuilt row gives every top-k class exactly the teacher's probability (up to the
+float16 rounding of the values) and the non-top-k classes together exactly their total teacher
+mass, spread evenly among them. ``f`` is a log-mean-exp of the non-top-k logits, so it never
+exceeds the k-th largest logit and the ranking is kept. At another temperature ``T`` the rebuilt
+row is an approximation (the non-top-k classes are flattened to their mean); with ``k = C`` the
+reconstruction is exact up to float16. For NKD, a target class outside the teacher's top-k gets
+the fill value.
+
+**Augmentation.** The cache holds the logits of whatever inputs the building dataloader yields.
+Build it from a dataloader *without random augmentation and without shuffling* (e.g.
+``DigitsDataModule(return_index=True).dataset("train")``): then the student, even when it trains
+on randomly augmented views, distills toward the teacher's view of the clean sample, which is a
+different (weaker) signal than online KD on the same augmented view. A fixed augmentation per
+sample (seeded by the index) is the other consistent choice. Mixup/cutmix mix inputs inside the
+step, so cached logits do not match the mixed input: the callback warns when both are used.
+
+Command line: ``python -m lightning_logits.teacher_cache --teacher runs/teacher.ckpt --out
+cache/digits_top5 --k 5 --data-args '{"image_size": 32}'`` (see :func:`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_logits.batch import batch_index, batch_input
+
+__all__ = [
+    "TeacherLogitCache",
+    "build_teacher_cache",
+    "load_teacher",
+    "main",
+    "reconstruct_logits",
+    "teacher_fingerprint",
+]
+
+FORMAT_VERSION = 1
+
+
+def load_teacher(
+    teacher: str | nn.Module,
+    checkpoint: str | None = None,
+    num_classes: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Build a teacher network from a module, a model name plus weights, or a ``Classifier`` checkpoint.
+
+    Args:
+        teacher: an ``nn.Module`` (returned as is); the path of a checkpoint of our
+            :class:`~lightning_logits.modules.Classifier` (a ``.ckpt`` that Lightning saved: the
+            wrapped network is returned); or a timm model name / ``"torchvision/<name>"``.
+        checkpoint: weights for a model name: a plain ``state_dict`` file or a Lightning
+            checkpoint of a ``Classifier`` (its ``model.`` prefix is stripped). ``None``: random
+            weights (only useful for speed tests).
+        num_classes: classes of a model built by name.
+        model_kwargs: keyword arguments of the model factory (``{"in_chans": 1}``).
+
+    Returns:
+        The network (in train mode as built; callers freeze it).
+
+    Example:
+        >>> net = load_teacher("resnet10t", num_classes=10, model_kwargs={"in_chans": 1})
+        >>> net.get_classifier().out_features
+        10
+    """
+    if isinstance(teacher, nn.Module):
+        return teacher
+    if not isinstance(teacher, str):
+        raise TypeError(
+            f"teacher must be an nn.Module, a model name or a checkpoint path, got {type(teacher).__name__}"
+        )
+    path = Path(teacher)
+    if path.suffix == ".ckpt" or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher checkpoint '{teacher}' does not exist; train the teacher first")
+        from lightning_logits.modules.classifier import Classifier
+
+        try:
+            module = Classifier.load_from_checkpoint(str(path), map_location="cpu")
+        except Exception as err:
+            raise ValueError(
+                f"could not load '{teacher}' as a Classifier checkpoint ({type(err).__name__}: {err}); for "
+                "another network pass teacher=<timm name> with checkpoint=<weights file>, or an nn.Module"
+            ) from err
+        return module.model
+    from lightning_logits.modules.classifier import build_model
+
+    net = build_model(teacher, num_classes, **(model_kwargs or {}))
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise TypeError(f"'{checkpoint}' holds a {type(state).__name__}, not a state_dict")
+        if state and all(key.startswith("model.") for key in state if not key.startswith(("val_", "test_", "train_"))):
+            state = {key[len("model.") :]: value for key, value in state.items() if key.startswith("model.")}
+        net.load_state_dict(state)
+    return net
+
+
+def teacher_fingerprint(teacher: nn.Module) -> str:
+    """A short SHA-1 of the teacher's parameters and buffers, to tell two teachers apart on resume.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2)
+        >>> teacher_fingerprint(net) == teacher_fingerprint(net)
+        True
+    """
+    digest = hashlib.sha1()
+    for name, tensor in teacher.state_dict().items():
+        digest.update(name.encode())
+        if isinstance(tensor, Tensor):
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def reconstruct_logits(values: Tensor, indices: Tensor, rest: Tensor, num_classes: int) -> Tensor:
+    """Rebuild full ``[B, C]`` logit rows from top-k logits and the log-sum-exp of the others.
+
+    Every non-top-k column is filled with ``rest - log(C - k)``, which keeps the teacher's total
+    softmax mass of the non-top-k classes at temperature 1 (see the module docstring).
+
+    Args:
+        values: ``[B, k]`` top-k logits (any float dtype).
+        indices: ``[B, k]`` their class indices.
+        rest: ``[B]`` log-sum-exp of the ``C - k`` other logits (ignored when ``k = C``).
+        num_classes: ``C``.
+
+    Returns:
+        float32 ``[B, C]`` logits.
+
+    Example:
+        >>> import torch
+        >>> full = torch.tensor([[3.0, 0.0, 1.0, -1.0]])
+        >>> top, idx = full.topk(2, dim=1)
+        >>> others = torch.tensor([[0.0, -1.0]]).logsumexp(dim=1)
+        >>> rebuilt = reconstruct_logits(top, idx, others, 4)
+        >>> torch.allclose(rebuilt.softmax(1)[0, [0, 2]], full.softmax(1)[0, [0, 2]])
+        True
+        >>> torch.allclose(rebuilt.softmax(1)[0, [1, 3]].sum(), full.softmax(1)[0, [1, 3]].sum())
+        True
+    """
+    k = values.shape[1]
+    if k > num_classes:
+        raise ValueError(f"k = {k} stored logits but only {num_classes} classes")
+    if k == num_classes:
+        out = torch.empty(values.shape[0], num_classes, dtype=torch.float32, device=values.device)
+    else:
+        fill = rest.float() - math.log(num_classes - k)
+        out = fill.unsqueeze(1).expand(-1, num_classes).clone()
+    return out.scatter_(1, indices.long(), values.float())
+
+
+class TeacherLogitCache:
+    """Read-only access to a top-k teacher-logit cache on disk (memory-mapped).
+
+    Args:
+        path: the cache directory written by :func:`build_teacher_cache`.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> data = [(torch.randn(4, 3), torch.zeros(4), torch.arange(4))]
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     cache = build_teacher_cache(nn.Linear(3, 5), data, tmp, k=2, num_samples=4)
+        ...     cache.logits(torch.tensor([0, 3])).shape, cache.k, cache.num_classes
+        (torch.Size([2, 5]), 2, 5)
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"no teacher-logit cache at '{self.path}' (missing meta.json); build one with "
+                "`python -m lightning_logits.teacher_cache --teacher ... --out DIR` or build_teacher_cache()"
+            )
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"cache '{self.path}' has format {self.meta.get('format')}, expected {FORMAT_VERSION}")
+        self.num_samples = int(self.meta["num_samples"])
+        self.num_classes = int(self.meta["num_classes"])
+        self.k = int(self.meta["k"])
+        self.source: str = str(self.meta.get("teacher", ""))
+        self._open()
+
+    def _open(self) -> None:
+        self.values = np.load(self.path / "values.npy", mmap_mode="r")
+        self.indices = np.load(self.path / "indices.npy", mmap_mode="r")
+        self.rest = np.load(self.path / "rest.npy", mmap_mode="r")
+        self.written = np.load(self.path / "written.npy", mmap_mode="r")
+        missing = int((~np.asarray(self.written)).sum())
+        if missing:
+            raise ValueError(
+                f"cache '{self.path}' is incomplete: {missing} of {self.num_samples} sample rows were never "
+                "written (the building dataloader skipped them: use drop_last=False); rebuild it"
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Memory maps are reopened in the receiving process (ddp_spawn pickles callbacks).
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _rows(self, index: Tensor | Sequence[int]) -> np.ndarray:
+        rows = torch.as_tensor(index).detach().to("cpu", torch.int64).reshape(-1).numpy()
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_samples):
+            raise IndexError(
+                f"sample indices in [{rows.min()}, {rows.max()}] but the cache '{self.path}' holds "
+                f"{self.num_samples} samples; build the cache on the same data split the student trains on"
+            )
+        return rows
+
+    def topk(self, index: Tensor | Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(values [B, k] float16, indices [B, k] int64, rest [B] float32)`` of samples ``index``."""
+        rows = self._rows(index)
+        values = torch.from_numpy(np.ascontiguousarray(self.values[rows]))
+        indices = torch.from_numpy(np.ascontiguousarray(self.indices[rows]).astype(np.int64))
+        rest = torch.from_numpy(np.ascontiguousarray(self.rest[rows]))
+        return values, indices, rest
+
+    def logits(self, index: Tensor | Sequence[int], device: torch.device | str | None = None) -> Tensor:
+        """Reconstructed float32 teacher logits ``[B, C]`` of samples ``index`` (see :func:`reconstruct_logits`)."""
+        values, indices, rest = self.topk(index)
+        if device is not None:
+            values, indices, rest = (t.to(device, non_blocking=True) for t in (values, indices, rest))
+        return reconstruct_logits(values, indices, rest, self.num_classes)
+
+
+def _first_tensor(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"the teacher returned {type(output).__name__}; it must return logits [N, C]")
+
+
+@torch.no_grad()
+def build_teacher_cache(
+    teacher: nn.Module,
+    dataloader: Iterable[Any],
+    path: str | Path,
+    k: int = 10,
+    num_samples: int | None = None,
+    device: torch.device | str | None = None,
+    input_transform: Callable[[Tensor], Tensor] | None = None,
+    source: str | None = None,
+    overwrite: bool = False,
+) -> TeacherLogitCache:
+    """Run ``teacher`` once over ``dataloader`` and store its top-k logits by sample index.
+
+    Args:
+        teacher: the teacher network (put in eval mode here; no gradients are computed).
+        dataloader: yields ``(input, target, index)`` batches (or dicts with ``"input"`` and
+            ``"index"``), e.g. ``DataLoader(DigitsDataModule(return_index=True).dataset("train"))``.
+            Use no random augmentation and no ``drop_last``.
+        path: the directory to write (created).
+        k: logits kept per sample (clipped to the class count; ``k = C`` stores every logit).
+        num_samples: rows of the cache (the largest index + 1 at least); default
+            ``len(dataloader.dataset)``.
+        device: where the teacher runs (default: where its parameters are).
+        input_transform: applied to each input before the teacher (e.g. a resize).
+        source: what built the teacher (a name or a path), recorded in ``meta.json``.
+        overwrite: replace an existing cache at ``path``.
+
+    Returns:
+        The cache, opened for reading.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    out = Path(path)
+    if (out / "meta.json").exists() and not overwrite:
+        raise FileExistsError(f"a teacher-logit cache already exists at '{out}'; pass overwrite=True to replace it")
+    if num_samples is None:
+        dataset = getattr(dataloader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            raise ValueError("pass num_samples: the dataloader has no sized .dataset to count the samples")
+        num_samples = len(dataset)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)
+    if device is None:
+        param = next(teacher.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    teacher = teacher.to(device).eval()
+    arrays: dict[str, np.memmap] = {}
+    num_classes = -1
+    for batch in dataloader:
+        index = batch_index(batch)
+        if index is None:
+            raise ValueError(
+                "the dataloader's batches carry no sample index; yield (input, target, index) "
+                "(e.g. DigitsDataModule(return_index=True)) so cached rows can be found again"
+            )
+        x = batch_input(batch).to(device)
+        if input_transform is not None:
+            x = input_transform(x)
+        logits = _first_tensor(teacher(x)).float()
+        if logits.ndim != 2:
+            raise ValueError(f"the teacher returned logits of shape {tuple(logits.shape)}, expected [N, C]")
+        if not arrays:
+            num_classes = logits.shape[1]
+            k = min(k, num_classes)
+            index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+            fmt = np.lib.format
+            arrays = {
+                "values": fmt.open_memmap(out / "values.npy", "w+", np.float16, (num_samples, k)),
+                "indices": fmt.open_memmap(out / "indices.npy", "w+", index_dtype, (num_samples, k)),
+                "rest": fmt.open_memmap(out / "rest.npy", "w+", np.float32, (num_samples,)),
+                "written": fmt.open_memmap(out / "written.npy", "w+", np.bool_, (num_samples,)),
+            }
+        if logits.shape[1] != num_classes:
+            raise ValueError(f"the teacher returned {logits.shape[1]} classes after {num_classes} in earlier batches")
+        values, top = logits.topk(k, dim=1)
+        if k < num_classes:
+            rest = logits.scatter(1, top, float("-inf")).logsumexp(dim=1)
+        else:
+            rest = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
+        if bool((values.abs() > torch.finfo(torch.float16).max).any()):
+            raise ValueError(
+                f"teacher logits reach {values.abs().max().item():.3g}, beyond float16's range; they cannot be cached"
+            )
+        rows = torch.as_tensor(index).to("cpu", torch.int64).reshape(-1).numpy()
+        if rows.size and (rows.min() < 0 or rows.max() >= num_samples):
+            raise IndexError(f"sample index {rows.max()} out of range for num_samples={num_samples}")
+        arrays["values"][rows] = values.to(torch.float16).cpu().numpy()
+        arrays["indices"][rows] = top.cpu().numpy().astype(arrays["indices"].dtype)
+        arrays["rest"][rows] = rest.cpu().numpy()
+        arrays["written"][rows] = True
+    if not arrays:
+        raise ValueError("the dataloader yielded no batches")
+    for array in arrays.values():
+        array.flush()
+    meta = {
+        "format": FORMAT_VERSION,
+        "num_samples": num_samples,
+        "num_classes": num_classes,
+        "k": k,
+        "teacher": source or type(teacher).__name__,
+        "reconstruction": "non-top-k columns = rest - log(C - k) (keeps their softmax mass at T=1)",
+    }
+    # meta.json last: its presence marks a complete cache.
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return TeacherLogitCache(out)
+
+
+def _import(dotted: str) -> Any:
+    module_name, _, attr = dotted.rpartition(".")
+    if not module_name:
+        raise ValueError(f"'{dotted}' is not a dotted class path such as lightning_logits.data.DigitsDataModule")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``python -m lightning_logits.teacher_cache`` command: build a cache from a teacher and a DataModule.
+
+    The DataModule is built with ``return_index=True`` and the chosen split is read in order,
+    without shuffling or dropping samples. Its arguments must match the student run's (same
+    seed and fractions), so that index ``i`` names the same sample in both.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_logits.teacher_cache",
+        description="Run a teacher once over a data split and store its top-k logits by sample index.",
+    )
+    parser.add_argument(
+        "--teacher", required=True, help="Classifier checkpoint (.ckpt), timm name or torchvision/<name>"
+    )
+    parser.add_argument("--checkpoint", help="weights for a teacher given by name (state_dict or Lightning ckpt)")
+    parser.add_argument("--num-classes", type=int, help="classes of a teacher given by name")
+    parser.add_argument("--model-kwargs", default="{}", help="JSON, e.g. '{\"in_chans\": 1}'")
+    parser.add_argument("--data", default="lightning_logits.data.DigitsDataModule", help="DataModule class path")
+    parser.add_argument(
+        "--data-args", default="{}", help="JSON init args of the DataModule, e.g. '{\"image_size\": 32}'"
+    )
+    parser.add_argument("--split", default="train", help="split to cache (the DataModule's dataset(split))")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--k", type=int, default=10, help="logits kept per sample (default 10)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", required=True, help="cache directory to write")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+
+    data_args = json.loads(args.data_args)
+    datamodule = _import(args.data)(**{**data_args, "return_index": True})
+    datamodule.setup("fit")
+    if hasattr(datamodule, "dataset"):
+        dataset = datamodule.dataset(args.split)
+        loader: Iterable[Any] = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
+    else:
+        loader = getattr(datamodule, f"{args.split}_dataloader")()
+    teacher = load_teacher(args.teacher, args.checkpoint, args.num_classes, json.loads(args.model_kwargs))
+    cache = build_teacher_cache(
+        teacher, loader, args.out, k=args.k, device=args.device, source=args.teacher, overwrite=args.overwrite
+    )
+    print(f"wrote top-{cache.k} logits of {cache.num_samples} samples ({cache.num_classes} classes) to {cache.path}")
+
+
+if __name__ == "__main__":
+    main()
