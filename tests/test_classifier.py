@@ -117,3 +117,19 @@ def test_checkpoint_round_trip_by_name(tmp_path: Path) -> None:
     module.eval()
     restored.eval()
     torch.testing.assert_close(restored(x), module(x))
+
+
+def test_checkpoint_with_auxiliary_heads_loads_into_a_plain_classifier(tmp_path: Path) -> None:
+    from lightning_logits.taps import aux_modules
+
+    module = Classifier("resnet10t", num_classes=3, in_chans=1)
+    aux_modules(module)["uskd"] = nn.Linear(4, 3)  # as a callback would add in setup
+    trainer = fast_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
+    xs, ys = torch.randn(8, 1, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    trainer.fit(module, datamodule=TensorDataModule(xs, ys, batch_size=4))
+    path = tmp_path / "aux.ckpt"
+    trainer.save_checkpoint(path)
+    assert any(k.startswith("lightning_logits_aux.") for k in torch.load(path, weights_only=False)["state_dict"])
+    restored = Classifier.load_from_checkpoint(path)  # strict load, without the training-only head
+    assert not hasattr(restored, "lightning_logits_aux")
+    torch.testing.assert_close(restored.model.fc.weight, module.model.fc.weight)

@@ -1,6 +1,7 @@
 """Callbacks that attach logit-level training methods to any LightningModule."""
 
 from lightning_logits.callbacks.teacher_distillation import ResizeInput, TeacherDistillation
+from lightning_logits.callbacks.uskd import USKD
 from lightning_logits.loss_terms import LossTermCallback
 
-__all__ = ["LossTermCallback", "ResizeInput", "TeacherDistillation"]
+__all__ = ["USKD", "LossTermCallback", "ResizeInput", "TeacherDistillation"]

@@ -7,5 +7,14 @@ over these functions.
 
 from lightning_logits.functional.classification import classification_loss
 from lightning_logits.functional.distillation import kd_loss, nkd_loss
+from lightning_logits.functional.uskd import uskd_loss, uskd_soft_target_weight, uskd_target_classes, uskd_zipf_labels
 
-__all__ = ["classification_loss", "kd_loss", "nkd_loss"]
+__all__ = [
+    "classification_loss",
+    "kd_loss",
+    "nkd_loss",
+    "uskd_loss",
+    "uskd_soft_target_weight",
+    "uskd_target_classes",
+    "uskd_zipf_labels",
+]

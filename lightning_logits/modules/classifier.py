@@ -16,7 +16,7 @@ from lightning_logits.batch import batch_input, batch_target
 from lightning_logits.functional import classification_loss
 from lightning_logits.functional._checks import check_target, hard_target
 from lightning_logits.loss_terms import check_finite_loss
-from lightning_logits.taps import find_classifier
+from lightning_logits.taps import AUX_ATTRIBUTE, find_classifier
 
 TORCHVISION_PREFIX = "torchvision/"
 
@@ -231,6 +231,16 @@ class Classifier(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities ``[N, C]``."""
         return self._logits(batch_input(batch)).float().softmax(dim=1)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Auxiliary heads (USKD's, ...) are training-only: a module built without them (for
+        # inference, or load_from_checkpoint) drops their weights instead of failing strict loading.
+        # During a Trainer resume the callbacks have already recreated them, so the keys are kept.
+        if AUX_ATTRIBUTE not in self._modules:
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith(AUX_ATTRIBUTE + ".")]:
+                del state[key]
 
     @override
     def configure_optimizers(self) -> Any:
