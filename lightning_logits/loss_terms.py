@@ -217,17 +217,20 @@ class LossTermHub:
                 "loss-term callbacks need a loss tensor or a dict with a 'loss' entry"
             )
         trainer = self.pl_module.trainer
-        step = trainer.global_step
-        check_finite_loss("task", task_loss, step)
         context = StepContext(trainer, self.pl_module, batch, int(batch_idx), output, task_loss, self.tap)
         replaced = any(c.replaces_task_loss for c in self.callbacks)
         total = task_loss.new_zeros(()) if replaced else task_loss
         for callback in self.callbacks:
-            value = callback.loss_term(context)
-            check_finite_loss(callback.name, value, step)
-            weighted = callback.weight * value
+            weighted = callback.weight * callback.loss_term(context)
             context.terms[callback.name] = weighted
             total = total + weighted
+        # One device sync per step: only a non-finite total is taken apart to name the bad term.
+        if not bool(torch.isfinite(total.detach())):
+            step = trainer.global_step
+            check_finite_loss("task", task_loss, step)
+            for name, value in context.terms.items():
+                check_finite_loss(name, value, step)
+            check_finite_loss("total", total, step)
         self._log("train/loss_task", task_loss)
         for name, value in context.terms.items():
             self._log(f"train/loss_{name}", value)

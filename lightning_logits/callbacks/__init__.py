@@ -1,7 +1,16 @@
 """Callbacks that attach logit-level training methods to any LightningModule."""
 
+from lightning_logits.callbacks.replay import UER, ExperienceReplay, ReplayCallback
 from lightning_logits.callbacks.teacher_distillation import ResizeInput, TeacherDistillation
 from lightning_logits.callbacks.uskd import USKD
 from lightning_logits.loss_terms import LossTermCallback
 
-__all__ = ["USKD", "LossTermCallback", "ResizeInput", "TeacherDistillation"]
+__all__ = [
+    "UER",
+    "USKD",
+    "ExperienceReplay",
+    "LossTermCallback",
+    "ReplayCallback",
+    "ResizeInput",
+    "TeacherDistillation",
+]

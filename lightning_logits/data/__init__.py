@@ -1,6 +1,20 @@
-"""DataModules: digits (embedded, no download) and CIFAR-10/100 (torchvision)."""
+"""DataModules: digits (embedded, no download), CIFAR-10/100, class-incremental streams, graphs."""
 
 from lightning_logits.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_logits.data.digits import DigitsDataModule, load_digits_tensors
+from lightning_logits.data.graphs import CSBMConfig, GraphDataModule, csbm_graph, edge_homophily, networkx_graph
+from lightning_logits.data.streams import ClassIncrementalStream, ContinualMetrics
 
-__all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "DigitsDataModule", "load_digits_tensors"]
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "CSBMConfig",
+    "ClassIncrementalStream",
+    "ContinualMetrics",
+    "DigitsDataModule",
+    "GraphDataModule",
+    "csbm_graph",
+    "edge_homophily",
+    "load_digits_tensors",
+    "networkx_graph",
+]

@@ -6,13 +6,30 @@ over these functions.
 """
 
 from lightning_logits.functional.classification import classification_loss
+from lightning_logits.functional.continual import cosine_logits, uer_loss
 from lightning_logits.functional.distillation import kd_loss, nkd_loss
+from lightning_logits.functional.mowst import (
+    mowst_dispersion,
+    mowst_expected_accuracy,
+    mowst_loss,
+    mowst_predict,
+    mowst_route,
+    mowst_star_loss,
+)
 from lightning_logits.functional.uskd import uskd_loss, uskd_soft_target_weight, uskd_target_classes, uskd_zipf_labels
 
 __all__ = [
     "classification_loss",
+    "cosine_logits",
     "kd_loss",
+    "mowst_dispersion",
+    "mowst_expected_accuracy",
+    "mowst_loss",
+    "mowst_predict",
+    "mowst_route",
+    "mowst_star_loss",
     "nkd_loss",
+    "uer_loss",
     "uskd_loss",
     "uskd_soft_target_weight",
     "uskd_target_classes",

@@ -1,0 +1,271 @@
+"""Replay buffers for online continual learning.
+
+:class:`ReservoirBuffer` keeps a uniform sample of everything it was offered, in tensors
+preallocated once on the training device. Offering a batch and drawing a replay batch each cost
+O(batch): a few random numbers from the buffer's own CPU ``torch.Generator`` and one indexed copy
+on the device. Nothing rebuilds a data set or a loader (the slowness Avalanche users report), and
+no device-to-host synchronization is needed (the random decisions are made on the CPU).
+
+Under DDP the replay callbacks keep one buffer *per rank*, seeded ``seed + rank``: each rank
+samples from the shard of the stream it sees, so the union of the buffers is a stratified
+reservoir of the whole stream and no step pays for a collective. See
+:class:`~lightning_logits.callbacks.replay.ExperienceReplay`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ReservoirBuffer"]
+
+_FIELDS = ("inputs", "labels", "logits", "task_ids")
+
+
+class ReservoirBuffer:
+    """A fixed-size reservoir sample of a stream of labelled samples, stored as tensors.
+
+    Offering sample number ``n`` (counting from 0 over the whole stream) stores it in slot ``n``
+    while ``n < capacity``; after that it replaces slot ``j``, ``j`` uniform in ``[0, n]``, when
+    ``j < capacity`` (Vitter's algorithm R, decided per sample, in order, in exact integer
+    arithmetic). Every sample offered so far is then in the buffer with probability
+    ``capacity / seen``.
+
+    The tensors are allocated on the first :meth:`add`, with the shape, dtype and device of that
+    batch (so the buffer lives on the training device). Retrieval draws distinct slots (without
+    replacement) with Floyd's algorithm.
+
+    Args:
+        capacity: number of samples kept (``M``).
+        seed: seed of the buffer's own ``torch.Generator`` (independent of the global RNG).
+        store_logits: also keep a ``[M, C]`` float tensor of logits per sample (offer them in
+            :meth:`add`), for methods that replay logits.
+        store_task_ids: also keep the int64 task id of each sample.
+
+    The whole state (tensors, ``seen`` count, generator state) is in :meth:`state_dict`, so a
+    resumed run continues with the same buffer and the same random stream.
+
+    Example:
+        >>> import torch
+        >>> buffer = ReservoirBuffer(capacity=4, seed=0)
+        >>> buffer.add(torch.randn(10, 3), torch.arange(10))
+        >>> len(buffer), buffer.seen
+        (4, 10)
+        >>> batch = buffer.sample(3)
+        >>> batch["input"].shape, batch["target"].shape
+        (torch.Size([3, 3]), torch.Size([3]))
+    """
+
+    def __init__(self, capacity: int, seed: int = 0, store_logits: bool = False, store_task_ids: bool = False) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        self.capacity = capacity
+        self.seed = int(seed)
+        self.store_logits = store_logits
+        self.store_task_ids = store_task_ids
+        self.seen = 0
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.inputs: Tensor | None = None
+        self.labels: Tensor | None = None
+        self.logits: Tensor | None = None
+        self.task_ids: Tensor | None = None
+
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the tensors live (``None`` before the first :meth:`add`)."""
+        return None if self.inputs is None else self.inputs.device
+
+    def _allocate(self, inputs: Tensor, labels: Tensor, logits: Tensor | None) -> None:
+        m = self.capacity
+        self.inputs = inputs.new_zeros((m, *inputs.shape[1:]))
+        self.labels = labels.new_zeros((m, *labels.shape[1:]))
+        if self.store_logits:
+            assert logits is not None
+            self.logits = logits.new_zeros((m, *logits.shape[1:]))
+        if self.store_task_ids:
+            self.task_ids = torch.zeros(m, dtype=torch.int64, device=inputs.device)
+
+    def _check_batch(
+        self, inputs: Tensor, labels: Tensor, logits: Tensor | None, task_ids: Tensor | int | None
+    ) -> None:
+        if not isinstance(inputs, Tensor) or not isinstance(labels, Tensor):
+            raise TypeError(
+                f"inputs and labels must be tensors, got {type(inputs).__name__} and {type(labels).__name__}"
+            )
+        if inputs.ndim == 0 or labels.ndim == 0 or inputs.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"inputs {tuple(inputs.shape)} and labels {tuple(labels.shape)} must share their first "
+                "(batch) dimension"
+            )
+        if self.store_logits and logits is None:
+            raise ValueError("this buffer stores logits (store_logits=True): pass logits= to add()")
+        if self.store_task_ids and task_ids is None:
+            raise ValueError("this buffer stores task ids (store_task_ids=True): pass task_ids= to add()")
+        if (
+            self.inputs is not None
+            and self.labels is not None
+            and (inputs.shape[1:] != self.inputs.shape[1:] or labels.shape[1:] != self.labels.shape[1:])
+        ):
+            raise ValueError(
+                f"the buffer holds inputs of shape [*, {', '.join(map(str, self.inputs.shape[1:]))}]; "
+                f"got a batch of shape {tuple(inputs.shape)}: every sample must have the same shape"
+            )
+
+    def slots_for(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """Reservoir decisions for the next ``batch_size`` samples, and advance ``seen``.
+
+        Returns ``(slots, positions)``: CPU int64 tensors, the buffer slot each kept sample goes
+        to and its position in the batch. When two samples of one batch draw the same slot, only
+        the later one is returned (as if they had been stored one after the other).
+        """
+        n = torch.arange(self.seen, self.seen + batch_size, dtype=torch.int64)
+        # j uniform in [0, n] for every sample: an exact draw in float64 for n < 2**50.
+        u = torch.rand(batch_size, generator=self.generator, dtype=torch.float64)
+        j = torch.minimum((u * (n + 1).double()).long(), n)
+        slots = torch.where(n < self.capacity, n, j)
+        keep = slots < self.capacity
+        positions = torch.arange(batch_size)[keep]
+        slots = slots[keep]
+        if slots.numel() > 1:
+            # Keep the last writer of each slot: sort by (slot, position) and take each run's end.
+            key = slots * batch_size + positions
+            order = torch.argsort(key)
+            slots, positions = slots[order], positions[order]
+            last = torch.ones_like(slots, dtype=torch.bool)
+            last[:-1] = slots[1:] != slots[:-1]
+            slots, positions = slots[last], positions[last]
+        self.seen += batch_size
+        return slots, positions
+
+    @torch.no_grad()
+    def add(
+        self,
+        inputs: Tensor,
+        labels: Tensor,
+        logits: Tensor | None = None,
+        task_ids: Tensor | int | None = None,
+    ) -> None:
+        """Offer a batch to the reservoir (inputs ``[B, ...]``, labels ``[B]``; detached copies are kept).
+
+        Args:
+            inputs: the batch's model inputs.
+            labels: its class indices.
+            logits: ``[B, C]`` logits to keep (only with ``store_logits=True``).
+            task_ids: ``[B]`` task ids or one int for the whole batch (only with ``store_task_ids=True``).
+        """
+        self._check_batch(inputs, labels, logits, task_ids)
+        batch_size = inputs.shape[0]
+        if batch_size == 0:
+            return
+        if self.inputs is None:
+            self._allocate(inputs, labels, logits)
+        assert self.inputs is not None and self.labels is not None
+        slots, positions = self.slots_for(batch_size)
+        if slots.numel() == 0:
+            return
+        device = self.inputs.device
+        slots_d = slots.to(device, non_blocking=True)
+        positions_d = positions.to(inputs.device, non_blocking=True)
+        self.inputs.index_copy_(0, slots_d, inputs.detach().index_select(0, positions_d).to(device))
+        self.labels.index_copy_(0, slots_d, labels.detach().index_select(0, positions_d.to(labels.device)).to(device))
+        if self.logits is not None and logits is not None:
+            chosen = logits.detach().index_select(0, positions_d.to(logits.device))
+            self.logits.index_copy_(0, slots_d, chosen.to(device, self.logits.dtype))
+        if self.task_ids is not None and task_ids is not None:
+            if isinstance(task_ids, int):
+                self.task_ids.index_fill_(0, slots_d, task_ids)
+            else:
+                chosen = task_ids.detach().index_select(0, positions_d.to(task_ids.device))
+                self.task_ids.index_copy_(0, slots_d, chosen.to(device, torch.int64))
+
+    def sample_indices(self, batch_size: int) -> Tensor:
+        """``min(batch_size, len(self))`` distinct slot indices (CPU int64), drawn uniformly.
+
+        Floyd's algorithm: O(batch_size) random numbers, whatever the buffer size.
+        """
+        size = len(self)
+        k = min(int(batch_size), size)
+        if k <= 0:
+            return torch.empty(0, dtype=torch.int64)
+        u = torch.rand(k, generator=self.generator, dtype=torch.float64).tolist()
+        chosen: dict[int, None] = {}  # insertion-ordered set
+        for i, j in enumerate(range(size - k, size)):
+            t = min(int(u[i] * (j + 1)), j)
+            chosen[j if t in chosen else t] = None
+        return torch.tensor(list(chosen), dtype=torch.int64)
+
+    def sample(self, batch_size: int) -> dict[str, Tensor]:
+        """A replay batch of ``min(batch_size, len(self))`` distinct stored samples.
+
+        Returns:
+            ``{"input": [k, ...], "target": [k]}`` plus ``"logits"`` / ``"task_id"`` when stored,
+            on the buffer's device. Empty (``k = 0``) tensors before the first :meth:`add`.
+        """
+        if self.inputs is None or self.labels is None:
+            empty = torch.empty(0)
+            return {"input": empty, "target": empty.long()}
+        index = self.sample_indices(batch_size).to(self.inputs.device, non_blocking=True)
+        batch = {"input": self.inputs.index_select(0, index), "target": self.labels.index_select(0, index)}
+        if self.logits is not None:
+            batch["logits"] = self.logits.index_select(0, index)
+        if self.task_ids is not None:
+            batch["task_id"] = self.task_ids.index_select(0, index)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue: settings, ``seen``, the generator state and the filled rows."""
+        state: dict[str, Any] = {
+            "capacity": self.capacity,
+            "seed": self.seed,
+            "store_logits": self.store_logits,
+            "store_task_ids": self.store_task_ids,
+            "seen": self.seen,
+            "generator": self.generator.get_state(),
+        }
+        for name in _FIELDS:
+            value = getattr(self, name)
+            # The full preallocated tensor: its shape and dtype restore the allocation exactly.
+            state[name] = None if value is None else value.detach().clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; tensors go to this buffer's device when it has one."""
+        if int(state["capacity"]) != self.capacity:
+            raise ValueError(
+                f"the saved buffer has capacity {state['capacity']} but this one {self.capacity}; "
+                "resume with the same buffer_size"
+            )
+        device = self.device
+        self.seed = int(state["seed"])
+        self.store_logits = bool(state["store_logits"])
+        self.store_task_ids = bool(state["store_task_ids"])
+        self.seen = int(state["seen"])
+        self.generator.set_state(state["generator"].cpu())
+        for name in _FIELDS:
+            value = state.get(name)
+            setattr(self, name, None if value is None else value.to(device if device is not None else value.device))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A torch.Generator does not survive torch.multiprocessing's spawn pickling (ddp_spawn
+        # sends the callbacks to each process): carry its state as plain bytes instead.
+        state = self.__dict__.copy()
+        state["generator"] = self.generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+        self.__dict__.update({**state, "generator": generator})
+
+    def to(self, device: torch.device | str) -> ReservoirBuffer:
+        """Move the stored tensors to ``device`` (the generator stays on the CPU)."""
+        for name in _FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self

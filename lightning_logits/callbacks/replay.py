@@ -1,0 +1,413 @@
+"""Experience replay (ER) and unbiased experience replay (UER) for online continual learning.
+
+Both keep a :class:`~lightning_logits.buffers.ReservoirBuffer` of past samples. For each
+incoming batch the callback draws a replay batch from the buffer, runs it through the model in a
+*separate* forward pass (concatenating the two batches would mix their BatchNorm statistics),
+adds its loss to the step's loss, and after the optimizer step offers the incoming batch to the
+buffer. One optimizer step per incoming batch covers both.
+
+- :class:`ExperienceReplay`: dot-product cross-entropy on both batches (the module's own task
+  loss on the incoming batch, plus the replay term).
+- :class:`UER`: the incoming batch learns only from the angle between features and class
+  weights (cosine logits over ``tau``), the replayed batch from the full dot product
+  (:func:`~lightning_logits.functional.continual.uer_loss`). It replaces the module's task loss.
+
+What a custom LightningModule must provide:
+
+1. a linear classifier head (``nn.Linear``) that the logit tap finds
+   (:func:`~lightning_logits.taps.find_classifier`: timm's ``get_classifier()``, an ``fc``/
+   ``classifier``/``head`` attribute, the last ``nn.Linear``, or a ``classifier_head`` attribute
+   naming its dotted path); its input is taken as the features and its output as the logits;
+2. a ``forward(x)`` that runs that head once on a batch of inputs (the replay pass calls
+   ``pl_module(x)``), and a ``training_step`` that runs it on the incoming batch;
+3. batches ``(input, target)`` with int class targets (or ``{"input": ..., "target": ...}``, or
+   ``batch_input``/``batch_target`` methods on the module), and automatic optimization.
+
+DDP: every rank keeps its own buffer of the samples it was given, seeded ``seed + rank``, so the
+ranks replay different samples and no step pays for a collective; the gradients of both terms are
+averaged by DDP as usual. Checkpoints hold every rank's buffer (gathered when the checkpoint is
+written), and each rank gets its own back on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_logits.batch import batch_input, batch_target
+from lightning_logits.buffers import ReservoirBuffer
+from lightning_logits.functional.classification import classification_loss
+from lightning_logits.functional.continual import uer_loss
+from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext
+
+__all__ = ["UER", "ExperienceReplay", "ReplayCallback"]
+
+_CUSTOM_MODULE_HELP = (
+    "A module used with ExperienceReplay/UER must have an nn.Linear classifier head that the logit tap "
+    "finds (timm get_classifier(), an fc/classifier/head attribute, the last nn.Linear, or a "
+    "`classifier_head` attribute with its dotted path), a forward(x) that runs it once, and "
+    "(input, target) batches with int class targets."
+)
+
+
+@contextlib.contextmanager
+def _record_head(head: nn.Module) -> Iterator[list[tuple[Tensor, Tensor]]]:
+    """Record ``(features, logits)`` of every call of ``head`` inside the block.
+
+    A hook of its own, not the hub's tap: the tap's records of the incoming batch must stay
+    what other loss terms read in this step.
+    """
+    records: list[tuple[Tensor, Tensor]] = []
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        records.append((args[0], output))
+
+    handle = head.register_forward_hook(hook)
+    try:
+        yield records
+    finally:
+        handle.remove()
+
+
+class ReplayCallback(LossTermCallback):
+    """Shared machinery of :class:`ExperienceReplay` and :class:`UER` (subclass to add a method).
+
+    Subclasses implement :meth:`replay_loss`, given the step context, the replayed batch's
+    features and logits (``None`` while the buffer is empty) and its targets.
+
+    Args:
+        buffer_size: samples kept in the reservoir (per rank under DDP).
+        replay_batch_size: samples drawn from it per incoming batch.
+        seed: seed of the buffer's random stream; rank ``r`` uses ``seed + r``.
+        name: the loss term's name (logged as ``train/loss_<name>``).
+        profile_buffer: measure the wall time of buffer operations (retrieval and update) in
+            ``buffer_seconds`` (synchronizing CUDA around them; off by default).
+
+    Attributes:
+        buffer: the rank's :class:`~lightning_logits.buffers.ReservoirBuffer`.
+        buffer_seconds: time spent in buffer operations when ``profile_buffer`` is on.
+    """
+
+    needs_tap = True
+
+    def __init__(
+        self,
+        buffer_size: int,
+        replay_batch_size: int = 10,
+        seed: int = 0,
+        name: str = "replay",
+        profile_buffer: bool = False,
+    ) -> None:
+        super().__init__(name=name, weight=1.0)
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
+            raise ValueError(f"buffer_size must be a positive int, got {buffer_size!r}")
+        if isinstance(replay_batch_size, bool) or not isinstance(replay_batch_size, int) or replay_batch_size < 1:
+            raise ValueError(f"replay_batch_size must be a positive int, got {replay_batch_size!r}")
+        self.buffer_size = buffer_size
+        self.replay_batch_size = replay_batch_size
+        self.seed = seed
+        self.profile_buffer = profile_buffer
+        self.buffer_seconds = 0.0
+        self.buffer = ReservoirBuffer(buffer_size, seed=seed)
+        self._head: nn.Linear | None = None
+        self._rank = 0
+        self._world_size = 1
+        self._pending_states: list[dict[str, Any]] | None = None
+
+    # -- setup ------------------------------------------------------------------------------
+
+    @override
+    def on_hub_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hub: LossTermHub) -> None:
+        tap = hub.ensure_tap()
+        if not isinstance(tap.head, nn.Linear):
+            raise TypeError(
+                f"the classifier head found at '{tap.head_name}' is a {type(tap.head).__name__}, not an "
+                f"nn.Linear. {_CUSTOM_MODULE_HELP}"
+            )
+        self._head = tap.head
+        self._rank, self._world_size = trainer.global_rank, trainer.world_size
+        if self._pending_states is not None:
+            self._restore()
+        elif self.buffer.seen == 0:
+            # Per-rank random streams: the same seed on every rank would replay the same slots.
+            self.buffer = ReservoirBuffer(self.buffer_size, seed=self.seed + self._rank)
+
+    @property
+    def head(self) -> nn.Linear:
+        """The model's linear classifier head (found in ``setup``)."""
+        if self._head is None:
+            raise RuntimeError(f"{type(self).__name__} is not set up yet: it finds the head in Trainer.fit's setup")
+        return self._head
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def _timed(self, pl_module: pl.LightningModule) -> contextlib.AbstractContextManager[None]:
+        if not self.profile_buffer:
+            return contextlib.nullcontext()
+        return self._timer(pl_module)
+
+    @contextlib.contextmanager
+    def _timer(self, pl_module: pl.LightningModule) -> Iterator[None]:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        start = time.perf_counter()
+        yield
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.buffer_seconds += time.perf_counter() - start
+
+    def replay_forward(self, pl_module: pl.LightningModule, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the replayed inputs through the module; returns the head's ``(features, logits)``."""
+        with _record_head(self.head) as records:
+            pl_module(inputs)
+        if not records:
+            raise RuntimeError(
+                f"pl_module(x) did not run the classifier head on the replayed batch. {_CUSTOM_MODULE_HELP}"
+            )
+        features, logits = records[-1]
+        if features.ndim != 2 or logits.ndim != 2:
+            raise ValueError(
+                f"the head's input/output have shapes {tuple(features.shape)}/{tuple(logits.shape)}; replay "
+                f"needs [N, D] features and [N, C] logits. {_CUSTOM_MODULE_HELP}"
+            )
+        return features, logits
+
+    @override
+    def loss_term(self, context: StepContext) -> Tensor:
+        target = context.target
+        if target.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__} needs int class targets, got dtype {target.dtype} (soft targets, e.g. "
+                "from mixup, are not supported)"
+            )
+        with self._timed(context.pl_module):
+            replay = self.buffer.sample(self.replay_batch_size)
+        replay_input, replay_target = replay["input"], replay["target"]
+        features: Tensor | None = None
+        logits: Tensor | None = None
+        if replay_target.numel() > 0:
+            features, logits = self.replay_forward(context.pl_module, replay_input)
+        return self.replay_loss(context, features, logits, replay_target)
+
+    def replay_loss(
+        self, context: StepContext, features: Tensor | None, logits: Tensor | None, replay_target: Tensor
+    ) -> Tensor:
+        """The term added to (or, with ``replaces_task_loss``, replacing) the module's loss."""
+        raise NotImplementedError(f"{type(self).__name__} must implement replay_loss")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if outputs is None:  # the module skipped this batch
+            return
+        custom_input = getattr(pl_module, "batch_input", None)
+        custom_target = getattr(pl_module, "batch_target", None)
+        inputs = custom_input(batch) if callable(custom_input) else batch_input(batch)
+        target = custom_target(batch) if callable(custom_target) else batch_target(batch)
+        with self._timed(pl_module):
+            self.buffer.add(inputs, target)
+
+    # -- checkpointing ----------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        own = self.buffer.state_dict()
+        own["extra"] = self.extra_state()
+        if self._world_size > 1 and dist.is_available() and dist.is_initialized():
+            # Checkpoints are written by rank 0 from its own callback state: gather every rank's
+            # buffer here (state_dict runs on all ranks when a checkpoint is saved).
+            cpu = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in own.items()}
+            states: list[Any] = [None] * self._world_size
+            dist.all_gather_object(states, cpu)
+            return {"rank_states": states}
+        return {"rank_states": [own]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_states = list(state_dict["rank_states"])
+        if self._head is not None:  # already set up (Lightning restores callbacks after setup)
+            self._restore()
+
+    def _restore(self) -> None:
+        states = self._pending_states
+        if not states:
+            return
+        if len(states) != self._world_size:
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint holds {len(states)} rank buffer(s) but this run has "
+                f"{self._world_size} rank(s); rank r resumes from saved buffer r mod {len(states)}"
+            )
+        state = dict(states[self._rank % len(states)])
+        self.load_extra_state(state.pop("extra", {}))
+        self.buffer = ReservoirBuffer(self.buffer_size, seed=int(state["seed"]))
+        self.buffer.load_state_dict(state)
+        self._pending_states = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.buffer.device is not None and self.buffer.device != pl_module.device:
+            self.buffer.to(pl_module.device)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state to checkpoint alongside the buffer (per rank)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
+
+class ExperienceReplay(ReplayCallback):
+    """Plain experience replay: cross-entropy on the incoming batch (the module's loss) and on a replayed one.
+
+    ``L = CE(z, y) + CE(z_m, y_m)``, ``z = h W^T + b``, with a replay batch of
+    ``replay_batch_size`` samples drawn without replacement from a reservoir of ``buffer_size``.
+    See the module docstring for what a custom LightningModule must provide.
+
+    Args:
+        buffer_size: samples kept in the reservoir (per rank under DDP).
+        replay_batch_size: samples replayed per incoming batch.
+        seed: seed of the buffer's random stream (rank ``r``: ``seed + r``).
+        name: logged as ``train/loss_<name>``.
+        profile_buffer: time buffer operations into ``buffer_seconds``.
+
+    Example:
+        >>> er = ExperienceReplay(buffer_size=200)
+        >>> er.buffer.capacity, er.replay_batch_size, er.replaces_task_loss
+        (200, 10, False)
+    """
+
+    replaces_task_loss = False
+
+    def __init__(
+        self,
+        buffer_size: int,
+        replay_batch_size: int = 10,
+        seed: int = 0,
+        name: str = "replay",
+        profile_buffer: bool = False,
+    ) -> None:
+        super().__init__(buffer_size, replay_batch_size, seed=seed, name=name, profile_buffer=profile_buffer)
+
+    @override
+    def replay_loss(
+        self, context: StepContext, features: Tensor | None, logits: Tensor | None, replay_target: Tensor
+    ) -> Tensor:
+        if logits is None:
+            return context.task_loss.new_zeros(())
+        return classification_loss(logits, replay_target)
+
+
+class UER(ReplayCallback):
+    """Unbiased experience replay: angle-only loss on incoming samples, dot-product loss on replayed ones.
+
+    ``L = CE(cos(h, W) / tau, y) + CE(h_m W^T + b, y_m)``: the module's own loss is logged
+    (``train/loss_task``) but not optimized (``replaces_task_loss``). Inference is unchanged:
+    the plain dot-product logits. See the module docstring for what a custom LightningModule
+    must provide.
+
+    Args:
+        buffer_size: samples kept in the reservoir (per rank under DDP).
+        replay_batch_size: samples replayed per incoming batch.
+        tau: temperature of the cosine logits (0.09).
+        mask: classes in the incoming batch's softmax: ``"all"``, ``"seen"`` (classes of every
+            batch seen so far, this one included; per rank, and checkpointed) or ``"present"``
+            (classes in this batch).
+        seed: seed of the buffer's random stream (rank ``r``: ``seed + r``).
+        name: logged as ``train/loss_<name>``.
+        profile_buffer: time buffer operations into ``buffer_seconds``.
+
+    Example:
+        >>> uer = UER(buffer_size=200, mask="seen")
+        >>> uer.tau, uer.mask, uer.replaces_task_loss
+        (0.09, 'seen', True)
+    """
+
+    replaces_task_loss = True
+
+    def __init__(
+        self,
+        buffer_size: int,
+        replay_batch_size: int = 10,
+        tau: float = 0.09,
+        mask: Literal["all", "seen", "present"] = "all",
+        seed: int = 0,
+        name: str = "uer",
+        profile_buffer: bool = False,
+    ) -> None:
+        super().__init__(buffer_size, replay_batch_size, seed=seed, name=name, profile_buffer=profile_buffer)
+        if mask not in ("all", "seen", "present"):
+            raise ValueError(f"mask must be 'all', 'seen' or 'present', got {mask!r}")
+        if not tau > 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.tau = float(tau)
+        self.mask = mask
+        self.seen_classes: Tensor | None = None
+        self._warned_zero = False
+
+    def _logit_mask(self, target: Tensor, num_classes: int) -> Tensor | None:
+        if self.mask == "all":
+            return None
+        present = torch.zeros(num_classes, dtype=torch.bool, device=target.device)
+        present[target.long()] = True
+        if self.mask == "present":
+            return present
+        if self.seen_classes is None or self.seen_classes.numel() != num_classes:
+            self.seen_classes = torch.zeros(num_classes, dtype=torch.bool, device=target.device)
+        self.seen_classes = self.seen_classes.to(target.device) | present
+        return self.seen_classes
+
+    @override
+    def replay_loss(
+        self, context: StepContext, features: Tensor | None, logits: Tensor | None, replay_target: Tensor
+    ) -> Tensor:
+        current = context.features
+        target = context.target
+        if current.ndim != 2:
+            raise ValueError(
+                f"the head's input has shape {tuple(current.shape)}; UER needs [N, D]. {_CUSTOM_MODULE_HELP}"
+            )
+        weight = self.head.weight
+        # Checked every 50th batch until it fires once: the check costs a device sync.
+        check = not self._warned_zero and context.batch_idx % 50 == 0
+        if check and bool((current.detach().abs().amax(dim=1) == 0).any()):
+            self._warned_zero = True
+            rank_zero_warn(
+                "UER: some incoming samples have all-zero features; their cosine logits are 0 (a uniform "
+                "softmax) and they get no gradient from the cosine term. Check for dead units before the head."
+            )
+        mask = self._logit_mask(target, weight.shape[0])
+        if features is None:
+            loss = uer_loss(current, target, weight, tau=self.tau, logit_mask=mask)
+            if self.head.bias is not None:
+                # The bias trains only through the replay term. With an empty buffer, a zero
+                # multiple keeps it in the graph: DDP fails on parameters without a gradient.
+                loss = loss + 0.0 * self.head.bias.sum()
+            return loss
+        return uer_loss(
+            current,
+            target,
+            weight,
+            replay_features=features,
+            replay_target=replay_target,
+            bias=self.head.bias,
+            tau=self.tau,
+            logit_mask=mask,
+        )
+
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        return {"seen_classes": None if self.seen_classes is None else self.seen_classes.cpu()}
+
+    @override
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.seen_classes = state.get("seen_classes")

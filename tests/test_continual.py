@@ -1,0 +1,700 @@
+"""UER / ER: the functional core, the reservoir buffer, the class-incremental stream and the callbacks."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import Tensor, nn
+
+from lightning_logits.buffers import ReservoirBuffer
+from lightning_logits.callbacks.replay import UER, ExperienceReplay
+from lightning_logits.data.streams import (
+    ClassIncrementalStream,
+    ContinualMetrics,
+    average_forgetting,
+    final_average_accuracy,
+)
+from lightning_logits.functional.continual import cosine_logits, uer_loss
+from lightning_logits.modules.classifier import Classifier
+from tests.helpers import TensorDataModule, TinyMLP, TinyNet, blob_data, fast_trainer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    # The tiny models here run fastest (and least disturbed by other processes) on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent float64 restatements, element by element, from the formulas in the issue.
+
+
+def ref_cosine(h: Tensor, w: Tensor, eps: float = 1e-6) -> Tensor:
+    h, w = h.double(), w.double()
+    out = torch.empty(h.shape[0], w.shape[0], dtype=torch.float64)
+    for n in range(h.shape[0]):
+        hn = math.sqrt(sum(float(v) ** 2 for v in h[n]))
+        for c in range(w.shape[0]):
+            wn = math.sqrt(sum(float(v) ** 2 for v in w[c]))
+            out[n, c] = sum(float(a) * float(b) for a, b in zip(h[n], w[c], strict=True)) / ((hn + eps) * (wn + eps))
+    return out
+
+
+def ref_ce(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> float:
+    total = 0.0
+    for n in range(logits.shape[0]):
+        keep = [c for c in range(logits.shape[1]) if mask is None or bool(mask[c])]
+        z = [float(logits[n, c]) for c in keep]
+        top = max(z)
+        lse = top + math.log(sum(math.exp(v - top) for v in z))
+        total += lse - float(logits[n, int(target[n])])
+    return total / logits.shape[0]
+
+
+def ref_uer(h, y, w, hm=None, ym=None, b=None, tau=0.09, mask=None) -> float:
+    loss = ref_ce(ref_cosine(h, w) / tau, y, mask)
+    if hm is not None and hm.shape[0] > 0:
+        z = hm.double() @ w.double().T + (0 if b is None else b.double())
+        loss += ref_ce(z, ym)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# cosine_logits and uer_loss
+
+
+def test_cosine_logits_hand_case() -> None:
+    h = torch.tensor([[3.0, 4.0], [-1.0, 0.0]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    s = 1 / math.sqrt(2)
+    want = torch.tensor([[0.6, 0.8, 0.7 * 2 * s], [-1.0, 0.0, -s]])
+    torch.testing.assert_close(cosine_logits(h, w), want, atol=1e-5, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    c=st.integers(2, 7),
+    d=st.integers(1, 9),
+    scale=st.sampled_from([1e-12, 1e-3, 1.0, 1e4, 1e15]),
+    seed=st.integers(0, 10_000),
+)
+def test_cosine_logits_matches_reference(n: int, c: int, d: int, scale: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    h, w = torch.randn(n, d, generator=g) * scale, torch.randn(c, d, generator=g)
+    got = cosine_logits(h, w)
+    assert got.shape == (n, c) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref_cosine(h, w), atol=2e-6, rtol=1e-5)
+    assert bool((got.abs() <= 1 + 1e-6).all())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 5),
+    m=st.integers(0, 5),
+    c=st.integers(2, 6),
+    d=st.integers(1, 7),
+    tau=st.sampled_from([0.01, 0.09, 1.0, 10.0]),
+    use_bias=st.booleans(),
+    use_mask=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_uer_loss_matches_reference(
+    n: int, m: int, c: int, d: int, tau: float, use_bias: bool, use_mask: bool, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    h, w = torch.randn(n, d, generator=g) * 3, torch.randn(c, d, generator=g)
+    y = torch.randint(0, c, (n,), generator=g)
+    hm, ym = torch.randn(m, d, generator=g), torch.randint(0, c, (m,), generator=g)
+    b = torch.randn(c, generator=g) if use_bias else None
+    mask = None
+    if use_mask:
+        mask = torch.rand(c, generator=g) < 0.5
+        mask[y] = True
+    got = uer_loss(h, y, w, hm, ym, bias=b, tau=tau, logit_mask=mask)
+    want = ref_uer(h, y, w, hm, ym, b, tau, mask)
+    assert math.isclose(float(got), want, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_uer_loss_replay_term_is_plain_cross_entropy_and_zero_without_replay() -> None:
+    g = torch.Generator().manual_seed(1)
+    h, w, b = torch.randn(4, 5, generator=g), torch.randn(3, 5, generator=g), torch.randn(3, generator=g)
+    y, hm, ym = torch.tensor([0, 1, 2, 0]), torch.randn(6, 5, generator=g), torch.tensor([2, 2, 1, 0, 1, 0])
+    alone = uer_loss(h, y, w, tau=0.5)
+    assert math.isclose(float(alone), ref_ce(ref_cosine(h, w) / 0.5, y), rel_tol=1e-5)
+    assert float(uer_loss(h, y, w, hm[:0], ym[:0], tau=0.5)) == pytest.approx(float(alone))
+    both = uer_loss(h, y, w, hm, ym, bias=b, tau=0.5)
+    z = hm @ w.T + b
+    assert float(both - alone) == pytest.approx(float(torch.nn.functional.cross_entropy(z, ym)), rel=1e-5)
+    # the bias only enters the replay term
+    assert float(uer_loss(h, y, w, bias=b, tau=0.5)) == pytest.approx(float(alone))
+
+
+def test_uer_loss_mask_excludes_classes_from_softmax_and_their_gradient() -> None:
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 1])
+    mask = torch.tensor([True, True, False, False])
+    loss = uer_loss(h, y, w, tau=1.0, logit_mask=mask)
+    # with only classes 0 and 1 the logits are [1, 0] and [0, 1] (up to eps): CE = log(1 + e^-1)
+    assert float(loss.detach()) == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-5)
+    loss.backward()
+    assert w.grad is not None and bool((w.grad[2:] == 0).all()) and bool((w.grad[:2] != 0).any())
+
+
+def test_zero_feature_row_gives_uniform_softmax_finite_bounded_gradient() -> None:
+    h = torch.zeros(3, 4)
+    h[1] = torch.tensor([1.0, 2.0, 0.0, -1.0])
+    h.requires_grad_(True)
+    w = torch.randn(5, 4, requires_grad=True)
+    y = torch.tensor([0, 3, 4])
+    hm, ym = torch.zeros(2, 4, requires_grad=True), torch.tensor([1, 2])
+    loss = uer_loss(h, y, w, hm, ym)
+    assert torch.isfinite(loss)
+    assert torch.allclose(cosine_logits(h.detach(), w.detach())[0], torch.zeros(5))
+    loss.backward()
+    assert h.grad is not None and w.grad is not None and hm.grad is not None
+    for grad in (h.grad, w.grad, hm.grad):
+        assert bool(torch.isfinite(grad).all())
+    # the zero rows get no gradient from the cosine (their direction is undefined) ...
+    assert bool((h.grad[0] == 0).all()) and bool((h.grad[2] == 0).all())
+    # ... and the non-zero row's gradient is of ordinary size (the 1/eps Jacobian is cut)
+    assert float(h.grad.abs().max()) < 1e3
+    # a zero weight row (a class never trained) is handled the same way
+    w0 = w.detach().clone()
+    w0[2] = 0
+    w0.requires_grad_(True)
+    uer_loss(h.detach(), y, w0).backward()
+    assert w0.grad is not None and bool(torch.isfinite(w0.grad).all()) and bool((w0.grad[2] == 0).all())
+
+
+def test_tiny_feature_row_gradient_is_bounded_by_one_over_norm() -> None:
+    h = (torch.tensor([[1e-9, -2e-9, 3e-9]])).requires_grad_(True)
+    w = torch.randn(4, 3)
+    out = cosine_logits(h, w)
+    out.sum().backward()
+    assert h.grad is not None and bool(torch.isfinite(h.grad).all())
+    # ||d unit / dh|| <= 1 / (||h|| + eps) <= 1e6, times ||sum_c W_c / ||W_c|| || <= C
+    assert float(h.grad.norm()) <= 4 * 1e6 + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes(dtype: torch.dtype) -> None:
+    h, w = torch.randn(4, 6).to(dtype), torch.randn(3, 6).to(dtype)
+    assert cosine_logits(h, w).dtype == dtype
+    loss = uer_loss(h, torch.tensor([0, 1, 2, 0]), w)
+    assert loss.dtype in (torch.float32, torch.float64) and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"weight": torch.randn(0, 4)}, "at least 2"),
+        ({"weight": torch.randn(1, 4)}, "at least 2"),
+        ({"weight": torch.randn(3, 5)}, "D=4"),
+        ({"features": torch.randn(3, 4, 1)}, r"\[N, D\]"),
+        ({"features": torch.randn(0, 4), "target": torch.zeros(0, dtype=torch.long)}, "N=0"),
+        ({"target": torch.tensor([0, 1, 3])}, r"labels in \[0, 3\].*3 classes"),
+        ({"target": torch.tensor([0, -1, 1])}, "labels must lie"),
+        ({"target": torch.tensor([0.0, 1.0, 1.0])}, "int class indices"),
+        ({"target": torch.tensor([0, 1])}, "shape"),
+        ({"tau": 0.0}, "tau"),
+        ({"tau": float("inf")}, "tau"),
+        ({"logit_mask": torch.tensor([True, False, True])}, r"labels \[1\] are excluded"),
+        ({"logit_mask": torch.tensor([1, 1, 1])}, "bool tensor"),
+        ({"replay_features": torch.randn(2, 4)}, "together"),
+        ({"replay_features": torch.randn(2, 5), "replay_target": torch.tensor([0, 1])}, "D=5"),
+        ({"replay_features": torch.randn(2, 4), "replay_target": torch.tensor([0, 7])}, "labels"),
+        ({"bias": torch.randn(4)}, "bias must have shape"),
+        ({"features": torch.full((3, 4), float("nan"))}, "non-finite"),
+    ],
+)
+def test_uer_loss_errors(kwargs: dict[str, Any], match: str) -> None:
+    args: dict[str, Any] = {
+        "features": torch.randn(3, 4),
+        "target": torch.tensor([0, 1, 2]),
+        "weight": torch.randn(3, 4),
+    }
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        uer_loss(**args)
+
+
+def test_cosine_logits_errors() -> None:
+    with pytest.raises(ValueError, match="D=3"):
+        cosine_logits(torch.randn(2, 3), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="eps"):
+        cosine_logits(torch.randn(2, 3), torch.randn(4, 3), eps=0.0)
+    with pytest.raises(TypeError, match="floating"):
+        cosine_logits(torch.ones(2, 3, dtype=torch.long), torch.randn(4, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# ReservoirBuffer
+
+
+def sequential_reservoir(capacity: int, draws: list[float], stream: list[int]) -> list[int]:
+    """Algorithm R one sample at a time, j = floor(u * (n + 1)) from the given uniforms."""
+    slots: list[int] = []
+    for n, (item, u) in enumerate(zip(stream, draws, strict=True)):
+        if n < capacity:
+            slots.append(item)
+        else:
+            j = min(int(u * (n + 1)), n)
+            if j < capacity:
+                slots[j] = item
+    return slots
+
+
+@settings(max_examples=20, deadline=None)
+@given(capacity=st.integers(1, 12), sizes=st.lists(st.integers(0, 9), min_size=1, max_size=12), seed=st.integers(0, 99))
+def test_reservoir_equals_sequential_algorithm_r(capacity: int, sizes: list[int], seed: int) -> None:
+    buffer = ReservoirBuffer(capacity, seed=seed)
+    mirror = torch.Generator().manual_seed(seed)
+    draws: list[float] = []
+    item = 0
+    for size in sizes:
+        labels = torch.arange(item, item + size)
+        buffer.add(labels.float().unsqueeze(1), labels)
+        if size and buffer.labels is not None:
+            draws += torch.rand(size, generator=mirror, dtype=torch.float64).tolist()
+        item += size
+    want = sequential_reservoir(capacity, draws, list(range(len(draws))))
+    assert buffer.seen == item and len(buffer) == min(item, capacity)
+    if want:
+        assert buffer.labels is not None and buffer.inputs is not None
+        assert buffer.labels[: len(want)].tolist() == want
+        assert buffer.inputs[: len(want), 0].tolist() == [float(v) for v in want]
+
+
+def test_reservoir_inclusion_is_uniform() -> None:
+    # 20 items in batches of 7, 7, 6 into 5 slots: each item is kept with probability 1/4.
+    counts = torch.zeros(20)
+    trials = 2000
+    for trial in range(trials):
+        buffer = ReservoirBuffer(5, seed=trial)
+        for lo, hi in ((0, 7), (7, 14), (14, 20)):
+            labels = torch.arange(lo, hi)
+            buffer.add(labels.unsqueeze(1), labels)
+        assert buffer.labels is not None and len(set(buffer.labels.tolist())) == 5
+        counts[buffer.labels] += 1
+    freq = counts / trials
+    # binomial std = sqrt(.25 * .75 / 2000) = 0.0097; 4 sigma
+    assert bool(((freq - 0.25).abs() < 0.04).all()), freq
+
+
+def test_sample_without_replacement_and_uniform() -> None:
+    buffer = ReservoirBuffer(8, seed=3)
+    buffer.add(torch.arange(8).float().unsqueeze(1), torch.arange(8))
+    counts = torch.zeros(8)
+    for _ in range(2000):
+        batch = buffer.sample(3)
+        labels = batch["target"].tolist()
+        assert len(labels) == 3 and len(set(labels)) == 3
+        assert batch["input"][:, 0].tolist() == [float(v) for v in labels]
+        counts[batch["target"]] += 1
+    assert bool(((counts / 2000 - 3 / 8).abs() < 0.05).all()), counts
+    assert sorted(buffer.sample(50)["target"].tolist()) == list(range(8))  # capped at the size
+    empty = ReservoirBuffer(4).sample(10)
+    assert empty["input"].numel() == 0 and empty["target"].numel() == 0
+
+
+def test_buffer_preallocates_on_the_batch_device_and_dtype_with_logits_and_task_ids() -> None:
+    buffer = ReservoirBuffer(6, seed=0, store_logits=True, store_task_ids=True)
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    buffer.add(x, torch.tensor([3, 1, 2, 0]), logits=torch.randn(4, 10), task_ids=2)
+    assert buffer.inputs is not None and buffer.inputs.shape == (6, 1, 8, 8) and buffer.inputs.dtype == torch.float64
+    assert buffer.logits is not None and buffer.logits.shape == (6, 10)
+    assert buffer.task_ids is not None and buffer.task_ids[:4].tolist() == [2, 2, 2, 2]
+    batch = buffer.sample(4)
+    assert set(batch) == {"input", "target", "logits", "task_id"}
+    allocated = buffer.inputs.data_ptr()
+    buffer.add(x, torch.tensor([3, 1, 2, 0]), logits=torch.randn(4, 10), task_ids=torch.tensor([5, 5, 6, 6]))
+    assert buffer.inputs.data_ptr() == allocated  # no reallocation
+    with pytest.raises(ValueError, match="pass logits"):
+        buffer.add(x, torch.tensor([0, 1, 2, 3]), task_ids=1)
+    with pytest.raises(ValueError, match="same shape"):
+        buffer.add(torch.randn(2, 1, 4, 4), torch.tensor([0, 1]), logits=torch.randn(2, 10), task_ids=1)
+    with pytest.raises(ValueError, match="first"):
+        buffer.add(torch.randn(3, 1, 8, 8), torch.tensor([0, 1]), logits=torch.randn(3, 10), task_ids=1)
+    with pytest.raises(ValueError, match="capacity"):
+        ReservoirBuffer(0)
+
+
+def test_buffer_state_dict_continues_identically() -> None:
+    a = ReservoirBuffer(5, seed=7)
+    for i in range(3):
+        a.add(torch.randn(4, 2), torch.arange(4) + 4 * i)
+    b = ReservoirBuffer(5, seed=123)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for i in range(3, 6):
+        x, y = torch.randn(4, 2), torch.arange(4) + 4 * i
+        a.add(x, y)
+        b.add(x, y)
+        assert torch.equal(a.sample(3)["target"], b.sample(3)["target"])
+    assert a.seen == b.seen == 24
+    assert a.labels is not None and b.labels is not None and torch.equal(a.labels, b.labels)
+    with pytest.raises(ValueError, match="capacity 5"):
+        ReservoirBuffer(6).load_state_dict(a.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# ClassIncrementalStream and metrics
+
+
+def test_stream_tasks_are_disjoint_seeded_and_each_sample_is_seen_once() -> None:
+    stream = ClassIncrementalStream("digits", num_tasks=5, seed=3)
+    stream.setup("fit")
+    classes = [c for task in stream.tasks for c in task]
+    assert sorted(classes) == list(range(10)) and all(len(t) == 2 for t in stream.tasks)
+    other = ClassIncrementalStream("digits", num_tasks=5, seed=3)
+    other.setup("fit")
+    assert other.tasks == stream.tasks
+    reordered = ClassIncrementalStream("digits", num_tasks=5, seed=4)
+    reordered.setup("fit")
+    assert reordered.tasks != stream.tasks
+    seen: list[Tensor] = []
+    total = 0
+    for t in range(5):
+        loader = stream.train_dataloader() if t == 0 else None
+        dataset = stream.task_dataset(t)
+        total += len(dataset)
+        ys = torch.stack([dataset[i][1] for i in range(len(dataset))])
+        assert set(ys.tolist()) == set(stream.tasks[t])
+        xs = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        seen.append(xs.flatten(1))
+        if loader is not None:
+            assert all(x.shape[0] <= 10 for x, _ in loader)
+    flat = torch.cat(seen)
+    assert (
+        total == len(stream._train)
+        and torch.unique(flat, dim=0).shape[0]
+        == torch.unique(  # type: ignore[arg-type]
+            torch.stack([stream._train[i][0].flatten() for i in range(len(stream._train))]),  # type: ignore[arg-type]
+            dim=0,
+        ).shape[0]
+    )
+    explicit = ClassIncrementalStream("digits", num_tasks=2, class_order=list(range(9, -1, -1)), flatten=True)
+    explicit.setup()
+    assert explicit.tasks == [[9, 8, 7, 6, 5], [4, 3, 2, 1, 0]]
+    assert explicit.task_dataset(0)[0][0].shape == (64,)
+
+
+def test_stream_errors() -> None:
+    with pytest.raises(ValueError, match="source"):
+        ClassIncrementalStream("mnist")
+    with pytest.raises(ValueError, match="do not split into 3 tasks"):
+        ClassIncrementalStream("digits", num_tasks=3).setup()
+    with pytest.raises(ValueError, match="permutation"):
+        ClassIncrementalStream("digits", class_order=[0, 1, 2]).setup()
+    module = Classifier(TinyNet(), num_classes=10)
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
+        fast_trainer(max_epochs=5).fit(module, datamodule=ClassIncrementalStream())
+    with pytest.raises(ValueError, match="max_epochs to at most 5"):
+        fast_trainer(max_epochs=6, reload_dataloaders_every_n_epochs=1).fit(module, datamodule=ClassIncrementalStream())
+
+
+def test_final_accuracy_and_forgetting_by_hand() -> None:
+    nan = float("nan")
+    r = torch.tensor([[0.9, nan, nan], [0.6, 0.8, nan], [0.5, 0.4, 0.7]])
+    assert final_average_accuracy(r) == pytest.approx((0.5 + 0.4 + 0.7) / 3)
+    assert average_forgetting(r) == pytest.approx(((0.9 - 0.5) + (0.8 - 0.4)) / 2)
+    assert average_forgetting(torch.tensor([[0.7]])) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The callbacks on a real Trainer
+
+
+def _sgd(params: Any) -> torch.optim.Optimizer:  # module level: picklable for ddp_spawn
+    return torch.optim.SGD(params, lr=0.1)
+
+
+class Snapshot(Callback):
+    """Before each step: the parameters and the replay callback's buffer state."""
+
+    def __init__(self, replay: ExperienceReplay | UER) -> None:
+        self.replay = replay
+        self.before: list[tuple[dict[str, Tensor], dict[str, Any], Any]] = []
+        self.after: list[dict[str, Tensor]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
+        params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+        self.before.append((params, copy.deepcopy(self.replay.buffer.state_dict()), batch))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.after.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
+
+
+def _manual_step(method: str, params: dict[str, Tensor], buffer_state: dict[str, Any], batch: Any) -> dict[str, Tensor]:
+    """One SGD step of ER/UER on TinyMLP restated by hand (float64, our own forward pass)."""
+    p = {k: v.double().clone().requires_grad_(True) for k, v in params.items()}
+
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        h = torch.tanh(x.double() @ p["model.body.0.weight"].T + p["model.body.0.bias"])
+        return h, h @ p["model.head.weight"].T + p["model.head.bias"]
+
+    def ce(z: Tensor, y: Tensor) -> Tensor:
+        return (torch.logsumexp(z, dim=1) - z.gather(1, y.unsqueeze(1)).squeeze(1)).mean()
+
+    x, y = batch
+    buffer = ReservoirBuffer(buffer_state["capacity"])
+    buffer.load_state_dict(copy.deepcopy(buffer_state))
+    replay = buffer.sample(4)
+    h, z = forward(x)
+    w = p["model.head.weight"]
+    if method == "er":
+        loss = ce(z, y)
+    else:
+        hn = h / (h.norm(dim=1, keepdim=True) + 1e-6)
+        wn = w / (w.norm(dim=1, keepdim=True) + 1e-6)
+        loss = ce(hn @ wn.T / 0.09, y)
+    if replay["target"].numel():
+        loss = loss + ce(forward(replay["input"])[1], replay["target"])
+    loss.backward()
+    # the head's bias gets no gradient from UER's cosine term alone (first step, empty buffer)
+    return {k: (v - 0.1 * (v.grad if v.grad is not None else torch.zeros_like(v))).detach() for k, v in p.items()}
+
+
+@pytest.mark.parametrize("method", ["er", "uer"])
+def test_callback_step_equals_hand_written_step(method: str) -> None:
+    x, y = blob_data(n=48)
+    torch.manual_seed(0)
+    module = Classifier(TinyMLP(), optimizer=_sgd)
+    replay = ExperienceReplay(12, replay_batch_size=4) if method == "er" else UER(12, replay_batch_size=4)
+    snap = Snapshot(replay)
+    fast_trainer(max_epochs=1, limit_val_batches=0, callbacks=[replay, snap]).fit(
+        module, datamodule=TensorDataModule(x, y, batch_size=8)
+    )
+    assert replay.buffer.seen == 48 and len(replay.buffer) == 12
+    for (params, state, batch), after in zip(snap.before, snap.after, strict=True):
+        want = _manual_step(method, params, state, batch)
+        for name, value in after.items():
+            torch.testing.assert_close(value.double(), want[name], rtol=1e-4, atol=1e-5)
+
+
+class CountForwards(nn.Module):
+    """TinyNet that records the batch size of every forward call (BatchNorm in the model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyNet(num_classes=10)
+        self.fc = self.net.fc
+        self.sizes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            self.sizes.append(x.shape[0])
+        return self.net(x)
+
+
+def test_uer_on_stream_separate_forward_passes_and_metrics(tmp_path: Path) -> None:
+    net = CountForwards()
+    module = Classifier(net, num_classes=10, optimizer=_sgd)
+    uer = UER(buffer_size=30, replay_batch_size=5, mask="seen")
+    metrics = ContinualMetrics(out_dir=str(tmp_path))
+    stream = ClassIncrementalStream("digits", num_tasks=5, batch_size=10)
+    trainer = fast_trainer(
+        max_epochs=5, reload_dataloaders_every_n_epochs=1, limit_train_batches=6, callbacks=[uer, metrics]
+    )
+    trainer.fit(module, datamodule=stream)
+    # one forward of 10 incoming samples, then a separate one of 5 replayed (none on the first step)
+    assert net.sizes[0] == 10 and net.sizes[1:5] == [10, 5, 10, 5]
+    assert uer.buffer.seen == 5 * 6 * 10
+    assert uer.buffer.labels is not None and len(set(uer.buffer.labels.tolist())) == 10
+    r = metrics.accuracy_matrix
+    assert r.shape == (5, 5)
+    assert bool(torch.isfinite(r.tril()).all()) and bool(torch.isnan(r.triu(1)[r.triu(1) != 0]).all())
+    assert (tmp_path / "accuracy_matrix.png").stat().st_size > 1000
+    torch.testing.assert_close(torch.load(tmp_path / "accuracy_matrix.pt"), r, equal_nan=True)
+    logged = trainer.callback_metrics
+    assert float(logged["cl/final_avg_acc"]) == pytest.approx(metrics.final_average_accuracy, abs=1e-6)
+    assert "cl/forgetting" in logged and "train/loss_uer" in logged
+    assert uer.seen_classes is not None and bool(uer.seen_classes.all())
+    # the last row equals the accuracy of the final model, task by task, computed here
+    module.eval()
+    with torch.no_grad():
+        for j in range(5):
+            test_set = stream.task_dataset(j, "test")
+            xs, ys = zip(*[test_set[i] for i in range(len(test_set))], strict=True)
+            acc = (module(torch.stack(xs)).argmax(1) == torch.stack(ys)).float().mean()
+            assert float(r[4, j]) == pytest.approx(float(acc), abs=1e-6)
+
+
+def test_uer_masks() -> None:
+    uer = UER(10, mask="all")
+    assert uer._logit_mask(torch.tensor([1, 2]), 5) is None
+    uer = UER(10, mask="present")
+    assert uer._logit_mask(torch.tensor([1, 2, 1]), 5).tolist() == [False, True, True, False, False]  # type: ignore[union-attr]
+    assert uer._logit_mask(torch.tensor([4]), 5).tolist() == [False, False, False, False, True]  # type: ignore[union-attr]
+    uer = UER(10, mask="seen")
+    uer._logit_mask(torch.tensor([1, 2, 1]), 5)
+    assert uer._logit_mask(torch.tensor([4]), 5).tolist() == [False, True, True, False, True]  # type: ignore[union-attr]
+    assert uer.extra_state()["seen_classes"].tolist() == [False, True, True, False, True]
+
+
+def test_uer_replaces_the_task_loss_and_er_keeps_it() -> None:
+    assert UER.replaces_task_loss and not ExperienceReplay.replaces_task_loss
+    with pytest.raises(ValueError, match="mask"):
+        UER(10, mask="old")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="buffer_size"):
+        ExperienceReplay(0)
+    with pytest.raises(ValueError, match="replay_batch_size"):
+        ExperienceReplay(10, replay_batch_size=0)
+
+
+class ConvHeadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(1, 4, 3, padding=1)
+        self.classifier = nn.Conv2d(4, 10, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.body(x)).mean(dim=(2, 3))
+
+
+def test_custom_module_without_linear_head_gets_a_clear_error() -> None:
+    module = Classifier(ConvHeadNet(), num_classes=10)
+    stream = ClassIncrementalStream("digits")
+    trainer = fast_trainer(max_epochs=1, reload_dataloaders_every_n_epochs=1, callbacks=[UER(20)])
+    with pytest.raises(TypeError, match=r"not an nn.Linear.*must have an nn.Linear classifier head"):
+        trainer.fit(module, datamodule=stream)
+
+
+def _resume_run(tmp_path: Path, ckpt: str | None, method: str) -> tuple[Classifier, ExperienceReplay | UER]:
+    torch.manual_seed(0)
+    module = Classifier(TinyMLP(in_features=64, num_classes=10, hidden=16), optimizer=_sgd)
+    replay = UER(25, replay_batch_size=5, mask="seen") if method == "uer" else ExperienceReplay(25, replay_batch_size=5)
+    callbacks: list[Callback] = [replay, ContinualMetrics(plot=False)]
+    if ckpt is None:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}"))
+    trainer = fast_trainer(
+        max_epochs=2,
+        reload_dataloaders_every_n_epochs=1,
+        limit_train_batches=12,
+        enable_checkpointing=ckpt is None,
+        callbacks=callbacks,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, datamodule=ClassIncrementalStream("digits", num_tasks=5, flatten=True), ckpt_path=ckpt)
+    return module, replay
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["uer", "er"])
+def test_resume_mid_task_continues_with_the_same_buffer_and_random_state(tmp_path: Path, method: str) -> None:
+    full_module, full = _resume_run(tmp_path, None, method)
+    # step 15 is inside the second task (12 batches per task)
+    ckpt = tmp_path / "step=15.ckpt"
+    assert ckpt.exists(), sorted(p.name for p in tmp_path.iterdir())
+    state = torch.load(ckpt, weights_only=False)
+    assert state["epoch"] == 1
+    resumed_module, resumed = _resume_run(tmp_path, str(ckpt), method)
+    a, b = full.buffer, resumed.buffer
+    assert a.seen == b.seen
+    assert a.labels is not None and b.labels is not None and a.inputs is not None and b.inputs is not None
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.inputs, b.inputs)
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    for got, want in zip(resumed_module.parameters(), full_module.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    if method == "uer":
+        assert isinstance(full, UER) and isinstance(resumed, UER)
+        assert full.seen_classes is not None and resumed.seen_classes is not None
+        assert torch.equal(full.seen_classes, resumed.seen_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: per-rank buffers, synchronized metrics, every rank's buffer in the checkpoint
+
+
+class DumpRankState(Callback):
+    """Each rank writes its buffer and accuracy matrix to ``rank<r>.pt`` at the end of fit."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        replay = next(c for c in trainer.callbacks if isinstance(c, UER))  # type: ignore[attr-defined]
+        metrics = next(c for c in trainer.callbacks if isinstance(c, ContinualMetrics))  # type: ignore[attr-defined]
+        state = replay.buffer.state_dict()
+        state["matrix"] = metrics.accuracy_matrix.clone()
+        torch.save(state, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_per_rank_buffers_synced_metrics_and_checkpoint(ddp_env: int, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = Classifier(TinyMLP(in_features=64, num_classes=10, hidden=16), optimizer=_sgd)
+    stream = ClassIncrementalStream("digits", num_tasks=5, flatten=True)
+    trainer = fast_trainer(
+        strategy="ddp_spawn",
+        devices=2,
+        max_epochs=2,
+        limit_train_batches=4,
+        reload_dataloaders_every_n_epochs=1,
+        enable_checkpointing=True,
+        default_root_dir=str(tmp_path),
+        callbacks=[
+            UER(buffer_size=30, replay_batch_size=5, seed=10),
+            ContinualMetrics(plot=False),
+            DumpRankState(str(tmp_path)),
+            ModelCheckpoint(dirpath=tmp_path, filename="last"),
+        ],
+    )
+    trainer.fit(module, datamodule=stream)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    # per-rank buffers: own seeds, own samples (each rank saw 2 tasks x 4 batches x 10)
+    assert [s["seed"] for s in ranks] == [10, 11]
+    assert all(s["seen"] == 80 for s in ranks)
+    assert not torch.equal(ranks[0]["inputs"], ranks[1]["inputs"])
+    stream.setup()  # the main process of ddp_spawn did not set it up
+    allowed = set(stream.tasks[0] + stream.tasks[1])
+    assert all(set(s["labels"].tolist()) <= allowed for s in ranks)
+    # the metrics are summed over ranks: identical matrices, and the last row is the final
+    # model's accuracy on every test sample of the seen tasks, computed here in one process
+    torch.testing.assert_close(ranks[0]["matrix"], ranks[1]["matrix"], equal_nan=True)
+    module.eval()
+    with torch.no_grad():
+        for j in range(2):
+            test_set = stream.task_dataset(j, "test")
+            xs, ys = zip(*[test_set[i] for i in range(len(test_set))], strict=True)
+            acc = (module(torch.stack(xs)).argmax(1) == torch.stack(ys)).float().mean()
+            assert float(ranks[0]["matrix"][1, j]) == pytest.approx(float(acc), abs=1e-6)
+    # the checkpoint (written by rank 0) holds both ranks' buffers; each rank gets its own back
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved = next(v for k, v in ckpt["callbacks"].items() if k.startswith("UER"))["rank_states"]
+    assert len(saved) == 2
+    for rank in (0, 1):
+        assert torch.equal(saved[rank]["labels"], ranks[rank]["labels"])
+        restored = UER(buffer_size=30, replay_batch_size=5, seed=10)
+        restored._rank, restored._world_size, restored._head = rank, 2, nn.Linear(2, 2)
+        restored.load_state_dict(saved and {"rank_states": saved})
+        assert restored.buffer.seed == 10 + rank and restored.buffer.seen == 80
+        assert torch.equal(restored.buffer.generator.get_state(), ranks[rank]["generator"])
+
+
+def test_uer_warns_once_about_all_zero_features() -> None:
+    torch.manual_seed(0)
+    net = TinyMLP()
+    with torch.no_grad():
+        net.body[0].weight.zero_()
+        net.body[0].bias.zero_()  # tanh(0) = 0: every feature row is zero
+    module = Classifier(net, optimizer=_sgd)
+    x, y = blob_data(n=16)
+    with pytest.warns(UserWarning, match="all-zero features"):
+        fast_trainer(max_steps=2, limit_val_batches=0, callbacks=[UER(8, replay_batch_size=4)]).fit(
+            module, datamodule=TensorDataModule(x, y, batch_size=8)
+        )
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
