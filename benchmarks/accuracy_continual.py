@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -66,6 +67,7 @@ def run_one(method: str, buffer_size: int, seed: int, limit_batches: int | None,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=callbacks,
+        default_root_dir=tempfile.mkdtemp(prefix="ll_continual_"),  # ContinualMetrics writes its matrix here
     )
     trainer.fit(
         module, datamodule=ClassIncrementalStream("digits", num_tasks=5, batch_size=10, seed=seed, flatten=True)

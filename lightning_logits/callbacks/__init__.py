@@ -1,11 +1,13 @@
 """Callbacks that attach logit-level training methods to any LightningModule."""
 
+from lightning_logits.callbacks.lawn import LAWN
 from lightning_logits.callbacks.replay import UER, ExperienceReplay, ReplayCallback
 from lightning_logits.callbacks.teacher_distillation import ResizeInput, TeacherDistillation
 from lightning_logits.callbacks.uskd import USKD
 from lightning_logits.loss_terms import LossTermCallback
 
 __all__ = [
+    "LAWN",
     "UER",
     "USKD",
     "ExperienceReplay",

@@ -8,6 +8,13 @@ over these functions.
 from lightning_logits.functional.classification import classification_loss
 from lightning_logits.functional.continual import cosine_logits, uer_loss
 from lightning_logits.functional.distillation import kd_loss, nkd_loss
+from lightning_logits.functional.lawn import (
+    frobenius_norm,
+    project_to_tangent,
+    project_to_tangent_,
+    rescale_to_norm,
+    rescale_to_norm_,
+)
 from lightning_logits.functional.mowst import (
     mowst_dispersion,
     mowst_expected_accuracy,
@@ -21,6 +28,7 @@ from lightning_logits.functional.uskd import uskd_loss, uskd_soft_target_weight,
 __all__ = [
     "classification_loss",
     "cosine_logits",
+    "frobenius_norm",
     "kd_loss",
     "mowst_dispersion",
     "mowst_expected_accuracy",
@@ -29,6 +37,10 @@ __all__ = [
     "mowst_route",
     "mowst_star_loss",
     "nkd_loss",
+    "project_to_tangent",
+    "project_to_tangent_",
+    "rescale_to_norm",
+    "rescale_to_norm_",
     "uer_loss",
     "uskd_loss",
     "uskd_soft_target_weight",

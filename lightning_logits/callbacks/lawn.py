@@ -1,0 +1,365 @@
+"""LAWN (logit attenuating weight normalization) as a Callback that works with any torch optimizer.
+
+Without weight decay, a classifier trained to a small loss grows its logits by growing the weights
+of its last layers, and then barely moves. LAWN (arXiv 2108.05839) trains freely for a while, then
+holds the Frobenius norm of each weight in the network's final homogeneous part (the layers after
+the last normalization layer, see :mod:`lightning_logits.lawn_layers`) at the value it had when
+the free phase ended. The number of free epochs replaces weight decay as the hyperparameter.
+
+How it acts on a training step, in the constrained phase:
+
+* ``on_before_optimizer_step`` (Lightning calls it after the backward pass, after AMP unscaling,
+  only for real optimizer steps, so not for gradient-accumulation micro-batches): the gradient of
+  each constrained weight is projected onto the tangent space of its sphere,
+  :func:`~lightning_logits.functional.lawn.project_to_tangent_`.
+* a torch ``optimizer.register_step_post_hook``, which fires only when ``optimizer.step()`` ran
+  (an AMP step skipped for inf/NaN gradients runs no hook): each constrained weight is rescaled to
+  its recorded norm, :func:`~lightning_logits.functional.lawn.rescale_to_norm_`. The hook acts only
+  on the parameters of the optimizer that stepped, so several optimizers and parameter groups work.
+
+Nothing is added to the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_logits.functional.lawn import frobenius_norm, project_to_tangent_, rescale_to_norm_
+from lightning_logits.lawn_layers import (
+    ExecutionTrace,
+    constrained_parameter_names,
+    match_layers,
+    non_homogeneous_activations,
+    record_execution,
+    select_constrained_layers,
+)
+from lightning_logits.taps import find_classifier
+
+__all__ = ["LAWN"]
+
+FREE = "free"
+CONSTRAINED = "constrained"
+
+# Strategies that shard parameters: a rank holds only a slice of a weight, so its local norm is not
+# the layer's norm. Matched by class name so that DeepSpeed need not be installed to check.
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+class LAWN(Callback):
+    """Constrain the weight norms of a network's final layers after a free phase (LAWN).
+
+    Args:
+        free_epochs: epochs of unconstrained training before the constraint starts (``0``: from
+            the first step). Ignored when ``free_steps`` is given. Default ``5``.
+        free_steps: optimizer steps of unconstrained training; overrides ``free_epochs``.
+        layers: module names or ``fnmatch`` patterns, relative to the LightningModule (for
+            :class:`~lightning_logits.modules.Classifier`: ``["model.fc"]``, ``["model.head*"]``),
+            whose weight matrices to constrain. Default ``None``: the layers that run after the last
+            normalization layer, found by tracing the first training step; for a network without
+            normalization, every layer. Biases and normalization parameters are never constrained.
+        project_gradients: project the gradients onto the tangent space before each step (the
+            rescale after the step is always done). Default ``True``.
+        on_weight_decay: what to do when a constrained weight sits in a parameter group with
+            ``weight_decay > 0``: ``"warn"`` (default) or ``"error"``. LAWN never changes the
+            optimizer: the rescale after each step undoes decoupled decay (AdamW) on these weights,
+            while coupled L2 decay (Adam, SGD) still enters the optimizer's momentum/moment
+            estimates. LAWN is meant to replace weight decay on them: put them in a group with
+            ``weight_decay=0`` (other layers may keep theirs).
+        log_norms: log ``lawn/weight_norm/<param>`` per constrained weight, ``lawn/logit_norm``
+            (mean L2 norm of the logits of the training batch) and ``lawn/constrained`` (0 or 1),
+            every ``log_every_n_steps``. Default ``True``.
+
+    State (``phase``, constrained parameter names and their recorded norms) is saved in the
+    checkpoint: a run resumed in the constrained phase keeps exactly the same constraint.
+
+    Example:
+        >>> lawn = LAWN(free_epochs=2)  # then: pl.Trainer(callbacks=[lawn]).fit(module, data)
+        >>> lawn.state_dict()
+        {'version': 1, 'phase': 'free', 'param_names': [], 'norms': {}}
+    """
+
+    def __init__(
+        self,
+        free_epochs: int = 5,
+        free_steps: int | None = None,
+        layers: list[str] | None = None,
+        project_gradients: bool = True,
+        on_weight_decay: Literal["warn", "error"] = "warn",
+        log_norms: bool = True,
+    ) -> None:
+        if not isinstance(free_epochs, int) or isinstance(free_epochs, bool) or free_epochs < 0:
+            raise ValueError(f"free_epochs must be an integer >= 0, got {free_epochs!r}")
+        if free_steps is not None and (
+            not isinstance(free_steps, int) or isinstance(free_steps, bool) or free_steps < 0
+        ):
+            raise ValueError(f"free_steps must be None or an integer >= 0, got {free_steps!r}")
+        if isinstance(layers, str):
+            raise TypeError(f"layers must be a list of names or patterns, got the string '{layers}': use ['{layers}']")
+        if layers is not None and len(layers) == 0:
+            raise ValueError("layers is an empty list: pass None to find the layers automatically, or name some")
+        if on_weight_decay not in ("warn", "error"):
+            raise ValueError(f"on_weight_decay must be 'warn' or 'error', got {on_weight_decay!r}")
+        self.free_epochs = free_epochs
+        self.free_steps = free_steps
+        self.layers = list(layers) if layers is not None else None
+        self.project_gradients = project_gradients
+        self.on_weight_decay = on_weight_decay
+        self.log_norms = log_norms
+
+        # Saved state.
+        self.phase: str = FREE
+        self.param_names: list[str] = []
+        self.norms: dict[str, float] = {}
+
+        # Per-fit runtime.
+        self._params: dict[str, nn.Parameter] = {}
+        self._per_optimizer: dict[int, list[tuple[nn.Parameter, float]]] = {}
+        self._handles: list[Any] = []
+        self._trace: ExecutionTrace | None = None
+        self._trace_stack: contextlib.ExitStack | None = None
+        self._measure = False
+        self._logit_norm: Tensor | None = None
+
+    # ------------------------------------------------------------------ extension points
+
+    def should_constrain(self, trainer: pl.Trainer) -> bool:
+        """Whether the step about to run belongs to the constrained phase (override for other schedules)."""
+        if self.free_steps is not None:
+            return trainer.global_step >= self.free_steps
+        return trainer.current_epoch >= self.free_epochs
+
+    # ------------------------------------------------------------------ setup and teardown
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        sharded = names.intersection(_SHARDED_STRATEGIES)
+        if sharded:
+            raise RuntimeError(
+                f"LAWN does not support the sharded strategy {type(trainer.strategy).__name__}: each rank "
+                "holds a shard of a weight, so the layer's norm would need a reduction over shards that this "
+                "callback does not do. Use strategy='ddp' (or a single device), or run without LAWN."
+            )
+        if self.layers is not None:
+            match_layers(pl_module, self.layers)  # a pattern that matches nothing fails now, not at step 0
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            register = getattr(optimizer, "register_step_post_hook", None)
+            if not callable(register):
+                raise TypeError(
+                    f"LAWN needs a torch.optim.Optimizer (for register_step_post_hook), got "
+                    f"{type(optimizer).__name__}: wrap or replace it with a torch optimizer"
+                )
+            self._handles.append(register(self._after_step))
+        if self.log_norms:
+            self._attach_logit_hook(pl_module)
+        if self.param_names:  # resumed from a checkpoint: the layers are known
+            self._bind(trainer, pl_module)
+            self._check_weight_decay(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_trace()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._params.clear()
+        self._per_optimizer.clear()
+
+    def _attach_logit_hook(self, pl_module: pl.LightningModule) -> None:
+        head_attr = getattr(pl_module, "classifier_head", None)
+        try:
+            _, head = find_classifier(pl_module, head_attr if isinstance(head_attr, str) else None)
+        except LookupError:
+            rank_zero_info("LAWN: no classifier head found, so lawn/logit_norm is not logged")
+            return
+
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            # Only the first forward of a measured training batch: one norm per logged step.
+            if self._measure and self._logit_norm is None and isinstance(output, Tensor) and output.ndim >= 1:
+                with torch.no_grad():
+                    self._logit_norm = output.detach().float().flatten(1).norm(dim=-1).mean()
+
+        self._handles.append(head.register_forward_hook(hook))
+
+    # ------------------------------------------------------------------ finding the layers
+
+    def _stop_trace(self) -> None:
+        if self._trace_stack is not None:
+            self._trace_stack.close()
+            self._trace_stack = None
+
+    def _resolve_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Turn the trace of the first training step (or ``layers``) into constrained parameter names."""
+        trace = self._trace
+        self._stop_trace()
+        self._trace = None
+        if self.layers is not None:
+            layers = match_layers(pl_module, self.layers)
+        else:
+            if trace is None:
+                raise RuntimeError("LAWN could not trace a training step to find its layers; pass layers=[...]")
+            layers = select_constrained_layers(pl_module, trace)
+        names = constrained_parameter_names(pl_module, layers)
+        # Every rank traced the same model; rank 0's answer is the one all use.
+        names = trainer.strategy.broadcast(names, src=0)
+        self.param_names = list(names)
+        rank_zero_info(f"LAWN constrains {len(names)} weight(s): {', '.join(names)}")
+        if trace is not None:
+            activations = non_homogeneous_activations(pl_module, trace, layers)
+            if activations:
+                kinds = sorted({type(pl_module.get_submodule(a)).__name__ for a in activations})
+                rank_zero_warn(
+                    f"LAWN: non-homogeneous activation(s) {', '.join(kinds)} run inside the constrained part "
+                    f"({', '.join(activations)}): the logits no longer scale with the weight norms, so holding the "
+                    "norms attenuates them less. Constrain only the layers after them (layers=[...]) or use "
+                    "ReLU/LeakyReLU there."
+                )
+        self._bind(trainer, pl_module)
+        self._check_weight_decay(trainer)
+
+    def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        parameters = dict(pl_module.named_parameters())
+        missing = [n for n in self.param_names if n not in parameters]
+        if missing:
+            raise RuntimeError(
+                f"LAWN's constrained weights {missing} are not parameters of {type(pl_module).__name__} (the "
+                "checkpoint was made with another model?): resume with the same model, or start a new run"
+            )
+        self._params = {n: parameters[n] for n in self.param_names}
+        self._per_optimizer.clear()
+        if self.phase == CONSTRAINED:
+            self._bind_optimizers(trainer)
+
+    def _bind_optimizers(self, trainer: pl.Trainer) -> None:
+        """Map each optimizer to the constrained weights it updates and their target norms."""
+        self._per_optimizer.clear()
+        seen: set[int] = set()
+        for optimizer in trainer.optimizers:
+            in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            pairs = [(p, self.norms[n]) for n, p in self._params.items() if id(p) in in_groups]
+            self._per_optimizer[id(optimizer)] = pairs
+            seen.update(id(p) for p, _ in pairs)
+        unused = [n for n, p in self._params.items() if id(p) not in seen]
+        if unused:
+            rank_zero_warn(f"LAWN: constrained weights {unused} are in no optimizer, so they are never rescaled")
+
+    def _check_weight_decay(self, trainer: pl.Trainer) -> None:
+        ids = {id(p): n for n, p in self._params.items()}
+        offending = []
+        for optimizer in trainer.optimizers:
+            for index, group in enumerate(optimizer.param_groups):
+                decay = group.get("weight_decay", 0.0) or 0.0
+                names = [ids[id(p)] for p in group["params"] if id(p) in ids]
+                if decay > 0 and names:
+                    offending.append(f"{type(optimizer).__name__} group {index} (weight_decay={decay}): {names}")
+        if not offending:
+            return
+        message = (
+            "LAWN constrains weights that also have weight decay: " + "; ".join(offending) + ". LAWN replaces "
+            "weight decay on these weights (the free phase's length is its hyperparameter); it does not change "
+            "the optimizer. Put them in a parameter group with weight_decay=0."
+        )
+        if self.on_weight_decay == "error":
+            raise ValueError(message + " (on_weight_decay='error'; pass 'warn' to go on anyway)")
+        rank_zero_warn(message)
+
+    # ------------------------------------------------------------------ the training step
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.param_names and self._trace_stack is None:
+            # Trace the first training step's forward (also with explicit layers: for the activation check).
+            self._trace_stack = contextlib.ExitStack()
+            self._trace = self._trace_stack.enter_context(record_execution(pl_module))
+        self._logit_norm = None
+        self._measure = self.log_norms and bool(trainer._logger_connector.should_update_logs)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self.param_names:
+            self._resolve_layers(trainer, pl_module)
+        if self.phase == FREE and self.should_constrain(trainer):
+            self._switch(trainer)
+        if self.phase == CONSTRAINED and self.project_gradients:
+            pairs = [(p.grad, p) for p, _ in self._per_optimizer.get(id(optimizer), ()) if p.grad is not None]
+            if pairs:
+                grads, weights = zip(*pairs, strict=True)
+                project_to_tangent_(grads, weights)
+
+    def _switch(self, trainer: pl.Trainer) -> None:
+        norms = {n: float(frobenius_norm(p.detach())) for n, p in self._params.items()}
+        # DDP keeps replicas identical, but the norms must agree bit for bit: take rank 0's.
+        self.norms = trainer.strategy.broadcast(norms, src=0)
+        bad = {n: v for n, v in self.norms.items() if not (math.isfinite(v) and v > 0)}
+        if bad:
+            raise FloatingPointError(
+                f"LAWN cannot hold weights at norms {bad} recorded at step {trainer.global_step}: a norm must be "
+                "finite and positive. Check the free phase for divergence (lower the learning rate)"
+            )
+        self.phase = CONSTRAINED
+        self._bind_optimizers(trainer)
+        rank_zero_info(
+            f"LAWN: constrained phase from epoch {trainer.current_epoch}, step {trainer.global_step}; norms "
+            + ", ".join(f"{n}={v:.4g}" for n, v in self.norms.items())
+        )
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.phase != CONSTRAINED:
+            return
+        pairs = self._per_optimizer.get(id(optimizer))
+        if pairs:
+            rescale_to_norm_([p for p, _ in pairs], [c for _, c in pairs])
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.param_names and self._trace is not None:
+            # Gradient accumulation: the first micro-batch ends before any optimizer step.
+            self._resolve_layers(trainer, pl_module)
+        if not self._measure:
+            return
+        self._measure = False
+        log = dict(on_step=True, on_epoch=False, batch_size=1)
+        for name, param in self._params.items():
+            pl_module.log(f"lawn/weight_norm/{name}", frobenius_norm(param.detach()), **log)  # type: ignore[arg-type]
+        if self._logit_norm is not None:
+            pl_module.log("lawn/logit_norm", self._logit_norm, **log)  # type: ignore[arg-type]
+        pl_module.log("lawn/constrained", float(self.phase == CONSTRAINED), **log)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ checkpointing
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "phase": self.phase, "param_names": list(self.param_names), "norms": dict(self.norms)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        phase = state_dict.get("phase", FREE)
+        if phase not in (FREE, CONSTRAINED):
+            raise ValueError(f"LAWN checkpoint state has phase {phase!r}; expected '{FREE}' or '{CONSTRAINED}'")
+        self.phase = phase
+        self.param_names = list(state_dict.get("param_names", []))
+        self.norms = {str(k): float(v) for k, v in state_dict.get("norms", {}).items()}
+        if self.phase == CONSTRAINED and set(self.norms) != set(self.param_names):
+            raise ValueError(
+                f"LAWN checkpoint state is inconsistent: norms for {sorted(self.norms)} but weights "
+                f"{self.param_names}; the checkpoint is damaged"
+            )
