@@ -133,6 +133,25 @@ def find_classifier(model: nn.Module, head: str | None = None) -> tuple[str, nn.
     )
 
 
+def head_num_classes(model: nn.Module) -> int | None:
+    """Classes predicted by ``model``'s head (its ``out_features``), or ``None`` when not found.
+
+    Example:
+        >>> from torch import nn
+        >>> head_num_classes(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+        3
+    """
+    try:
+        _, head = find_classifier(model)
+    except LookupError:
+        return None
+    for attr in ("out_features", "out_channels"):
+        value = getattr(head, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 class LogitTap:
     """Capture the features entering a model's head, its logits, and named intermediate outputs.
 

@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_logits.batch import batch_index
 from lightning_logits.functional.distillation import kd_loss, nkd_loss
 from lightning_logits.loss_terms import LossTermCallback, StepContext
-from lightning_logits.taps import find_classifier
+from lightning_logits.taps import head_num_classes
 from lightning_logits.teacher_cache import TeacherLogitCache, _first_tensor, load_teacher, teacher_fingerprint
 
 __all__ = ["ResizeInput", "TeacherDistillation"]
@@ -65,18 +65,6 @@ class ResizeInput:
                 raise ValueError(f"can only repeat a 1-channel input to {self.channels} channels, got {x.shape[1]}")
             x = x.expand(-1, self.channels, -1, -1)
         return x
-
-
-def _head_classes(model: nn.Module) -> int | None:
-    try:
-        _, head = find_classifier(model)
-    except LookupError:
-        return None
-    for attr in ("out_features", "out_channels"):
-        value = getattr(head, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 class TeacherDistillation(LossTermCallback):
@@ -216,7 +204,7 @@ class TeacherDistillation(LossTermCallback):
 
     def _student_classes(self, pl_module: pl.LightningModule) -> int | None:
         value = getattr(pl_module, "num_classes", None)
-        return value if isinstance(value, int) else _head_classes(pl_module)
+        return value if isinstance(value, int) else head_num_classes(pl_module)
 
     def _prepare_teacher(self, pl_module: pl.LightningModule) -> None:
         student_classes = self._student_classes(pl_module)
@@ -248,7 +236,7 @@ class TeacherDistillation(LossTermCallback):
         teacher.to(device=pl_module.device, dtype=dtype)
         if self.channels_last:
             teacher.to(memory_format=torch.channels_last)
-        teacher_classes = _head_classes(teacher)
+        teacher_classes = head_num_classes(teacher)
         if teacher_classes is not None and student_classes is not None and teacher_classes != student_classes:
             raise ValueError(
                 f"the teacher has {teacher_classes} classes but the student has {student_classes}: pass a "

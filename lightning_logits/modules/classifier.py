@@ -16,7 +16,7 @@ from lightning_logits.batch import batch_input, batch_target
 from lightning_logits.functional import classification_loss
 from lightning_logits.functional._checks import check_target, hard_target
 from lightning_logits.loss_terms import check_finite_loss
-from lightning_logits.taps import AUX_ATTRIBUTE, find_classifier
+from lightning_logits.taps import AUX_ATTRIBUTE, head_num_classes
 
 TORCHVISION_PREFIX = "torchvision/"
 
@@ -57,18 +57,6 @@ def build_model(model: str | nn.Module, num_classes: int | None, pretrained: boo
             f"use '{TORCHVISION_PREFIX}<name>', or pass an nn.Module"
         )
     return timm.create_model(model, pretrained=pretrained, num_classes=num_classes, **kwargs)
-
-
-def _head_out_features(model: nn.Module) -> int | None:
-    try:
-        _, head = find_classifier(model)
-    except LookupError:
-        return None
-    for attr in ("out_features", "out_channels"):
-        value = getattr(head, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 class Classifier(pl.LightningModule):
@@ -121,7 +109,7 @@ class Classifier(pl.LightningModule):
         self.save_hyperparameters(ignore=ignored)
         factory_kwargs = {**(model_kwargs or {}), **kwargs}
         self.model = build_model(model, num_classes, pretrained=pretrained, **factory_kwargs)
-        found = _head_out_features(self.model) if head is None else None
+        found = head_num_classes(self.model) if head is None else None
         if num_classes is None:
             if found is None:
                 raise ValueError(f"cannot read the class count off {type(self.model).__name__}; pass num_classes")
