@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from benchmarks.harness import quiet_trainer
 from lightning_logits.callbacks.replay import UER, ExperienceReplay
 from lightning_logits.data.streams import ClassIncrementalStream, ContinualMetrics
 from lightning_logits.modules.classifier import Classifier
@@ -55,17 +56,10 @@ def run_one(method: str, buffer_size: int, seed: int, limit_batches: int | None,
     elif method in ("uer", "uer-seen"):
         mask = "seen" if method == "uer-seen" else "all"
         callbacks.append(UER(buffer_size, replay_batch_size=10, seed=seed, mask=mask))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
         max_epochs=5,
         reload_dataloaders_every_n_epochs=1,
         limit_train_batches=limit_batches,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         callbacks=callbacks,
         default_root_dir=tempfile.mkdtemp(prefix="ll_continual_"),  # ContinualMetrics writes its matrix here
     )

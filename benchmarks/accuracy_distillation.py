@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from benchmarks.harness import quiet_trainer
 from lightning_logits.callbacks.teacher_distillation import TeacherDistillation
 from lightning_logits.data.digits import DigitsDataModule
 from lightning_logits.modules.classifier import Classifier
@@ -89,15 +90,8 @@ def test_accuracy(module: pl.LightningModule, datamodule: DigitsDataModule) -> f
 
 
 def _trainer(epochs: int, callbacks: list[Callback]) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    return quiet_trainer(
         max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         callbacks=callbacks,
     )
 

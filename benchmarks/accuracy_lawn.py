@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from benchmarks.harness import quiet_trainer
 from lightning_logits.callbacks.lawn import LAWN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,15 +189,8 @@ def run_one(method: str, setting: Setting, data: tuple[Tensor, Tensor, Tensor, T
     callbacks: list[Callback] = [recorder]
     if method.endswith("LAWN"):
         callbacks.append(LAWN(free_epochs=setting.free_epochs, log_norms=False))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
         max_epochs=setting.epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         limit_val_batches=0,
         callbacks=callbacks,
     )

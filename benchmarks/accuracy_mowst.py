@@ -25,6 +25,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from benchmarks.harness import quiet_trainer
 from lightning_logits.data.graphs import CSBMConfig, GraphDataModule, csbm_graph, edge_homophily
 from lightning_logits.modules.mowst import GNNClassifier, Mowst
 
@@ -66,16 +67,7 @@ def run_one(
     data = csbm_graph(cfg, seed=seed)
     size = dict(num_features=cfg.num_features, num_classes=cfg.num_classes, hidden=32, num_layers=2, dropout=0.5)
     module = make_module(method, gnn, size, patience, turn_epochs, pretrain)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_epochs=max_epochs)
     dm = GraphDataModule(data=data)
     trainer.fit(module, datamodule=dm)
     (result,) = trainer.test(module, datamodule=dm, verbose=False)

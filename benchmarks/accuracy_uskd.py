@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from benchmarks.harness import quiet_trainer
 from lightning_logits.callbacks.uskd import USKD
 from lightning_logits.data import DigitsDataModule
 from lightning_logits.modules import Classifier
@@ -77,16 +78,9 @@ def run_one(config: str, seed: int, epochs: int) -> dict[str, float]:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs),
     )
     data = DigitsDataModule(batch_size=32, image_size=8, train_fraction=0.5, seed=seed)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
         max_epochs=epochs,
         limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=CONFIGS[config](),
     )
     start = time.perf_counter()

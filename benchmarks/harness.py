@@ -102,19 +102,26 @@ def _sync(pl_module: pl.LightningModule) -> None:
         torch.cuda.synchronize(pl_module.device)
 
 
-def _trainer(steps: int, callbacks: list[Callback], accelerator: str) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator=accelerator,
+def quiet_trainer(**overrides: Any) -> pl.Trainer:
+    """A one-device CPU ``Trainer`` with no logger, checkpoints, progress bar, summary or sanity check.
+
+    Benchmarks measure training, not bookkeeping; ``overrides`` set or replace any argument.
+    """
+    kwargs: dict[str, Any] = dict(
+        accelerator="cpu",
         devices=1,
-        max_steps=steps,
-        limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=callbacks,
     )
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
+
+
+def _trainer(steps: int, callbacks: list[Callback], accelerator: str) -> pl.Trainer:
+    return quiet_trainer(accelerator=accelerator, max_steps=steps, limit_val_batches=0, callbacks=callbacks)
 
 
 def time_case(case: SpeedCase, steps: int, warmup: int, accelerator: str = "auto") -> list[float]:
