@@ -7,6 +7,30 @@ over these functions.
 
 from lightning_logits.functional.classification import classification_loss
 from lightning_logits.functional.continual import cosine_logits, uer_loss
+from lightning_logits.functional.diagnostics import (
+    ViMSubspace,
+    atc_estimate,
+    aurc,
+    average_confidence,
+    dual_focal_loss,
+    energy_score,
+    expected_calibration_error,
+    fit_atc_threshold,
+    fit_temperature,
+    fit_vim,
+    fpr_at_tpr,
+    logit_gap_score,
+    mano_criterion,
+    mano_normalize,
+    mano_score,
+    max_logit_score,
+    msp_score,
+    normalized_logit_score,
+    ood_auroc,
+    risk_coverage_curve,
+    select_logit_gap_top_n,
+    vim_score,
+)
 from lightning_logits.functional.distillation import kd_loss, nkd_loss
 from lightning_logits.functional.lawn import (
     frobenius_norm,
@@ -26,6 +50,28 @@ from lightning_logits.functional.mowst import (
 from lightning_logits.functional.uskd import uskd_loss, uskd_soft_target_weight, uskd_target_classes, uskd_zipf_labels
 
 __all__ = [
+    "ViMSubspace",
+    "atc_estimate",
+    "aurc",
+    "average_confidence",
+    "dual_focal_loss",
+    "energy_score",
+    "expected_calibration_error",
+    "fit_atc_threshold",
+    "fit_temperature",
+    "fit_vim",
+    "fpr_at_tpr",
+    "logit_gap_score",
+    "mano_criterion",
+    "mano_normalize",
+    "mano_score",
+    "max_logit_score",
+    "msp_score",
+    "normalized_logit_score",
+    "ood_auroc",
+    "risk_coverage_curve",
+    "select_logit_gap_top_n",
+    "vim_score",
     "classification_loss",
     "cosine_logits",
     "frobenius_norm",
