@@ -342,3 +342,12 @@ def test_labels_outside_class_range_are_rejected() -> None:
         aurc(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
     with pytest.raises(ValueError, match="must have shape"):
         aurc(torch.zeros(3), torch.zeros(2, dtype=torch.bool))
+
+
+def test_fit_temperature_works_under_inference_mode() -> None:
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3000, 4, generator=g, dtype=torch.float64)
+    y = torch.multinomial(z.softmax(1), 1, generator=g).squeeze(1)
+    with torch.inference_mode():
+        zz, yy = 2.0 * z, y.clone()
+        assert fit_temperature(zz, yy) == pytest.approx(2.0, rel=0.1)

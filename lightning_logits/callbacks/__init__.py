@@ -1,5 +1,6 @@
 """Callbacks that attach logit-level training methods to any LightningModule."""
 
+from lightning_logits.callbacks.diagnostics import LogitDiagnostics
 from lightning_logits.callbacks.lawn import LAWN
 from lightning_logits.callbacks.replay import UER, ExperienceReplay, ReplayCallback
 from lightning_logits.callbacks.teacher_distillation import ResizeInput, TeacherDistillation
@@ -11,6 +12,7 @@ __all__ = [
     "UER",
     "USKD",
     "ExperienceReplay",
+    "LogitDiagnostics",
     "LossTermCallback",
     "ReplayCallback",
     "ResizeInput",

@@ -684,20 +684,22 @@ def fit_temperature(
     _check_labels(target, logits.shape[0], logits.shape[1], validate_args)
     if not init > 0:
         raise ValueError(f"init must be positive, got {init}")
-    z = logits.detach().double()
-    y = target.long().to(z.device)
-    log_t = torch.tensor([math.log(init)], dtype=torch.float64, device=z.device, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    # Callable at validation/test end, where Lightning runs under inference mode: the clones made
+    # outside inference mode are ordinary tensors that autograd accepts.
+    with torch.inference_mode(False), torch.enable_grad():
+        z = logits.detach().clone().double()
+        y = target.detach().clone().long().to(z.device)
+        log_t = torch.tensor([math.log(init)], dtype=torch.float64, device=z.device, requires_grad=True)
+        opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(z / log_t.exp(), y)
-        loss.backward()
-        return loss
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(z / log_t.exp(), y)
+            loss.backward()
+            return loss
 
-    with torch.enable_grad():
         opt.step(closure)
-    t = float(log_t.detach().exp())
+        t = float(log_t.detach().exp())
     if not math.isfinite(t):
         warnings.warn("temperature scaling diverged; returning T = 1", stacklevel=2)
         return 1.0
