@@ -155,3 +155,42 @@ def test_ddp_spawn_matches_one_process(ddp_env: int) -> None:
     assert set(got) == set(want) and len(want) > 20
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "diagnostics"
+
+
+@pytest.mark.slow
+def test_digits_recipe_runs_the_diagnostics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_logits.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)  # recipes write under runs/
+    fast = [
+        "--trainer.limit_test_batches=2",
+        "--trainer.enable_progress_bar=false",
+        "--model.init_args.model=resnet10t",
+        "--data.init_args.corruptions=[contrast, rotation]",
+        "--data.init_args.severities=[1, 3, 5]",
+        "--data.init_args.image_size=16",
+    ]
+    cli = build_cli(["test", "--config", str(RECIPES / "digits_diagnostics.yaml"), *fast])
+    metrics = cli.trainer.callback_metrics
+    assert "diagnostics/test/ood/held_out/vim/auroc" in metrics
+    assert "diagnostics/test/shift/spearman/mano" in metrics
+    assert list(tmp_path.glob("runs/diagnostics/digits/version_0/diagnostics/test_epoch0_*.png"))
+
+
+def test_recipes_parse(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_logits.cli import build_cli
+
+    for name, expected in (
+        ("digits_diagnostics.yaml", ["DigitsShiftDataModule", "held_out_classes:", "num_classes: 8"]),
+        ("cifar10_resnet18_diagnostics.yaml", ["CIFAR10ShiftDataModule", "corruptions_dir: data/CIFAR-10-C"]),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            build_cli(["fit", "--config", str(RECIPES / name), "--print_config"])
+        assert exit_info.value.code == 0
+        printed = capsys.readouterr().out
+        assert "lightning_logits.callbacks.diagnostics.LogitDiagnostics" in printed
+        for text in expected:
+            assert text in printed, text

@@ -87,3 +87,27 @@ def test_shift_datamodule() -> None:
     assert y.max() <= 7
     with pytest.raises(ValueError, match="needs held_out_classes"):
         DigitsShiftDataModule(ood_sets=("held_out",))
+
+
+def test_cifar10c_reader_on_a_fake_folder(tmp_path) -> None:
+    import numpy as np
+
+    from lightning_logits.data import CIFAR10ShiftDataModule
+
+    folder = tmp_path / "CIFAR-10-C"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(folder / "labels.npy", np.tile(np.arange(10), 2))  # 5 severities x 4 images
+    np.save(folder / "fog.npy", rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8))
+    dm = CIFAR10ShiftDataModule(corruptions_dir=str(folder), severities=(2, 5), ood_sets=("noise",), ood_size=6)
+    loaders = dm.shifted_dataloaders()
+    assert sorted(loaders) == ["fog_2", "fog_5"]
+    x, y = next(iter(loaders["fog_5"]))
+    assert x.shape == (4, 3, 32, 32) and y.tolist() == [6, 7, 8, 9]  # rows 16..19
+    raw = torch.from_numpy(np.load(folder / "fog.npy")[16]).permute(2, 0, 1).float() / 255
+    want = (raw - torch.tensor(dm.mean).view(3, 1, 1)) / torch.tensor(dm.std).view(3, 1, 1)
+    torch.testing.assert_close(x[0], want)
+    x, y = next(iter(dm.ood_dataloaders()["noise"]))
+    assert x.shape == (6, 3, 32, 32) and (y == -1).all()
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10-C"):
+        CIFAR10ShiftDataModule(corruptions_dir=str(tmp_path / "missing")).shifted_dataloaders()

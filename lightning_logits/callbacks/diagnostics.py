@@ -113,7 +113,9 @@ class LogitDiagnostics(Callback):
         fit_on: data that ViM and LogitGap's ``N`` are fitted on: ``"train"`` (the datamodule's
             training loader, as the papers; falls back to the evaluation data with a warning) or
             ``"eval"``.
-        max_batches: at most this many batches from every loader (``None``: all).
+        max_batches: at most this many batches from every evaluation, OOD and shifted loader
+            (``None``: all).
+        max_fit_batches: at most this many training batches for the ViM/LogitGap fit (``None``: all).
         n_bins: calibration bins (default 15).
         plots: write plots into ``trainer.log_dir/<name>/`` (needs matplotlib).
         name: log prefix and plot folder (default ``"diagnostics"``).
@@ -138,6 +140,7 @@ class LogitDiagnostics(Callback):
         logit_gap_top_n: int | Literal["auto", "all"] = "auto",
         fit_on: Literal["train", "eval"] = "train",
         max_batches: int | None = None,
+        max_fit_batches: int | None = None,
         n_bins: int = 15,
         plots: bool = True,
         name: str = "diagnostics",
@@ -162,6 +165,8 @@ class LogitDiagnostics(Callback):
             raise ValueError(f"fit_on must be 'train' or 'eval', got {fit_on!r}")
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+        if max_fit_batches is not None and max_fit_batches < 1:
+            raise ValueError(f"max_fit_batches must be >= 1 or None, got {max_fit_batches}")
         if n_bins < 1:
             raise ValueError(f"n_bins must be >= 1, got {n_bins}")
         self.scores = scores
@@ -176,6 +181,7 @@ class LogitDiagnostics(Callback):
         self.logit_gap_top_n = logit_gap_top_n
         self.fit_on = fit_on
         self.max_batches = max_batches
+        self.max_fit_batches = max_fit_batches
         self.n_bins = n_bins
         self.plots = plots
         self.name = name
@@ -233,15 +239,19 @@ class LogitDiagnostics(Callback):
         return loaders
 
     @torch.no_grad()
-    def _collect(self, pl_module: pl.LightningModule, loaders: Any, what: str, labels: bool) -> _Outputs:
+    def _collect(
+        self, pl_module: pl.LightningModule, loaders: Any, what: str, labels: bool, max_batches: int | None = -1
+    ) -> _Outputs:
         assert self._tap is not None
         if loaders is None:
             raise ValueError(f"{what}: no data loader to diagnose")
         loader_list = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        if max_batches == -1:
+            max_batches = self.max_batches
         logits, features, targets = [], [], []
         for loader in loader_list:
             for i, batch in enumerate(loader):
-                if self.max_batches is not None and i >= self.max_batches:
+                if max_batches is not None and i >= max_batches:
                     break
                 x = batch_input(batch) if not isinstance(batch, Tensor) else batch
                 with self._tap.capture():
@@ -328,7 +338,13 @@ class LogitDiagnostics(Callback):
         train_loader = getattr(datamodule, "train_dataloader", None)
         if callable(train_loader):
             try:
-                return self._collect(pl_module, train_loader(), "the training data (ViM/LogitGap fit)", labels=False)
+                return self._collect(
+                    pl_module,
+                    train_loader(),
+                    "the training data (ViM/LogitGap fit)",
+                    labels=False,
+                    max_batches=self.max_fit_batches,
+                )
             except MisconfigurationException:  # a datamodule without a training loader
                 pass
         rank_zero_warn(
@@ -336,6 +352,15 @@ class LogitDiagnostics(Callback):
             "evaluation data itself (set fit_on='eval' to silence this)"
         )
         return eval_out
+
+    def _eval_cap(self, trainer: pl.Trainer, stage: str) -> int | None:
+        """Batches of the evaluation data: the trainer's limit (``limit_val_batches``...) and ``max_batches``."""
+        counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+        finite = [int(c) for c in counts if c != float("inf")]
+        cap = max(finite) if finite and len(finite) == len(counts) else None
+        if self.max_batches is not None:
+            cap = self.max_batches if cap is None else min(cap, self.max_batches)
+        return cap
 
     def _calibration_temperature(self, stage: str, eval_out: _Outputs) -> float:
         assert eval_out.labels is not None
@@ -364,7 +389,12 @@ class LogitDiagnostics(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, eval_loaders: Any
     ) -> DiagnosticsReport:
         """Run every diagnostic on ``eval_loaders`` (ID, labelled) and the OOD/shifted loaders."""
-        ident = self._gather(trainer, self._collect(pl_module, eval_loaders, f"the {stage} data", labels=True))
+        ident = self._gather(
+            trainer,
+            self._collect(
+                pl_module, eval_loaders, f"the {stage} data", labels=True, max_batches=self._eval_cap(trainer, stage)
+            ),
+        )
         assert ident.labels is not None
         fit = self._fit_data(trainer, pl_module, ident)
         weight, bias = self._head_params()

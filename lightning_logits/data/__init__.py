@@ -4,6 +4,7 @@ from lightning_logits.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_logits.data.digits import DigitsDataModule, load_digits_tensors
 from lightning_logits.data.graphs import CSBMConfig, GraphDataModule, csbm_graph, edge_homophily, networkx_graph
 from lightning_logits.data.ood import (
+    CIFAR10ShiftDataModule,
     DigitsShiftDataModule,
     corrupt_images,
     shape_images,
@@ -15,6 +16,7 @@ from lightning_logits.data.streams import ClassIncrementalStream, ContinualMetri
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "CIFAR10ShiftDataModule",
     "CSBMConfig",
     "ClassIncrementalStream",
     "ContinualMetrics",

@@ -22,6 +22,7 @@ Images are ``[N, 1, S, S]`` floats in ``[-1, 1]`` (background ``-1``) like
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -30,9 +31,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
+from lightning_logits.data.cifar import CIFAR10DataModule
 from lightning_logits.data.digits import DigitsDataModule
 
 __all__ = [
+    "CIFAR10ShiftDataModule",
     "CORRUPTIONS",
     "OOD_SETS",
     "DigitsShiftDataModule",
@@ -309,3 +312,100 @@ class DigitsShiftDataModule(DigitsDataModule):
             for c in self.corruptions
             for s in self.severities
         }
+
+
+class CIFAR10ShiftDataModule(CIFAR10DataModule):
+    """CIFAR-10 with OOD sets and CIFAR-10-C shifted sets, for :class:`LogitDiagnostics` (needs the data).
+
+    ``shifted_dataloaders()`` reads CIFAR-10-C (Hendrycks & Dietterich, 2019) in its released
+    layout: ``<corruptions_dir>/<corruption>.npy`` (``[50000, 32, 32, 3]`` uint8, severities 1-5
+    in blocks of 10000) and ``labels.npy``; download it from https://zenodo.org/records/2535967.
+    ``ood_dataloaders()`` gives ``"noise"`` (uniform pixel noise, normalized like CIFAR-10) and
+    ``"svhn"`` (torchvision's SVHN test split under ``data_dir``; ``download_ood`` fetches it).
+
+    Args:
+        corruptions_dir: the CIFAR-10-C folder.
+        corruptions: corruption names (file stems); ``None``: every ``.npy`` in the folder but labels.
+        severities: which severities (1..5).
+        ood_sets: ``"noise"`` and/or ``"svhn"``.
+        ood_size: samples per OOD set (default 10000).
+        download_ood: download SVHN when missing.
+        **kwargs: passed to :class:`CIFAR10DataModule`.
+    """
+
+    def __init__(
+        self,
+        corruptions_dir: str = "data/CIFAR-10-C",
+        corruptions: tuple[str, ...] | None = None,
+        severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+        ood_sets: tuple[str, ...] = ("noise", "svhn"),
+        ood_size: int = 10000,
+        download_ood: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        for s in severities:
+            if s not in (1, 2, 3, 4, 5):
+                raise ValueError(f"severities must be integers from 1 to 5, got {s!r}")
+        for name in ood_sets:
+            if name not in ("noise", "svhn"):
+                raise ValueError(f"ood_sets entries must be 'noise' or 'svhn', got {name!r}")
+        self.corruptions_dir = corruptions_dir
+        self.corruptions = None if corruptions is None else tuple(corruptions)
+        self.severities = tuple(severities)
+        self.ood_sets = tuple(ood_sets)
+        self.ood_size = ood_size
+        self.download_ood = download_ood
+
+    def _normalize(self, images_uint8_nhwc: Tensor) -> Tensor:
+        x = images_uint8_nhwc.permute(0, 3, 1, 2).float() / 255.0
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def shifted_dataloaders(self) -> dict[str, DataLoader[Any]]:
+        """``{"<corruption>_<severity>": loader}`` from the CIFAR-10-C folder."""
+        import numpy as np
+
+        folder = Path(self.corruptions_dir)
+        labels_path = folder / "labels.npy"
+        if not labels_path.is_file():
+            raise FileNotFoundError(
+                f"no CIFAR-10-C at '{folder.resolve()}' (labels.npy missing); download CIFAR-10-C.tar from "
+                "https://zenodo.org/records/2535967 and point corruptions_dir at the extracted folder"
+            )
+        names = self.corruptions or tuple(sorted(p.stem for p in folder.glob("*.npy") if p.stem != "labels"))
+        labels = torch.from_numpy(np.load(labels_path)).long()
+        per_severity = len(labels) // 5
+        loaders: dict[str, DataLoader[Any]] = {}
+        for name in names:
+            path = folder / f"{name}.npy"
+            if not path.is_file():
+                raise FileNotFoundError(f"CIFAR-10-C corruption '{name}' not found at '{path.resolve()}'")
+            images = np.load(path, mmap_mode="r")
+            for s in self.severities:
+                block = slice((s - 1) * per_severity, s * per_severity)
+                x = self._normalize(torch.from_numpy(np.ascontiguousarray(images[block])))
+                loaders[f"{name}_{s}"] = DataLoader(
+                    TensorDataset(x, labels[block]), batch_size=self.batch_size, shuffle=False
+                )
+        return loaders
+
+    def ood_dataloaders(self) -> dict[str, DataLoader[Any]]:
+        """``{name: loader}`` of the OOD sets; batches are ``(images, labels=-1)``."""
+        loaders: dict[str, DataLoader[Any]] = {}
+        for name in self.ood_sets:
+            if name == "noise":
+                g = _generator(0)
+                pixels = (torch.rand(self.ood_size, 32, 32, 3, generator=g) * 255).to(torch.uint8)
+                x = self._normalize(pixels)
+            else:
+                from torchvision.datasets import SVHN
+
+                svhn = SVHN(self.data_dir, split="test", download=self.download_ood)
+                data = torch.from_numpy(svhn.data[: self.ood_size]).permute(0, 2, 3, 1)  # NCHW -> NHWC
+                x = self._normalize(data)
+            loaders[name] = DataLoader(
+                TensorDataset(x, torch.full((len(x),), OOD_LABEL)), batch_size=self.batch_size, shuffle=False
+            )
+        return loaders
