@@ -1,9 +1,10 @@
 """Callbacks that attach logit-level training methods to any LightningModule."""
 
 from lightning_logits.callbacks.diagnostics import LogitDiagnostics
+from lightning_logits.callbacks.distillation import ResizeInput, TeacherDistillation
 from lightning_logits.callbacks.lawn import LAWN
 from lightning_logits.callbacks.replay import UER, ExperienceReplay, ReplayCallback
-from lightning_logits.callbacks.teacher_distillation import ResizeInput, TeacherDistillation
+from lightning_logits.callbacks.replay_metrics import ContinualMetrics, plot_accuracy_matrix
 from lightning_logits.callbacks.uskd import USKD
 from lightning_logits.loss_terms import LossTermCallback
 
@@ -11,10 +12,12 @@ __all__ = [
     "LAWN",
     "UER",
     "USKD",
+    "ContinualMetrics",
     "ExperienceReplay",
     "LogitDiagnostics",
     "LossTermCallback",
     "ReplayCallback",
     "ResizeInput",
     "TeacherDistillation",
+    "plot_accuracy_matrix",
 ]

@@ -3,7 +3,7 @@
 At the end of validation and/or test the callback runs the model over the in-distribution (ID)
 evaluation data and over optional out-of-distribution (OOD) and shifted (labelled, corrupted)
 loaders, reads the logits and the features entering the head with a
-:class:`~lightning_logits.taps.LogitTap` (so it works on any LightningModule whose forward runs
+:class:`~lightning_logits.networks.LogitTap` (so it works on any LightningModule whose forward runs
 the model), and reports with the functions of :mod:`lightning_logits.functional.diagnostics`:
 
 - ``<name>/<stage>/ece`` and ``ece_temperature_scaled`` (and the fitted ``temperature``);
@@ -61,7 +61,7 @@ from lightning_logits.functional.diagnostics import (
     select_logit_gap_top_n,
     vim_score,
 )
-from lightning_logits.taps import LogitTap
+from lightning_logits.networks import LogitTap
 
 __all__ = ["LogitDiagnostics", "plot_diagnostics"]
 

@@ -11,7 +11,7 @@ from lightning_logits.data.ood import (
     split_held_out_classes,
     uniform_noise_images,
 )
-from lightning_logits.data.streams import ClassIncrementalStream, ContinualMetrics
+from lightning_logits.data.streams import ClassIncrementalStream
 
 __all__ = [
     "CIFAR10DataModule",
@@ -19,7 +19,6 @@ __all__ = [
     "CIFAR10ShiftDataModule",
     "CSBMConfig",
     "ClassIncrementalStream",
-    "ContinualMetrics",
     "DigitsDataModule",
     "DigitsShiftDataModule",
     "GraphDataModule",

@@ -6,7 +6,6 @@ over these functions.
 """
 
 from lightning_logits.functional.classification import classification_loss
-from lightning_logits.functional.continual import cosine_logits, uer_loss
 from lightning_logits.functional.diagnostics import (
     ViMSubspace,
     atc_estimate,
@@ -47,6 +46,7 @@ from lightning_logits.functional.mowst import (
     mowst_route,
     mowst_star_loss,
 )
+from lightning_logits.functional.replay import average_forgetting, cosine_logits, final_average_accuracy, uer_loss
 from lightning_logits.functional.uskd import uskd_loss, uskd_soft_target_weight, uskd_target_classes, uskd_zipf_labels
 
 __all__ = [
@@ -72,8 +72,10 @@ __all__ = [
     "risk_coverage_curve",
     "select_logit_gap_top_n",
     "vim_score",
+    "average_forgetting",
     "classification_loss",
     "cosine_logits",
+    "final_average_accuracy",
     "frobenius_norm",
     "kd_loss",
     "mowst_dispersion",

@@ -15,9 +15,10 @@ from typing_extensions import override
 
 from lightning_logits.batch import batch_index
 from lightning_logits.functional.distillation import kd_loss, nkd_loss
-from lightning_logits.loss_terms import LossTermCallback, StepContext
-from lightning_logits.taps import head_num_classes
-from lightning_logits.teacher_cache import TeacherLogitCache, _first_tensor, load_teacher, teacher_fingerprint
+from lightning_logits.loss_terms import LossTermCallback, StepContext, check_state_version
+from lightning_logits.networks.factory import load_teacher, teacher_fingerprint
+from lightning_logits.networks.heads import count_classes, first_tensor
+from lightning_logits.teacher_cache import TeacherLogitCache
 
 __all__ = ["ResizeInput", "TeacherDistillation"]
 
@@ -112,6 +113,8 @@ class TeacherDistillation(LossTermCallback):
         ('kd', 4.0, 0.5)
     """
 
+    STATE_VERSION = 1
+
     def __init__(
         self,
         teacher: nn.Module | str | None = None,
@@ -180,10 +183,11 @@ class TeacherDistillation(LossTermCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self._source_record()
+        return {"version": self.STATE_VERSION, **self._source_record()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_version(state_dict, self.STATE_VERSION, "TeacherDistillation")
         self._restored = dict(state_dict)
         # A callback created without a teacher (or cache) on resume takes the recorded one.
         if self.teacher_source is None and self.cache_path is None:
@@ -203,8 +207,7 @@ class TeacherDistillation(LossTermCallback):
         self.cache = None
 
     def _student_classes(self, pl_module: pl.LightningModule) -> int | None:
-        value = getattr(pl_module, "num_classes", None)
-        return value if isinstance(value, int) else head_num_classes(pl_module)
+        return count_classes(pl_module, getattr(pl_module, "classifier_head", None))
 
     def _prepare_teacher(self, pl_module: pl.LightningModule) -> None:
         student_classes = self._student_classes(pl_module)
@@ -236,7 +239,7 @@ class TeacherDistillation(LossTermCallback):
         teacher.to(device=pl_module.device, dtype=dtype)
         if self.channels_last:
             teacher.to(memory_format=torch.channels_last)
-        teacher_classes = head_num_classes(teacher)
+        teacher_classes = count_classes(teacher)
         if teacher_classes is not None and student_classes is not None and teacher_classes != student_classes:
             raise ValueError(
                 f"the teacher has {teacher_classes} classes but the student has {student_classes}: pass a "
@@ -294,7 +297,7 @@ class TeacherDistillation(LossTermCallback):
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            return _first_tensor(teacher(x))
+            return first_tensor(teacher(x))
 
     @override
     def loss_term(self, context: StepContext) -> Tensor:
