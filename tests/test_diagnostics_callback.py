@@ -194,3 +194,35 @@ def test_recipes_parse(capsys: pytest.CaptureFixture[str]) -> None:
         assert "lightning_logits.callbacks.diagnostics.LogitDiagnostics" in printed
         for text in expected:
             assert text in printed, text
+
+
+class _RecordOutputs(pl.Callback):
+    def __init__(self) -> None:
+        self.outputs: list[dict[str, Tensor]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        self.outputs.append({k: v.detach().clone() for k, v in outputs.items()})
+
+
+def test_classifier_trains_with_dual_focal_loss() -> None:
+    import math
+
+    from tests.helpers import TensorDataModule, TinyMLP
+
+    x, y = blob_data(n=32)
+    record = _RecordOutputs()
+    module = Classifier(TinyMLP(), loss="dual_focal", focal_gamma=2.0, optimizer=_adam)
+    fast_trainer(max_steps=3, limit_val_batches=0, callbacks=[record]).fit(module, datamodule=TensorDataModule(x, y))
+    assert len(record.outputs) == 3
+    for out in record.outputs:
+        probs = out["logits"].double().softmax(1)
+        want = 0.0
+        for p, t in zip(probs.tolist(), out["target"].tolist(), strict=True):
+            p_y = p[t]
+            p_j = max([q for q in p if q < p_y], default=0.0)
+            want += -((1 - p_y + p_j) ** 2.0) * math.log(p_y) / len(probs)
+        assert out["loss"].item() == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="loss='dual_focal' trains on hard labels"):
+        Classifier(TinyMLP(), loss="dual_focal", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="loss must be"):
+        Classifier(TinyMLP(), loss="focal")  # type: ignore[arg-type]
