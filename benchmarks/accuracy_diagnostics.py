@@ -45,6 +45,7 @@ from lightning_logits.functional import (
     average_confidence,
     dual_focal_loss,
     energy_score,
+    excess_aurc,
     expected_calibration_error,
     fit_atc_threshold,
     fit_temperature,
@@ -192,23 +193,22 @@ def run_seed(seed: int, epochs: int) -> dict[str, dict[str, float]]:
     # copies at severity 3 (more errors to rank than the ~2% of the clean split)
     sev3 = [v for k, v in sets.items() if k.endswith("_3")]
     for loss, model in models.items():
-        _, z = outputs(model, test_x)
-        correct = z.argmax(1) == test_y
-        row = {
-            "acc": 100 * float(correct.double().mean()),
-            "ece": 100 * float(expected_calibration_error(z, test_y)),
-            "aurc_msp": 100 * float(aurc(msp_score(z), correct)),
-            "aurc_norm": 100 * float(aurc(normalized_logit_score(z, p=2.0), correct)),
-        }
-        shifted = {"acc_s3": [], "ece_s3": [], "aurc_msp_s3": [], "aurc_norm_s3": []}
-        for x, y in sev3:
-            _, z = outputs(model, x)
-            correct = z.argmax(1) == y
-            shifted["acc_s3"].append(100 * float(correct.double().mean()))
-            shifted["ece_s3"].append(100 * float(expected_calibration_error(z, y)))
-            shifted["aurc_msp_s3"].append(100 * float(aurc(msp_score(z), correct)))
-            shifted["aurc_norm_s3"].append(100 * float(aurc(normalized_logit_score(z, p=2.0), correct)))
-        row.update({k: statistics.mean(v) for k, v in shifted.items()})
+        row: dict[str, float] = {}
+        for suffix, evaluated in (("", [(test_x, test_y)]), ("_s3", sev3)):
+            parts: dict[str, list[float]] = {}
+            for x, y in evaluated:
+                _, z = outputs(model, x)
+                correct = z.argmax(1) == y
+                conf = {"msp": msp_score(z), "norm": normalized_logit_score(z, p=2.0)}
+                values = {
+                    "acc": 100 * float(correct.double().mean()),
+                    "ece": 100 * float(expected_calibration_error(z, y)),
+                    **{f"aurc_{k}": 100 * float(aurc(v, correct)) for k, v in conf.items()},
+                    **{f"eaurc_{k}": 100 * float(excess_aurc(v, correct)) for k, v in conf.items()},
+                }
+                for key, value in values.items():
+                    parts.setdefault(key, []).append(value)
+            row.update({f"{key}{suffix}": statistics.mean(v) for key, v in parts.items()})
         res[f"model/{loss}"] = row
     temperature = fit_temperature(val_z, val_y)
     res["model/ce"]["ece_ts"] = 100 * float(expected_calibration_error(test_z / temperature, test_y))
@@ -252,12 +252,10 @@ def format_tables(runs: list[dict[str, dict[str, float]]], seeds: list[int], epo
         lines.append(f"| {method} | {_ms(col(key, 'spearman'), 3)} | {_ms(col(key, 'pearson'), 3)} | {mae} |")
     lines += [
         "",
-        "Selective classification and calibration, on the ID test split and (s3) averaged over the four "
-        "corruptions at severity 3:",
+        "Calibration (ID test split, and s3: mean over the four corruptions at severity 3):",
         "",
-        "| training loss | test acc (%) | ECE (%) ↓ | AURC MSP (%) ↓ | AURC logit-norm p=2 (%) ↓ "
-        "| acc s3 (%) | ECE s3 (%) ↓ | AURC MSP s3 (%) ↓ | AURC logit-norm s3 (%) ↓ |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| training loss | test acc (%) | ECE (%) ↓ | acc s3 (%) | ECE s3 (%) ↓ |",
+        "|---|---:|---:|---:|---:|",
     ]
     names = {
         "ce": "cross-entropy",
@@ -267,10 +265,26 @@ def format_tables(runs: list[dict[str, dict[str, float]]], seeds: list[int], epo
     for loss, name in names.items():
         key = f"model/{loss}"
         lines.append(
-            f"| {name} | {_ms(col(key, 'acc'))} | {_ms(col(key, 'ece'))} | {_ms(col(key, 'aurc_msp'), 3)} "
-            f"| {_ms(col(key, 'aurc_norm'), 3)} | {_ms(col(key, 'acc_s3'))} | {_ms(col(key, 'ece_s3'))} "
-            f"| {_ms(col(key, 'aurc_msp_s3'), 2)} | {_ms(col(key, 'aurc_norm_s3'), 2)} |"
+            f"| {name} | {_ms(col(key, 'acc'))} | {_ms(col(key, 'ece'))} | {_ms(col(key, 'acc_s3'))} "
+            f"| {_ms(col(key, 'ece_s3'))} |"
         )
+    lines += [
+        "",
+        "Selective classification: AURC and excess AURC (E-AURC: AURC minus that of a perfect ranking with the "
+        "same errors), confidence = MSP or the logit normalization max z / ||z||_2, in % (lower is better):",
+        "",
+        "| training loss | AURC MSP | AURC norm | E-AURC MSP | E-AURC norm | AURC MSP s3 | AURC norm s3 "
+        "| E-AURC MSP s3 | E-AURC norm s3 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for loss, name in names.items():
+        key = f"model/{loss}"
+        cells = [
+            _ms(col(key, f"{metric}{suffix}"), 3 if suffix == "" else 2)
+            for suffix in ("", "_s3")
+            for metric in ("aurc_msp", "aurc_norm", "eaurc_msp", "eaurc_norm")
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Cross-entropy after temperature scaling (fitted on the validation split): "

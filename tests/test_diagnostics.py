@@ -16,6 +16,7 @@ from lightning_logits.functional import (
     average_confidence,
     dual_focal_loss,
     energy_score,
+    excess_aurc,
     expected_calibration_error,
     fit_atc_threshold,
     fit_temperature,
@@ -213,6 +214,8 @@ def test_aurc_of_a_perfect_ranking() -> None:
     assert aurc(scores, correct).item() == pytest.approx(want)
     # the worst ranking (errors first) has a larger AURC
     assert aurc(-scores, correct).item() > want
+    assert excess_aurc(scores, correct).item() == pytest.approx(0.0, abs=1e-12)
+    assert excess_aurc(-scores, correct).item() == pytest.approx(aurc(-scores, correct).item() - want)
 
 
 def test_risk_coverage_matches_numpy_and_handles_ties() -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "average_confidence",
     "dual_focal_loss",
     "energy_score",
+    "excess_aurc",
     "expected_calibration_error",
     "fit_atc_threshold",
     "fit_temperature",
@@ -605,6 +606,26 @@ def aurc(scores: Tensor, correct: Tensor, validate_args: bool = True) -> Tensor:
     coverage, risk, _ = risk_coverage_curve(scores, correct, validate_args)
     counts = torch.diff(coverage, prepend=coverage.new_zeros(1)) * scores.numel()
     return (risk * counts).sum() / scores.numel()
+
+
+def excess_aurc(scores: Tensor, correct: Tensor, validate_args: bool = True) -> Tensor:
+    """E-AURC: :func:`aurc` minus the AURC of a perfect ranking with the same errors (Geifman et al., 2019).
+
+    Separates the quality of the ranking from the error rate: 0 for a ranking that puts every
+    error last; compare scores (or models) by it when their accuracies differ.
+
+    Example:
+        >>> import torch
+        >>> scores, correct = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([True, False, True])
+        >>> round(excess_aurc(scores, correct).item(), 4)  # (0 + 1/2 + 1/3) / 3 - (0 + 0 + 1/3) / 3
+        0.1667
+    """
+    value = aurc(scores, correct, validate_args)
+    n = scores.numel()
+    errors = int((~correct.bool()).sum())
+    k = torch.arange(n - errors + 1, n + 1, dtype=torch.float64, device=value.device)
+    optimal = ((k - (n - errors)) / k).sum() / n
+    return value - optimal
 
 
 def normalized_logit_score(logits: Tensor, p: float = 2.0, center: bool = False, validate_args: bool = True) -> Tensor:
