@@ -16,6 +16,7 @@ from lightning_logits.data import DigitsShiftDataModule
 from lightning_logits.functional import (
     aurc,
     expected_calibration_error,
+    fit_temperature,
     fpr_at_tpr,
     mano_score,
     msp_score,
@@ -66,7 +67,11 @@ def test_classifier_on_digits_logs_every_diagnostic_and_plots(tmp_path: Path) ->
         for ood in ("noise", "shapes", "held_out"):
             assert 0.0 <= metrics[f"diagnostics/val/ood/{ood}/{score}/auroc"] <= 1.0
     assert "diagnostics/val/shift/spearman/mano" in metrics
-    assert metrics["diagnostics/val/ece_temperature_scaled"] <= metrics["diagnostics/val/ece"] + 1e-6
+    temperature = metrics["diagnostics/val/temperature"]
+    assert temperature == pytest.approx(fit_temperature(z, y), rel=1e-4)
+    assert metrics["diagnostics/val/ece_temperature_scaled"] == pytest.approx(
+        expected_calibration_error(z / temperature, y).item(), abs=1e-6
+    )
     plots = sorted(p.name for p in (tmp_path / "diagnostics").glob("*.png"))
     assert plots == [
         "val_epoch0_estimated_vs_true_accuracy.png",

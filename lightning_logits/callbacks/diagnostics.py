@@ -20,7 +20,8 @@ OOD and shifted loaders are given to the constructor or come from the datamodule
 ``ood_dataloaders()`` / ``shifted_dataloaders()`` (as :class:`~lightning_logits.data.ood.DigitsShiftDataModule`
 provides). Under DDP the ID evaluation data (sharded by Lightning) is gathered from every rank,
 each rank runs the whole OOD/shifted loaders, every rank computes the same numbers, and rank 0
-draws the plots.
+draws the plots. Lightning's ``DistributedSampler`` pads a split that does not divide by the
+world size with a few repeated samples; those repeats are counted like any other sample.
 """
 
 from __future__ import annotations
