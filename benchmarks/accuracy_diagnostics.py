@@ -188,6 +188,7 @@ def run_seed(seed: int, epochs: int) -> dict[str, dict[str, float]]:
             row["mae"] = 100 * float((v - acc_t).abs().mean())
         res[f"shift/{method}"] = row
     res["shift/meta"] = {"acc_min": 100 * min(acc), "acc_max": 100 * max(acc)}
+    res["shift/points"] = {f"{k}_{i}": v for k, vals in {"acc": acc, **est}.items() for i, v in enumerate(vals)}
 
     # 3. selective classification and 4. calibration, on the ID test split and on the corrupted
     # copies at severity 3 (more errors to rank than the ~2% of the clean split)
@@ -295,6 +296,29 @@ def format_tables(runs: list[dict[str, dict[str, float]]], seeds: list[int], epo
     return "\n".join(lines)
 
 
+def plot_shift(runs: list[dict[str, dict[str, float]]], path: Path) -> None:
+    """Estimated vs true accuracy over the 21 sets of every seed (MaNo, AC, ATC)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), sharex=True)
+    for ax, method in zip(axes, ("MaNo", "AC", "ATC"), strict=True):
+        for seed, run in enumerate(runs):
+            points = run["shift/points"]
+            n = sum(1 for k in points if k.startswith("acc_"))
+            ax.scatter(
+                [points[f"acc_{i}"] for i in range(n)], [points[f"{method}_{i}"] for i in range(n)], s=10, label=seed
+            )
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set(title=method, xlabel="true accuracy", ylabel="score" if method == "MaNo" else "estimated accuracy")
+    axes[0].legend(title="seed", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="1 seed, 2 epochs: checks the code runs")
@@ -312,6 +336,7 @@ def main() -> None:
     if not args.smoke:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table + "\n")
+        plot_shift(runs, args.out.with_name("diagnostics_shift.png"))
 
 
 if __name__ == "__main__":
