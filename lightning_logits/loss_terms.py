@@ -101,11 +101,16 @@ class StepContext:
         return None
 
     def _require_tap(self, what: str) -> LogitTap:
-        if self.tap is None or not self.tap.logits:
+        if self.tap is None or (what != "outputs" and not self.tap.logits):
+            found = self.tap is not None and self.tap.head is not None
+            why = (
+                "the classifier head did not run inside training_step"
+                if found
+                else f"no classifier head was found in {type(self.pl_module).__name__}"
+            )
             raise RuntimeError(
-                f"no {what} were captured in this training step: the classifier head did not run "
-                "inside training_step. Return {'loss': loss, 'logits': logits} from training_step, "
-                "or set `classifier_head` on your module to the head's dotted path."
+                f"no {what} were captured in this training step: {why}. Return {{'loss': loss, 'logits': "
+                "logits}} from training_step, or set `self.classifier_head = '<dotted path>'` on your module."
             )
         return self.tap
 
@@ -190,12 +195,29 @@ class LossTermHub:
         """The module's hub, or ``None`` when no loss-term callback is attached."""
         return pl_module.__dict__.get(cls.ATTRIBUTE)
 
-    def ensure_tap(self) -> LogitTap:
-        """The hub's logit tap on the module, created on first use."""
+    def ensure_tap(self, require_head: bool = True) -> LogitTap:
+        """The hub's logit tap on the module, created on first use.
+
+        With ``require_head`` (the default) a module whose classifier head cannot be found is
+        refused with a message that names the two ways to fix it; without it the tap still records
+        intermediate layers, and the logits must come from ``training_step``'s output.
+        """
         if self.tap is None:
             head = getattr(self.pl_module, "classifier_head", None)
-            self.tap = LogitTap(self.pl_module, head=head if isinstance(head, str) else None)
+            self.tap = LogitTap(self.pl_module, head=head if isinstance(head, str) else None, require_head=False)
+        if require_head and self.tap.head is None:
+            raise LookupError(self._no_head_message())
         return self.tap
+
+    def _no_head_message(self) -> str:
+        name = type(self.pl_module).__name__
+        reason = str(self.tap.head_error) if self.tap is not None and self.tap.head_error else "no head found"
+        return (
+            f"{reason}. This method needs {name}'s classifier head (its weights or the features entering it): "
+            f"set `self.classifier_head = '<dotted path of the head>'` in {name}.__init__ (for Classifier, pass "
+            "head='...'). Methods that need only logits also accept them returned from training_step as "
+            "{'loss': loss, 'logits': logits}."
+        )
 
     def register(self, callback: LossTermCallback) -> None:
         names = [c.name for c in self.callbacks]
@@ -206,7 +228,8 @@ class LossTermHub:
         if callback.replaces_task_loss and any(c.replaces_task_loss for c in self.callbacks):
             raise ValueError("two callbacks both replace the task loss; use only one of them")
         if callback.needs_tap:
-            self.ensure_tap()
+            # A head is optional here: terms that need only logits read them from the step's output.
+            self.ensure_tap(require_head=False)
         self.callbacks.append(callback)
 
     def unregister(self, callback: LossTermCallback) -> None:

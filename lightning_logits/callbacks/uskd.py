@@ -181,7 +181,7 @@ class USKD(LossTermCallback):
     def on_hub_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hub: LossTermHub) -> None:
         self.build_head(trainer, pl_module)
         assert self._layer is not None
-        hub.ensure_tap().add_layer(self._layer.name)
+        hub.ensure_tap(require_head=False).add_layer(self._layer.name)
 
     @override
     def loss_term(self, context: StepContext) -> Tensor:
