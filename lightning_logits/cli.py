@@ -22,7 +22,7 @@ from typing_extensions import override
 import lightning_logits.callbacks
 import lightning_logits.data
 import lightning_logits.modules  # noqa: F401
-from lightning_logits.callbacks import LAWN, USKD, ReplayCallback, TeacherDistillation
+from lightning_logits.callbacks import LAWN, USKD, LogitDiagnostics, ReplayCallback, TeacherDistillation
 from lightning_logits.networks.factory import load_teacher
 from lightning_logits.teacher_cache import build_teacher_cache
 
@@ -31,6 +31,7 @@ METHOD_SECTIONS: dict[str, type[Callback]] = {
     "uskd": USKD,
     "lawn": LAWN,
     "replay": ReplayCallback,
+    "diagnostics": LogitDiagnostics,
 }
 """Top-level config sections, one per method key, each holding one callback of that method.
 
