@@ -10,7 +10,8 @@ to measure here). Per seed:
    AUROC and FPR at 95% TPR, averaged over the OOD sets. ViM is fitted on the training features.
    LogitGap is reported with all ``C - 1`` gaps and with ``N`` from :func:`select_logit_gap_top_n`.
 2. **Accuracy estimation** (MaNo vs average confidence and ATC): the CE model on the clean test
-   split and its 20 corrupted copies (4 corruptions x 5 severities); Spearman and Pearson
+   split and its 20 corrupted copies (4 corruptions x 5 severities), MaNo's normalization chosen
+   once on the validation logits (as the official experiments choose it once); Spearman and Pearson
    correlation of each score with the true accuracy over the 21 sets, and the mean absolute error
    of the two scores that are accuracy estimates (AC, ATC with an MSP threshold fitted on the
    validation split).
@@ -53,6 +54,7 @@ from lightning_logits.functional import (
     fpr_at_tpr,
     logit_gap_score,
     mano_score,
+    mano_select_normalization,
     max_logit_score,
     msp_score,
     normalized_logit_score,
@@ -172,12 +174,13 @@ def run_seed(seed: int, epochs: int) -> dict[str, dict[str, float]]:
     val_x, val_y = dm.splits["val"]
     _, val_z = outputs(ce, val_x)
     threshold = fit_atc_threshold(msp_score(val_z), val_z.argmax(1) == val_y)
+    normalization = mano_select_normalization(val_z)  # once for all sets, as the official experiments
     sets = {"clean": (test_x, test_y), **_loader_tensors(dm.shifted_dataloaders())}
     acc, est = [], {"MaNo": [], "AC": [], "ATC": []}
     for x, y in sets.values():
         _, z = outputs(ce, x)
         acc.append(float((z.argmax(1) == y).double().mean()))
-        est["MaNo"].append(float(mano_score(z)))
+        est["MaNo"].append(float(mano_score(z, normalization=normalization)))
         est["AC"].append(float(average_confidence(z)))
         est["ATC"].append(float(atc_estimate(msp_score(z), threshold)))
     acc_t = torch.tensor(acc, dtype=torch.float64)

@@ -25,6 +25,7 @@ from lightning_logits.functional import (
     logit_gap_score,
     mano_criterion,
     mano_score,
+    mano_select_normalization,
     max_logit_score,
     msp_score,
     normalized_logit_score,
@@ -176,6 +177,7 @@ def test_mano_matches_official_formula_both_branches() -> None:
     for z, branch in ((small, "taylor"), (large, "softmax")):
         crit = mano_criterion(torch.tensor(z)).item()
         assert (crit > 5.0) == (branch == "softmax")
+        assert mano_select_normalization(torch.tensor(z)) == branch
         assert mano_score(torch.tensor(z)).item() == pytest.approx(_mano_numpy(z), rel=1e-10)
         assert mano_score(torch.tensor(z), normalization=branch).item() == pytest.approx(_mano_numpy(z), rel=1e-10)
     # p = 2 on a hand case: P = [[1, 0], [0, 1]] -> sqrt(2) / sqrt(4)

@@ -19,6 +19,7 @@ from lightning_logits.functional import (
     fit_temperature,
     fpr_at_tpr,
     mano_score,
+    mano_select_normalization,
     msp_score,
     ood_auroc,
 )
@@ -59,7 +60,11 @@ def test_classifier_on_digits_logs_every_diagnostic_and_plots(tmp_path: Path) ->
     shifted_x, shifted_y = (torch.cat(t) for t in zip(*dm.shifted_dataloaders()["rotation_5"], strict=True))
     with torch.no_grad():
         shifted_z = module(shifted_x).double()
-    assert metrics["diagnostics/val/shift/rotation_5/mano"] == pytest.approx(mano_score(shifted_z).item(), abs=1e-6)
+    normalization = mano_select_normalization(z)  # chosen once, on the ID data
+    assert metrics["diagnostics/val/shift/mano_softmax"] == float(normalization == "softmax")
+    assert metrics["diagnostics/val/shift/rotation_5/mano"] == pytest.approx(
+        mano_score(shifted_z, normalization=normalization).item(), abs=1e-6
+    )
     assert metrics["diagnostics/val/shift/rotation_5/acc"] == pytest.approx(
         (shifted_z.argmax(1) == shifted_y).double().mean().item(), abs=1e-6
     )

@@ -9,7 +9,8 @@ the model), and reports with the functions of :mod:`lightning_logits.functional.
 - ``<name>/<stage>/ece`` and ``ece_temperature_scaled`` (and the fitted ``temperature``);
 - ``<name>/<stage>/aurc/<score>`` for every confidence score and the logit-normalization fix;
 - ``<name>/<stage>/ood/<set>/<score>/auroc`` and ``.../fpr95`` for every OOD set and score;
-- ``<name>/<stage>/shift/<set>/acc``, ``mano``, ``avg_conf``, ``atc`` for every shifted set, and
+- ``<name>/<stage>/shift/<set>/acc``, ``mano``, ``avg_conf``, ``atc`` for every shifted set (MaNo's
+  normalization chosen once on the ID data, ``shift/mano_softmax`` 1 or 0), and
   the Spearman correlation of each estimate with the true accuracy over the sets
   (``shift/spearman/<estimate>``, with 3 sets or more);
 
@@ -54,6 +55,7 @@ from lightning_logits.functional.diagnostics import (
     fpr_at_tpr,
     logit_gap_score,
     mano_score,
+    mano_select_normalization,
     max_logit_score,
     msp_score,
     normalized_logit_score,
@@ -436,12 +438,16 @@ class LogitDiagnostics(Callback):
         shifted = self._loaders(trainer, "shifted")
         if shifted:
             threshold = fit_atc_threshold(report.confidences, correct)
+            # MaNo's normalization is chosen once, on the ID data, so every set's score is on one scale
+            # (the official experiments choose it once, on the first shifted set).
+            normalization = mano_select_normalization(ident.logits)
+            m["shift/mano_softmax"] = float(normalization == "softmax")
             for set_name, loader in shifted.items():
                 out = self._collect(pl_module, loader, f"shifted set {set_name!r}", labels=True)
                 assert out.labels is not None
                 row = {
                     "acc": float((out.logits.argmax(1) == out.labels).double().mean()),
-                    "mano": float(mano_score(out.logits)),
+                    "mano": float(mano_score(out.logits, normalization=normalization)),
                     "avg_conf": float(average_confidence(out.logits)),
                     "atc": float(atc_estimate(msp_score(out.logits), threshold)),
                 }

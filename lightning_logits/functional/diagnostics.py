@@ -57,6 +57,7 @@ __all__ = [
     "logit_gap_score",
     "mano_criterion",
     "mano_normalize",
+    "mano_select_normalization",
     "mano_score",
     "max_logit_score",
     "msp_score",
@@ -438,6 +439,24 @@ def mano_criterion(logits: Tensor, validate_args: bool = True) -> Tensor:
     return -_wide(logits).log_softmax(dim=1).mean(dim=1).mean()
 
 
+def mano_select_normalization(
+    logits: Tensor, threshold: float = 5.0, validate_args: bool = True
+) -> Literal["softmax", "taylor"]:
+    """MaNo's normalization: ``"softmax"`` when :func:`mano_criterion` exceeds ``threshold``, else ``"taylor"``.
+
+    The official experiments (Renchunzi-Xie/MaNo ``main.py``) make this choice once, on the first
+    shifted set, and reuse it for every set of the study, so that the scores of all sets are on
+    one scale; do the same: choose once (e.g. on ID validation logits) and pass
+    ``normalization=`` to :func:`mano_score` for every set.
+
+    Example:
+        >>> import torch
+        >>> mano_select_normalization(torch.zeros(3, 4)), mano_select_normalization(20 * torch.eye(4))
+        ('taylor', 'softmax')
+    """
+    return "softmax" if float(mano_criterion(logits, validate_args)) > threshold else "taylor"
+
+
 def mano_normalize(
     logits: Tensor, normalization: Literal["softmax", "taylor"] = "taylor", taylor_order: int = 2
 ) -> Tensor:
@@ -478,8 +497,11 @@ def mano_score(
 ) -> Tensor:
     """MaNo accuracy-estimation score ``||P||_p / (N C)^(1/p)`` of the normalized logits ``P``.
 
-    ``normalization="auto"`` picks softmax when :func:`mano_criterion` exceeds ``threshold``
-    (default 5, the official value) and the Taylor normalization otherwise, as the official code.
+    ``normalization="auto"`` picks softmax when :func:`mano_criterion` of these logits exceeds
+    ``threshold`` (default 5, the official value) and the Taylor normalization otherwise. To
+    compare sets, choose once with :func:`mano_select_normalization` and pass the result (the
+    official experiments fix the choice on the first set): otherwise sets on either side of the
+    threshold get scores on different scales.
     The score is computed over all ``N`` rows at once (the official default, ``batch_size=None``).
     Higher = higher expected accuracy; it is a score to correlate with accuracy, not an accuracy.
 
