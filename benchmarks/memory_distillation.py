@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(json.loads(lines[0][len("RESULT ") :]))
     ce = next((r["loss_mb"] for r in rows if r["case"] == "ce"), None)
     size_mb = args.batch * args.seq * args.vocab * 4 / 2**20
-    print(f"logits [{args.batch}, {args.seq}, {args.vocab}] float32 = {size_mb:.0f} MiB; chunk = {args.chunk} positions")
+    print(
+        f"logits [{args.batch}, {args.seq}, {args.vocab}] float32 = {size_mb:.0f} MiB; chunk = {args.chunk} positions"
+    )
     print("| case | loss peak above inputs (MiB) | ratio to CE | absolute peak RSS (MiB) |")
     print("|---|---:|---:|---:|")
     for r in rows:

@@ -394,3 +394,34 @@ def test_registered_losses_share_the_keyword_calling_convention() -> None:
     for name, fn in DISTILLATION_LOSSES.items():
         value = fn(s, t, target=y, temperature=DEFAULT_TEMPERATURE[name], mask=mask, validate_args=False)
         assert value.shape == () and torch.isfinite(value)
+
+
+# --------------------------------------------------------------------------- sequence cache
+def test_sequence_cache_stores_top_k_per_token_and_rebuilds_the_rows(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lightning_logits.teacher_cache import TeacherLogitCache, build_teacher_cache
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Embedding(12, 8), torch.nn.Linear(8, 12))
+    tokens = torch.randint(0, 12, (10, 6))
+    batches = [(tokens[i : i + 4], tokens[i : i + 4], torch.arange(i, min(i + 4, 10))) for i in (0, 4, 8)]
+    cache = build_teacher_cache(teacher, batches, tmp_path / "seq", k=3, num_samples=10)
+    assert cache.positions == 6 and TeacherLogitCache(tmp_path / "seq").positions == 6
+    values, indices, rest = cache.topk(torch.tensor([9, 2]))
+    assert values.shape == (2, 6, 3) and indices.shape == (2, 6, 3) and rest.shape == (2, 6)
+    full = teacher(tokens[[9, 2]]).detach()
+    assert torch.equal(indices, full.topk(3, dim=-1).indices)
+    rebuilt = cache.logits(torch.tensor([9, 2]))
+    assert rebuilt.shape == (2, 6, 12)
+    in_top = torch.zeros_like(full, dtype=torch.bool).scatter_(-1, indices, True)
+    p_full, p_rebuilt = full.softmax(-1), rebuilt.softmax(-1)
+    torch.testing.assert_close(p_rebuilt[in_top], p_full[in_top], rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close((p_rebuilt * ~in_top).sum(-1), (p_full * ~in_top).sum(-1), rtol=2e-2, atol=1e-3)
+    # exact (up to float16) with k = C; classification caches keep positions None
+    exact = build_teacher_cache(teacher, batches, tmp_path / "exact", k=99, num_samples=10)
+    torch.testing.assert_close(exact.logits(torch.arange(10)), teacher(tokens).detach(), rtol=1e-3, atol=1e-2)
+    flat = build_teacher_cache(torch.nn.Linear(3, 4), [(torch.randn(2, 3), 0, torch.arange(2))], tmp_path / "f",
+                               num_samples=2)  # fmt: skip
+    assert flat.positions is None and flat.logits(torch.arange(2)).shape == (2, 4)
+    ragged = [(tokens[:4, :6], 0, torch.arange(4)), (tokens[4:8, :5], 0, torch.arange(4, 8))]
+    with pytest.raises(ValueError, match="same number of tokens"):
+        build_teacher_cache(teacher, ragged, tmp_path / "ragged", k=3, num_samples=8)
