@@ -210,12 +210,12 @@ def main(argv: list[str] | None = None) -> None:
             build_teacher_cache(teacher, loader, Path(tmp) / "cache", k=args.k)
             configs: dict[str, Callable[[], list[Callback]]] = {
                 "student": list,
-                "+KD online (T=1)": lambda: [TeacherDistillation(teacher, loss="kd", temperature=1.0)],
+                "+KD online (T=1)": lambda teacher=teacher: [TeacherDistillation(teacher, loss="kd", temperature=1.0)],
                 f"+KD cache top-{args.k} (T=1)": lambda: [
                     TeacherDistillation(cache=str(Path(tmp) / "cache"), loss="kd", temperature=1.0)
                 ],
-                "+DKD online (T=1, beta=8)": lambda: [
-                    TeacherDistillation(teacher, loss="dkd", temperature=1.0, dkd_warmup=0)
+                "+DKD online (T=1, beta=8)": lambda teacher=teacher: [
+                    TeacherDistillation(teacher, loss="dkd", temperature=1.0, warmup_epochs=0)
                 ],
             }
             for name, make_callbacks in configs.items():
