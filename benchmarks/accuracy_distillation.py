@@ -44,7 +44,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from benchmarks.harness import quiet_trainer
-from lightning_logits.callbacks.teacher_distillation import TeacherDistillation
+from lightning_logits.callbacks.distillation import TeacherDistillation
 from lightning_logits.data.digits import DigitsDataModule
 from lightning_logits.modules.classifier import Classifier
 

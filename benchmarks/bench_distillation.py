@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader
 
 from benchmarks.harness import SpeedCase
 from lightning_logits.batch import batch_input
-from lightning_logits.callbacks.teacher_distillation import TeacherDistillation
+from lightning_logits.callbacks.distillation import TeacherDistillation
 from lightning_logits.data.digits import DigitsDataModule
-from lightning_logits.modules.classifier import Classifier, build_model
+from lightning_logits.modules.classifier import Classifier
+from lightning_logits.networks import build_model
 from lightning_logits.teacher_cache import TeacherLogitCache, build_teacher_cache
 
 

@@ -1,4 +1,4 @@
-"""The ``lightning-logits`` command: Lightning's CLI over every module and DataModule here.
+"""Every command-line entry point: ``lightning-logits`` (Lightning's CLI) and ``lightning-logits-cache``.
 
 ``lightning-logits fit --config recipes/quickstart.yaml`` trains; ``--print_config`` shows the
 full configuration; dotted overrides such as ``--trainer.max_epochs 3`` change one value.
@@ -7,12 +7,21 @@ Any LightningModule / LightningDataModule can be named by ``class_path``, ours o
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_logits.callbacks
 import lightning_logits.data
 import lightning_logits.modules  # noqa: F401
+from lightning_logits.networks.factory import load_teacher
+from lightning_logits.teacher_cache import build_teacher_cache
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
@@ -31,6 +40,57 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-logits`` console script."""
     build_cli(args)
+
+
+def _import(dotted: str) -> Any:
+    module_name, _, attr = dotted.rpartition(".")
+    if not module_name:
+        raise ValueError(f"'{dotted}' is not a dotted class path such as lightning_logits.data.DigitsDataModule")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def cache_main(argv: list[str] | None = None) -> None:
+    """The ``lightning-logits-cache`` command: build a cache from a teacher and a DataModule.
+
+    The DataModule is built with ``return_index=True`` and the chosen split is read in order,
+    without shuffling or dropping samples. Its arguments must match the student run's (same
+    seed and fractions), so that index ``i`` names the same sample in both.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-logits-cache",
+        description="Run a teacher once over a data split and store its top-k logits by sample index.",
+    )
+    parser.add_argument(
+        "--teacher", required=True, help="Classifier checkpoint (.ckpt), timm name or torchvision/<name>"
+    )
+    parser.add_argument("--checkpoint", help="weights for a teacher given by name (state_dict or Lightning ckpt)")
+    parser.add_argument("--num-classes", type=int, help="classes of a teacher given by name")
+    parser.add_argument("--model-kwargs", default="{}", help="JSON, e.g. '{\"in_chans\": 1}'")
+    parser.add_argument("--data", default="lightning_logits.data.DigitsDataModule", help="DataModule class path")
+    parser.add_argument(
+        "--data-args", default="{}", help="JSON init args of the DataModule, e.g. '{\"image_size\": 32}'"
+    )
+    parser.add_argument("--split", default="train", help="split to cache (the DataModule's dataset(split))")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--k", type=int, default=10, help="logits kept per sample (default 10)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", required=True, help="cache directory to write")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+
+    data_args = json.loads(args.data_args)
+    datamodule = _import(args.data)(**{**data_args, "return_index": True})
+    datamodule.setup("fit")
+    if hasattr(datamodule, "dataset"):
+        dataset = datamodule.dataset(args.split)
+        loader: Iterable[Any] = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
+    else:
+        loader = getattr(datamodule, f"{args.split}_dataloader")()
+    teacher = load_teacher(args.teacher, args.checkpoint, args.num_classes, json.loads(args.model_kwargs))
+    cache = build_teacher_cache(
+        teacher, loader, args.out, k=args.k, device=args.device, source=args.teacher, overwrite=args.overwrite
+    )
+    print(f"wrote top-{cache.k} logits of {cache.num_samples} samples ({cache.num_classes} classes) to {cache.path}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The design, in one paragraph: the first :class:`LossTermCallback` set up on a module attaches a
 :class:`LossTermHub` to it. The hub replaces the module's ``training_step`` *on the instance* with a
-wrapper that (1) runs the original step inside a :class:`~lightning_logits.taps.LogitTap` capture,
+wrapper that (1) runs the original step inside a :class:`~lightning_logits.networks.heads.LogitTap` capture,
 (2) reads the task loss from the returned tensor or ``{"loss": ...}`` dict, (3) asks each
 registered callback for its term, given a :class:`StepContext` (batch, logits, features,
 intermediate outputs, target), (4) checks every term is finite, logs ``train/loss_<name>``,
@@ -31,9 +31,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_logits.batch import batch_input, batch_target
-from lightning_logits.taps import LogitTap
+from lightning_logits.networks.heads import LogitTap
 
-__all__ = ["LossTermCallback", "LossTermHub", "StepContext", "check_finite_loss"]
+__all__ = ["LossTermCallback", "LossTermHub", "StepContext", "check_finite_loss", "check_state_version"]
 
 
 def check_finite_loss(name: str, value: Tensor, step: int) -> None:
@@ -44,6 +44,30 @@ def check_finite_loss(name: str, value: Tensor, step: int) -> None:
             f"{step}: training stopped. Lower the learning rate or this term's weight, or train "
             "in float32/bf16 instead of fp16."
         )
+
+
+def check_state_version(state: Mapping[str, Any], current: int, owner: str) -> int:
+    """The ``version`` of a callback's saved state (0 when absent: the format before versions existed).
+
+    Every stateful callback of this library writes ``"version"`` into its ``state_dict``. A state
+    from a newer format than this code reads is refused with what to do; older versions are
+    returned so the caller can convert them.
+
+    Example:
+        >>> check_state_version({"version": 1}, current=1, owner="LAWN")
+        1
+        >>> check_state_version({}, current=1, owner="LAWN")
+        0
+    """
+    version = state.get("version", 0)
+    if not isinstance(version, int) or version < 0:
+        raise ValueError(f"{owner}: the checkpoint's state has an unreadable version {version!r}")
+    if version > current:
+        raise ValueError(
+            f"{owner}: the checkpoint's state has version {version}, but this lightning_logits reads versions up to "
+            f"{current}; upgrade lightning_logits to resume this run"
+        )
+    return version
 
 
 @dataclass
@@ -57,7 +81,7 @@ class StepContext:
         batch_idx: its index in the epoch.
         output: what the module's ``training_step`` returned.
         task_loss: the module's own loss (the ``"loss"`` entry of ``output``).
-        tap: the hub's :class:`~lightning_logits.taps.LogitTap`, holding the forward passes that
+        tap: the hub's :class:`~lightning_logits.networks.heads.LogitTap`, holding the forward passes that
             ran inside ``training_step`` (``None`` when no registered callback needs it).
     """
 
@@ -280,6 +304,12 @@ class LossTermCallback(Callback):
         self.name = name
         self.weight = float(weight)
         self._hub: LossTermHub | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Keyed by name: two callbacks of one class (two USKD heads, two teachers) keep separate state.
+        return self._generate_state_key(name=self.name)
 
     def loss_term(self, context: StepContext) -> Tensor:
         """The unweighted term for one training step (a scalar with a graph)."""

@@ -39,15 +39,12 @@ different (weaker) signal than online KD on the same augmented view. A fixed aug
 sample (seeded by the index) is the other consistent choice. Mixup/cutmix mix inputs inside the
 step, so cached logits do not match the mixed input: the callback warns when both are used.
 
-Command line: ``python -m lightning_logits.teacher_cache --teacher runs/teacher.ckpt --out
+Command line: ``lightning-logits-cache --teacher runs/teacher.ckpt --out
 cache/digits_top5 --k 5 --data-args '{"image_size": 32}'`` (see :func:`main`).
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import importlib
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -59,95 +56,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_logits.batch import batch_index, batch_input
+from lightning_logits.networks.heads import first_tensor
 
 __all__ = [
     "TeacherLogitCache",
     "build_teacher_cache",
-    "load_teacher",
-    "main",
     "reconstruct_logits",
-    "teacher_fingerprint",
 ]
 
 FORMAT_VERSION = 1
-
-
-def load_teacher(
-    teacher: str | nn.Module,
-    checkpoint: str | None = None,
-    num_classes: int | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-) -> nn.Module:
-    """Build a teacher network from a module, a model name plus weights, or a ``Classifier`` checkpoint.
-
-    Args:
-        teacher: an ``nn.Module`` (returned as is); the path of a checkpoint of our
-            :class:`~lightning_logits.modules.Classifier` (a ``.ckpt`` that Lightning saved: the
-            wrapped network is returned); or a timm model name / ``"torchvision/<name>"``.
-        checkpoint: weights for a model name: a plain ``state_dict`` file or a Lightning
-            checkpoint of a ``Classifier`` (its ``model.`` prefix is stripped). ``None``: random
-            weights (only useful for speed tests).
-        num_classes: classes of a model built by name.
-        model_kwargs: keyword arguments of the model factory (``{"in_chans": 1}``).
-
-    Returns:
-        The network (in train mode as built; callers freeze it).
-
-    Example:
-        >>> net = load_teacher("resnet10t", num_classes=10, model_kwargs={"in_chans": 1})
-        >>> net.get_classifier().out_features
-        10
-    """
-    if isinstance(teacher, nn.Module):
-        return teacher
-    if not isinstance(teacher, str):
-        raise TypeError(
-            f"teacher must be an nn.Module, a model name or a checkpoint path, got {type(teacher).__name__}"
-        )
-    path = Path(teacher)
-    if path.suffix == ".ckpt" or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"teacher checkpoint '{teacher}' does not exist; train the teacher first")
-        from lightning_logits.modules.classifier import Classifier
-
-        try:
-            module = Classifier.load_from_checkpoint(str(path), map_location="cpu")
-        except Exception as err:
-            raise ValueError(
-                f"could not load '{teacher}' as a Classifier checkpoint ({type(err).__name__}: {err}); for "
-                "another network pass teacher=<timm name> with checkpoint=<weights file>, or an nn.Module"
-            ) from err
-        return module.model
-    from lightning_logits.modules.classifier import build_model
-
-    net = build_model(teacher, num_classes, **(model_kwargs or {}))
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise TypeError(f"'{checkpoint}' holds a {type(state).__name__}, not a state_dict")
-        if state and all(key.startswith("model.") for key in state if not key.startswith(("val_", "test_", "train_"))):
-            state = {key[len("model.") :]: value for key, value in state.items() if key.startswith("model.")}
-        net.load_state_dict(state)
-    return net
-
-
-def teacher_fingerprint(teacher: nn.Module) -> str:
-    """A short SHA-1 of the teacher's parameters and buffers, to tell two teachers apart on resume.
-
-    Example:
-        >>> from torch import nn
-        >>> net = nn.Linear(2, 2)
-        >>> teacher_fingerprint(net) == teacher_fingerprint(net)
-        True
-    """
-    digest = hashlib.sha1()
-    for name, tensor in teacher.state_dict().items():
-        digest.update(name.encode())
-        if isinstance(tensor, Tensor):
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def reconstruct_logits(values: Tensor, indices: Tensor, rest: Tensor, num_classes: int) -> Tensor:
@@ -209,7 +126,7 @@ class TeacherLogitCache:
         if not meta_path.is_file():
             raise FileNotFoundError(
                 f"no teacher-logit cache at '{self.path}' (missing meta.json); build one with "
-                "`python -m lightning_logits.teacher_cache --teacher ... --out DIR` or build_teacher_cache()"
+                "`lightning-logits-cache --teacher ... --out DIR` or build_teacher_cache()"
             )
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT_VERSION:
@@ -273,17 +190,6 @@ class TeacherLogitCache:
         return reconstruct_logits(values, indices, rest, self.num_classes)
 
 
-def _first_tensor(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"the teacher returned {type(output).__name__}; it must return logits [N, C]")
-
-
 @torch.no_grad()
 def build_teacher_cache(
     teacher: nn.Module,
@@ -344,7 +250,7 @@ def build_teacher_cache(
         x = batch_input(batch).to(device)
         if input_transform is not None:
             x = input_transform(x)
-        logits = _first_tensor(teacher(x)).float()
+        logits = first_tensor(teacher(x)).float()
         if logits.ndim not in (2, 3):
             raise ValueError(
                 f"the teacher returned logits of shape {tuple(logits.shape)}, expected [N, C] or [N, T, C] (per token)"
@@ -401,58 +307,3 @@ def build_teacher_cache(
     # meta.json last: its presence marks a complete cache.
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return TeacherLogitCache(out)
-
-
-def _import(dotted: str) -> Any:
-    module_name, _, attr = dotted.rpartition(".")
-    if not module_name:
-        raise ValueError(f"'{dotted}' is not a dotted class path such as lightning_logits.data.DigitsDataModule")
-    return getattr(importlib.import_module(module_name), attr)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The ``python -m lightning_logits.teacher_cache`` command: build a cache from a teacher and a DataModule.
-
-    The DataModule is built with ``return_index=True`` and the chosen split is read in order,
-    without shuffling or dropping samples. Its arguments must match the student run's (same
-    seed and fractions), so that index ``i`` names the same sample in both.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_logits.teacher_cache",
-        description="Run a teacher once over a data split and store its top-k logits by sample index.",
-    )
-    parser.add_argument(
-        "--teacher", required=True, help="Classifier checkpoint (.ckpt), timm name or torchvision/<name>"
-    )
-    parser.add_argument("--checkpoint", help="weights for a teacher given by name (state_dict or Lightning ckpt)")
-    parser.add_argument("--num-classes", type=int, help="classes of a teacher given by name")
-    parser.add_argument("--model-kwargs", default="{}", help="JSON, e.g. '{\"in_chans\": 1}'")
-    parser.add_argument("--data", default="lightning_logits.data.DigitsDataModule", help="DataModule class path")
-    parser.add_argument(
-        "--data-args", default="{}", help="JSON init args of the DataModule, e.g. '{\"image_size\": 32}'"
-    )
-    parser.add_argument("--split", default="train", help="split to cache (the DataModule's dataset(split))")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--k", type=int, default=10, help="logits kept per sample (default 10)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", required=True, help="cache directory to write")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-
-    data_args = json.loads(args.data_args)
-    datamodule = _import(args.data)(**{**data_args, "return_index": True})
-    datamodule.setup("fit")
-    if hasattr(datamodule, "dataset"):
-        dataset = datamodule.dataset(args.split)
-        loader: Iterable[Any] = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
-    else:
-        loader = getattr(datamodule, f"{args.split}_dataloader")()
-    teacher = load_teacher(args.teacher, args.checkpoint, args.num_classes, json.loads(args.model_kwargs))
-    cache = build_teacher_cache(
-        teacher, loader, args.out, k=args.k, device=args.device, source=args.teacher, overwrite=args.overwrite
-    )
-    print(f"wrote top-{cache.k} logits of {cache.num_samples} samples ({cache.num_classes} classes) to {cache.path}")
-
-
-if __name__ == "__main__":
-    main()

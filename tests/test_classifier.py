@@ -10,7 +10,8 @@ from torch import nn
 
 from lightning_logits.data import DigitsDataModule
 from lightning_logits.loss_terms import LossTermCallback, StepContext
-from lightning_logits.modules import Classifier, build_model
+from lightning_logits.modules import Classifier
+from lightning_logits.networks import build_model
 from tests.helpers import TensorDataModule, TinyNet, blob_data, fast_trainer
 
 
@@ -120,7 +121,7 @@ def test_checkpoint_round_trip_by_name(tmp_path: Path) -> None:
 
 
 def test_checkpoint_with_auxiliary_heads_loads_into_a_plain_classifier(tmp_path: Path) -> None:
-    from lightning_logits.taps import aux_modules
+    from lightning_logits.networks.heads import aux_modules
 
     module = Classifier("resnet10t", num_classes=3, in_chans=1)
     aux_modules(module)["uskd"] = nn.Linear(4, 3)  # as a callback would add in setup

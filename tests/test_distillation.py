@@ -14,19 +14,14 @@ from timm.models import register_model
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_logits.callbacks.teacher_distillation import ResizeInput, TeacherDistillation
+from lightning_logits.callbacks.distillation import ResizeInput, TeacherDistillation
+from lightning_logits.cli import cache_main as main
 from lightning_logits.data.digits import DigitsDataModule, IndexedTensorDataset
 from lightning_logits.functional.distillation import kd_loss, nkd_loss
 from lightning_logits.loss_terms import StepContext
 from lightning_logits.modules.classifier import Classifier
-from lightning_logits.teacher_cache import (
-    TeacherLogitCache,
-    build_teacher_cache,
-    load_teacher,
-    main,
-    reconstruct_logits,
-    teacher_fingerprint,
-)
+from lightning_logits.networks.factory import load_teacher, teacher_fingerprint
+from lightning_logits.teacher_cache import TeacherLogitCache, build_teacher_cache, reconstruct_logits
 from tests.helpers import TensorDataModule, TinyMLP, TinyNet, blob_data, fast_trainer
 
 ROOT = Path(__file__).resolve().parent.parent

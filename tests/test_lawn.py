@@ -28,7 +28,9 @@ from lightning_logits.functional.lawn import (
     rescale_to_norm,
     rescale_to_norm_,
 )
-from lightning_logits.lawn_layers import (
+from lightning_logits.modules.classifier import Classifier
+from lightning_logits.networks.heads import AUX_ATTRIBUTE, aux_modules
+from lightning_logits.networks.lawn import (
     ExecutionTrace,
     constrained_parameter_names,
     find_constrained_layers,
@@ -39,8 +41,6 @@ from lightning_logits.lawn_layers import (
     record_execution,
     select_constrained_layers,
 )
-from lightning_logits.modules.classifier import Classifier
-from lightning_logits.taps import AUX_ATTRIBUTE, aux_modules
 from tests.helpers import TensorDataModule, TinyMLP, TinyNet, blob_data, fast_trainer
 
 # ----------------------------------------------------------------------------- functional core

@@ -32,7 +32,8 @@ from lightning_logits.functional.mowst import (
     mowst_route,
     mowst_star_loss,
 )
-from lightning_logits.modules.mowst import GNNClassifier, Mowst, build_expert
+from lightning_logits.modules.mowst import GNNClassifier, Mowst
+from lightning_logits.networks import build_expert
 from tests.helpers import fast_trainer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ROOT / "recipes" / "graph"
+RECIPES = ROOT / "recipes" / "mowst"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from lightning_logits.callbacks.uskd import USKD, default_feature_layer, pool_feature
+from lightning_logits.callbacks.uskd import USKD
 from lightning_logits.functional.uskd import (
     uskd_loss,
     uskd_soft_target_weight,
@@ -24,7 +24,8 @@ from lightning_logits.functional.uskd import (
 )
 from lightning_logits.loss_terms import StepContext
 from lightning_logits.modules.classifier import Classifier
-from lightning_logits.taps import aux_modules
+from lightning_logits.networks.features import default_feature_layer, pool_feature
+from lightning_logits.networks.heads import aux_modules
 from tests.helpers import TensorDataModule, TinyMLP, TinyNet, blob_data, fast_trainer
 
 # ----------------------------------------------------------------------------------------------
@@ -367,12 +368,12 @@ def _image_data(n: int = 32, size: int = 8, num_classes: int = 10, seed: int = 0
 @pytest.mark.parametrize(
     ("model", "kwargs", "name", "pool", "channels"),
     [
-        ("resnet18", {"in_chans": 1}, "model.layer3", "nchw", 256),
+        ("resnet18", {"in_chans": 1}, "model.layer3", None, 256),  # None: pooled by the output's rank
         ("vit_tiny_patch16_224", {"in_chans": 1, "img_size": 32, "patch_size": 4}, "model.blocks.5", "cls", 192),
-        ("mobilenetv2_100", {}, "model.blocks.6", "nchw", 320),  # a conv head follows the last stage
+        ("mobilenetv2_100", {}, "model.blocks.6", None, 320),  # a conv head follows the last stage
     ],
 )
-def test_default_layer_for_timm_models(model: str, kwargs: dict, name: str, pool: str, channels: int) -> None:
+def test_default_layer_for_timm_models(model: str, kwargs: dict, name: str, pool: str | None, channels: int) -> None:
     layer = default_feature_layer(Classifier(model, num_classes=10, **kwargs))
     assert (layer.name, layer.pool, layer.channels) == (name, pool, channels)
 
@@ -382,7 +383,7 @@ def test_default_layer_for_torchvision_resnet_and_error_for_unknown_models() -> 
 
     layer = default_feature_layer(Classifier(torchvision.models.resnet18(num_classes=10)))
     assert layer.name == "model.layer3"
-    with pytest.raises(LookupError, match=r"no default intermediate layer in Classifier.*feature_layer="):
+    with pytest.raises(LookupError, match=r"no default intermediate feature layer in Classifier.*feature_layer="):
         default_feature_layer(Classifier(TinyNet()))
 
 
@@ -390,7 +391,7 @@ def test_feature_layer_override_resolves_against_module_then_network() -> None:
     module = Classifier("resnet18", num_classes=10, in_chans=1)
     for path in ("model.layer2", "layer2"):
         layer = USKD(feature_layer=path).resolve_layer(module)
-        assert (layer.name, layer.pool, layer.channels) == ("model.layer2", "nchw", 128)
+        assert (layer.name, layer.pool, layer.channels) == ("model.layer2", None, 128)
     with pytest.raises(LookupError, match=r"feature_layer='layer9' was not found.*its modules are: .*layer1"):
         USKD(feature_layer="layer9").resolve_layer(module)
 
@@ -545,7 +546,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path: Path) -> None:
     assert "lightning_logits_aux.uskd.weight" in saved["state_dict"]
     momentum = saved["optimizer_states"][0]["state"]
     assert len(momentum) == len(list(full.parameters()))  # the head's momentum buffers are saved too
-    assert saved["callbacks"]["USKD"]["feature_layer"] == "model.body"
+    assert saved["callbacks"]["USKD{'name': 'uskd'}"]["feature_layer"] == "model.body"
     # a different seed: everything the resumed run gets right comes from the checkpoint
     resumed = _resume_fit(4, seed=1, tmp_path=tmp_path, ckpt_path=ckpt)
     for (name, got), want in zip(resumed.named_parameters(), full.parameters(), strict=True):
@@ -587,7 +588,7 @@ def test_ddp_spawn_matches_per_rank_losses(ddp_env: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # Recipes
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "self_distillation"
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "uskd"
 
 
 @pytest.mark.slow

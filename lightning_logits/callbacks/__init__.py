@@ -1,8 +1,9 @@
 """Callbacks that attach logit-level training methods to any LightningModule."""
 
+from lightning_logits.callbacks.distillation import ResizeInput, TeacherDistillation
 from lightning_logits.callbacks.lawn import LAWN
 from lightning_logits.callbacks.replay import UER, ExperienceReplay, ReplayCallback
-from lightning_logits.callbacks.teacher_distillation import ResizeInput, TeacherDistillation
+from lightning_logits.callbacks.replay_metrics import ContinualMetrics, plot_accuracy_matrix
 from lightning_logits.callbacks.uskd import USKD
 from lightning_logits.loss_terms import LossTermCallback
 
@@ -10,9 +11,11 @@ __all__ = [
     "LAWN",
     "UER",
     "USKD",
+    "ContinualMetrics",
     "ExperienceReplay",
     "LossTermCallback",
     "ReplayCallback",
     "ResizeInput",
     "TeacherDistillation",
+    "plot_accuracy_matrix",
 ]

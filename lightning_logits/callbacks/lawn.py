@@ -3,7 +3,7 @@
 Without weight decay, a classifier trained to a small loss grows its logits by growing the weights
 of its last layers, and then barely moves. LAWN (arXiv 2108.05839) trains freely for a while, then
 holds the Frobenius norm of each weight in the network's final homogeneous part (the layers after
-the last normalization layer, see :mod:`lightning_logits.lawn_layers`) at the value it had when
+the last normalization layer, see :mod:`lightning_logits.networks.lawn`) at the value it had when
 the free phase ended. The number of free epochs replaces weight decay as the hyperparameter.
 
 How it acts on a training step, in the constrained phase:
@@ -34,7 +34,9 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_logits.functional.lawn import frobenius_norm, project_to_tangent_, rescale_to_norm_
-from lightning_logits.lawn_layers import (
+from lightning_logits.loss_terms import check_state_version
+from lightning_logits.networks.heads import find_classifier
+from lightning_logits.networks.lawn import (
     ExecutionTrace,
     constrained_parameter_names,
     match_layers,
@@ -42,7 +44,6 @@ from lightning_logits.lawn_layers import (
     record_execution,
     select_constrained_layers,
 )
-from lightning_logits.taps import find_classifier
 
 __all__ = ["LAWN"]
 
@@ -352,6 +353,7 @@ class LAWN(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_version(state_dict, 1, "LAWN")
         phase = state_dict.get("phase", FREE)
         if phase not in (FREE, CONSTRAINED):
             raise ValueError(f"LAWN checkpoint state has phase {phase!r}; expected '{FREE}' or '{CONSTRAINED}'")

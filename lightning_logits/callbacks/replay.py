@@ -9,13 +9,13 @@ buffer. One optimizer step per incoming batch covers both.
 - :class:`ExperienceReplay`: dot-product cross-entropy on both batches (the module's own task
   loss on the incoming batch, plus the replay term).
 - :class:`UER`: the incoming batch learns only from the angle between features and class
-  weights (cosine logits over ``tau``), the replayed batch from the full dot product
-  (:func:`~lightning_logits.functional.continual.uer_loss`). It replaces the module's task loss.
+  weights (cosine logits over the temperature τ), the replayed batch from the full dot product
+  (:func:`~lightning_logits.functional.replay.uer_loss`). It replaces the module's task loss.
 
 What a custom LightningModule must provide:
 
 1. a linear classifier head (``nn.Linear``) that the logit tap finds
-   (:func:`~lightning_logits.taps.find_classifier`: timm's ``get_classifier()``, an ``fc``/
+   (:func:`~lightning_logits.networks.heads.find_classifier`: timm's ``get_classifier()``, an ``fc``/
    ``classifier``/``head`` attribute, the last ``nn.Linear``, or a ``classifier_head`` attribute
    naming its dotted path); its input is taken as the features and its output as the logits;
 2. a ``forward(x)`` that runs that head once on a batch of inputs (the replay pass calls
@@ -32,6 +32,7 @@ written), and each rank gets its own back on resume.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -46,8 +47,8 @@ from typing_extensions import override
 from lightning_logits.batch import batch_input, batch_target
 from lightning_logits.buffers import ReservoirBuffer
 from lightning_logits.functional.classification import classification_loss
-from lightning_logits.functional.continual import uer_loss
-from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext
+from lightning_logits.functional.replay import uer_loss
+from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext, check_state_version
 
 __all__ = ["UER", "ExperienceReplay", "ReplayCallback"]
 
@@ -89,6 +90,7 @@ class ReplayCallback(LossTermCallback):
         replay_batch_size: samples drawn from it per incoming batch.
         seed: seed of the buffer's random stream; rank ``r`` uses ``seed + r``.
         name: the loss term's name (logged as ``train/loss_<name>``).
+        weight: factor on the term (1.0).
         profile_buffer: measure the wall time of buffer operations (retrieval and update) in
             ``buffer_seconds`` (synchronizing CUDA around them; off by default).
 
@@ -98,6 +100,7 @@ class ReplayCallback(LossTermCallback):
     """
 
     needs_tap = True
+    STATE_VERSION = 1
 
     def __init__(
         self,
@@ -105,9 +108,10 @@ class ReplayCallback(LossTermCallback):
         replay_batch_size: int = 10,
         seed: int = 0,
         name: str = "replay",
+        weight: float = 1.0,
         profile_buffer: bool = False,
     ) -> None:
-        super().__init__(name=name, weight=1.0)
+        super().__init__(name=name, weight=weight)
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
             raise ValueError(f"buffer_size must be a positive int, got {buffer_size!r}")
         if isinstance(replay_batch_size, bool) or not isinstance(replay_batch_size, int) or replay_batch_size < 1:
@@ -229,11 +233,12 @@ class ReplayCallback(LossTermCallback):
             cpu = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in own.items()}
             states: list[Any] = [None] * self._world_size
             dist.all_gather_object(states, cpu)
-            return {"rank_states": states}
-        return {"rank_states": [own]}
+            return {"version": self.STATE_VERSION, "rank_states": states}
+        return {"version": self.STATE_VERSION, "rank_states": [own]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_version(state_dict, self.STATE_VERSION, type(self).__name__)
         self._pending_states = list(state_dict["rank_states"])
         if self._head is not None:  # already set up (Lightning restores callbacks after setup)
             self._restore()
@@ -278,6 +283,7 @@ class ExperienceReplay(ReplayCallback):
         replay_batch_size: samples replayed per incoming batch.
         seed: seed of the buffer's random stream (rank ``r``: ``seed + r``).
         name: logged as ``train/loss_<name>``.
+        weight: factor on the term (1.0).
         profile_buffer: time buffer operations into ``buffer_seconds``.
 
     Example:
@@ -294,9 +300,12 @@ class ExperienceReplay(ReplayCallback):
         replay_batch_size: int = 10,
         seed: int = 0,
         name: str = "replay",
+        weight: float = 1.0,
         profile_buffer: bool = False,
     ) -> None:
-        super().__init__(buffer_size, replay_batch_size, seed=seed, name=name, profile_buffer=profile_buffer)
+        super().__init__(
+            buffer_size, replay_batch_size, seed=seed, name=name, weight=weight, profile_buffer=profile_buffer
+        )
 
     @override
     def replay_loss(
@@ -310,7 +319,7 @@ class ExperienceReplay(ReplayCallback):
 class UER(ReplayCallback):
     """Unbiased experience replay: angle-only loss on incoming samples, dot-product loss on replayed ones.
 
-    ``L = CE(cos(h, W) / tau, y) + CE(h_m W^T + b, y_m)``: the module's own loss is logged
+    ``L = CE(cos(h, W) / τ, y) + CE(h_m W^T + b, y_m)``: the module's own loss is logged
     (``train/loss_task``) but not optimized (``replaces_task_loss``). Inference is unchanged:
     the plain dot-product logits. See the module docstring for what a custom LightningModule
     must provide.
@@ -318,17 +327,18 @@ class UER(ReplayCallback):
     Args:
         buffer_size: samples kept in the reservoir (per rank under DDP).
         replay_batch_size: samples replayed per incoming batch.
-        tau: temperature of the cosine logits (0.09).
+        temperature: τ, the temperature of the cosine logits (0.09).
         mask: classes in the incoming batch's softmax: ``"all"``, ``"seen"`` (classes of every
             batch seen so far, this one included; per rank, and checkpointed) or ``"present"``
             (classes in this batch).
         seed: seed of the buffer's random stream (rank ``r``: ``seed + r``).
         name: logged as ``train/loss_<name>``.
+        weight: factor on the term (1.0).
         profile_buffer: time buffer operations into ``buffer_seconds``.
 
     Example:
         >>> uer = UER(buffer_size=200, mask="seen")
-        >>> uer.tau, uer.mask, uer.replaces_task_loss
+        >>> uer.temperature, uer.mask, uer.replaces_task_loss
         (0.09, 'seen', True)
     """
 
@@ -338,18 +348,21 @@ class UER(ReplayCallback):
         self,
         buffer_size: int,
         replay_batch_size: int = 10,
-        tau: float = 0.09,
+        temperature: float = 0.09,
         mask: Literal["all", "seen", "present"] = "all",
         seed: int = 0,
         name: str = "uer",
+        weight: float = 1.0,
         profile_buffer: bool = False,
     ) -> None:
-        super().__init__(buffer_size, replay_batch_size, seed=seed, name=name, profile_buffer=profile_buffer)
+        super().__init__(
+            buffer_size, replay_batch_size, seed=seed, name=name, weight=weight, profile_buffer=profile_buffer
+        )
         if mask not in ("all", "seen", "present"):
             raise ValueError(f"mask must be 'all', 'seen' or 'present', got {mask!r}")
-        if not tau > 0:
-            raise ValueError(f"tau must be positive, got {tau}")
-        self.tau = float(tau)
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be positive and finite, got {temperature}")
+        self.temperature = float(temperature)
         self.mask = mask
         self.seen_classes: Tensor | None = None
         self._warned_zero = False
@@ -387,7 +400,7 @@ class UER(ReplayCallback):
             )
         mask = self._logit_mask(target, weight.shape[0])
         if features is None:
-            loss = uer_loss(current, target, weight, tau=self.tau, logit_mask=mask)
+            loss = uer_loss(current, target, weight, temperature=self.temperature, logit_mask=mask)
             if self.head.bias is not None:
                 # The bias trains only through the replay term. With an empty buffer, a zero
                 # multiple keeps it in the graph: DDP fails on parameters without a gradient.
@@ -400,7 +413,7 @@ class UER(ReplayCallback):
             replay_features=features,
             replay_target=replay_target,
             bias=self.head.bias,
-            tau=self.tau,
+            temperature=self.temperature,
             logit_mask=mask,
         )
 

@@ -3,14 +3,13 @@
 from lightning_logits.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_logits.data.digits import DigitsDataModule, load_digits_tensors
 from lightning_logits.data.graphs import CSBMConfig, GraphDataModule, csbm_graph, edge_homophily, networkx_graph
-from lightning_logits.data.streams import ClassIncrementalStream, ContinualMetrics
+from lightning_logits.data.streams import ClassIncrementalStream
 
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CSBMConfig",
     "ClassIncrementalStream",
-    "ContinualMetrics",
     "DigitsDataModule",
     "GraphDataModule",
     "csbm_graph",

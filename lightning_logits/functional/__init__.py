@@ -6,7 +6,6 @@ over these functions.
 """
 
 from lightning_logits.functional.classification import classification_loss
-from lightning_logits.functional.continual import cosine_logits, uer_loss
 from lightning_logits.functional.distillation import kd_loss, nkd_loss
 from lightning_logits.functional.lawn import (
     frobenius_norm,
@@ -23,11 +22,14 @@ from lightning_logits.functional.mowst import (
     mowst_route,
     mowst_star_loss,
 )
+from lightning_logits.functional.replay import average_forgetting, cosine_logits, final_average_accuracy, uer_loss
 from lightning_logits.functional.uskd import uskd_loss, uskd_soft_target_weight, uskd_target_classes, uskd_zipf_labels
 
 __all__ = [
+    "average_forgetting",
     "classification_loss",
     "cosine_logits",
+    "final_average_accuracy",
     "frobenius_norm",
     "kd_loss",
     "mowst_dispersion",

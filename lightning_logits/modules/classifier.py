@@ -16,47 +16,8 @@ from lightning_logits.batch import batch_input, batch_target
 from lightning_logits.functional import classification_loss
 from lightning_logits.functional._checks import check_target, hard_target
 from lightning_logits.loss_terms import check_finite_loss
-from lightning_logits.taps import AUX_ATTRIBUTE, head_num_classes
-
-TORCHVISION_PREFIX = "torchvision/"
-
-
-def build_model(model: str | nn.Module, num_classes: int | None, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Create a model from a timm name, ``"torchvision/<name>"``, or pass an ``nn.Module`` through.
-
-    Args:
-        model: timm model name (``"resnet18"``, ``"vit_tiny_patch16_224"``), a torchvision model
-            name prefixed with ``"torchvision/"``, or a ready ``nn.Module``.
-        num_classes: classes of the new head (ignored for a ready module).
-        pretrained: load pretrained weights (timm/torchvision download them: off by default).
-        **kwargs: passed to the model factory (``in_chans=1``, ``img_size=32``, ...).
-
-    Example:
-        >>> net = build_model("resnet18", num_classes=10, in_chans=1)
-        >>> net.get_classifier().out_features
-        10
-    """
-    if isinstance(model, nn.Module):
-        return model
-    if not isinstance(model, str):
-        raise TypeError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
-    if num_classes is None:
-        raise ValueError(f"num_classes is required to build '{model}' by name")
-    if model.startswith(TORCHVISION_PREFIX):
-        import torchvision
-
-        name = model[len(TORCHVISION_PREFIX) :]
-        weights = "DEFAULT" if pretrained else None
-        return torchvision.models.get_model(name, weights=weights, num_classes=num_classes, **kwargs)
-    import timm
-
-    if not timm.is_model(model):
-        close = timm.list_models(f"*{model}*")[:10]
-        raise ValueError(
-            f"'{model}' is not a timm model name (similar: {close or 'none'}); for torchvision "
-            f"use '{TORCHVISION_PREFIX}<name>', or pass an nn.Module"
-        )
-    return timm.create_model(model, pretrained=pretrained, num_classes=num_classes, **kwargs)
+from lightning_logits.networks.factory import build_model
+from lightning_logits.networks.heads import AUX_ATTRIBUTE, count_classes
 
 
 class Classifier(pl.LightningModule):
@@ -71,7 +32,7 @@ class Classifier(pl.LightningModule):
             num_classes=10, in_chans=1)`` works in Python.
         pretrained: load pretrained weights by name (needs internet; off by default).
         head: dotted path of the classifier head inside ``model`` when it cannot be found
-            automatically (see :func:`lightning_logits.taps.find_classifier`).
+            automatically (see :func:`lightning_logits.networks.heads.find_classifier`).
         label_smoothing: cross-entropy label smoothing.
         mixup_alpha: timm ``Mixup`` alpha; ``0`` disables mixup. Needs an even batch size.
         cutmix_alpha: timm ``CutMix`` alpha; ``0`` disables it.
@@ -108,8 +69,10 @@ class Classifier(pl.LightningModule):
         ignored = ["optimizer", "lr_scheduler"] + (["model"] if isinstance(model, nn.Module) else [])
         self.save_hyperparameters(ignore=ignored)
         factory_kwargs = {**(model_kwargs or {}), **kwargs}
+        # The merged factory kwargs, so a checkpoint alone rebuilds the network (networks.load_teacher).
+        self.hparams["model_kwargs"] = factory_kwargs
         self.model = build_model(model, num_classes, pretrained=pretrained, **factory_kwargs)
-        found = head_num_classes(self.model) if head is None else None
+        found = count_classes(self.model) if head is None else None
         if num_classes is None:
             if found is None:
                 raise ValueError(f"cannot read the class count off {type(self.model).__name__}; pass num_classes")

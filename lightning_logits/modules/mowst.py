@@ -24,50 +24,15 @@ from lightning_logits.functional.mowst import (
     mowst_route,
     mowst_star_loss,
 )
+from lightning_logits.networks.factory import build_expert
 
-__all__ = ["GNNClassifier", "Mowst", "build_expert"]
+__all__ = ["GNNClassifier", "Mowst"]
 
 GNN_NAMES = ("gcn", "sage", "gat", "gin")
 VARIANTS = ("mowst", "mowst_star")
 GATE_INPUTS = ("dispersion", "dispersion_features")
 INFERENCE = ("expected", "random", "deterministic")
 _TURN_CODE = {"pretrain": 0, "weak": 1, "strong": 2, "joint": 3}
-
-
-def build_expert(
-    name: str,
-    num_features: int,
-    num_classes: int,
-    hidden: int = 64,
-    num_layers: int = 2,
-    dropout: float = 0.5,
-    batch_norm: bool = True,
-) -> nn.Module:
-    """An expert by name: ``"mlp"`` (Linear -> BatchNorm -> ReLU -> dropout, ..., Linear; without the
-    BatchNorm when ``batch_norm=False``) or a GNN of
-    :mod:`torch_geometric.nn.models`: ``"gcn"`` (GCN), ``"sage"`` (GraphSAGE), ``"gat"`` (GAT), ``"gin"`` (GIN).
-
-    Example:
-        >>> import torch
-        >>> gnn = build_expert("sage", num_features=5, num_classes=3, hidden=8)
-        >>> gnn(torch.randn(4, 5), torch.tensor([[0, 1], [1, 0]])).shape
-        torch.Size([4, 3])
-    """
-    from torch_geometric.nn import models
-
-    if name == "mlp":
-        return models.MLP(
-            in_channels=num_features,
-            hidden_channels=hidden,
-            out_channels=num_classes,
-            num_layers=num_layers,
-            dropout=dropout,
-            norm="batch_norm" if batch_norm else None,
-        )
-    factories = {"gcn": models.GCN, "sage": models.GraphSAGE, "gat": models.GAT, "gin": models.GIN}
-    if name not in factories:
-        raise ValueError(f"unknown expert {name!r}: use one of {('mlp', *GNN_NAMES)} or pass an nn.Module")
-    return factories[name](num_features, hidden, num_layers, num_classes, dropout=dropout)
 
 
 def _train_share(mask: Tensor, trainer: pl.Trainer | None) -> tuple[Tensor, float]:

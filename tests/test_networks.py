@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from lightning_logits.modules import Classifier
-from lightning_logits.taps import AUX_ATTRIBUTE, LogitTap, aux_modules, find_classifier, find_module
+from lightning_logits.networks.heads import AUX_ATTRIBUTE, LogitTap, aux_modules, find_classifier, find_module
 from tests.helpers import TinyMLP, TinyNet
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from lightning_logits.taps import AUX_ATTRIBUTE
+from lightning_logits.networks.heads import is_aux
 
 __all__ = [
     "NON_HOMOGENEOUS_ACTIVATIONS",
@@ -99,10 +99,6 @@ _NON_HOMOGENEOUS_NAMES = frozenset(
         "geglu",
     }
 )
-
-
-def _is_aux(name: str) -> bool:
-    return name == AUX_ATTRIBUTE or name.startswith(AUX_ATTRIBUTE + ".") or ("." + AUX_ATTRIBUTE in name)
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -187,7 +183,7 @@ class ExecutionTrace:
 def record_execution(model: nn.Module) -> Iterator[ExecutionTrace]:
     """Record the start and end of every submodule's forward that runs inside the ``with`` block.
 
-    Modules under :data:`lightning_logits.taps.AUX_ATTRIBUTE` (modules added by callbacks) are
+    Modules under :data:`lightning_logits.networks.heads.AUX_ATTRIBUTE` (modules added by callbacks) are
     not watched. The hooks are removed on exit.
 
     Example:
@@ -213,7 +209,7 @@ def record_execution(model: nn.Module) -> Iterator[ExecutionTrace]:
         handles.append(module.register_forward_hook(post_hook))
 
     for name, module in model.named_modules():
-        if not _is_aux(name):
+        if not is_aux(name):
             watch(name, module)
     try:
         yield trace
@@ -256,7 +252,7 @@ def select_constrained_layers(model: nn.Module, trace: ExecutionTrace) -> list[s
         # A module that starts after the last norm brings its whole subtree: submodules whose
         # weights it uses without calling them (MultiheadAttention's out_proj) never fire a hook.
         for sub_name, sub in modules[name].named_modules(prefix=name):
-            if not _is_aux(sub_name) and weight_matrices(sub):
+            if not is_aux(sub_name) and weight_matrices(sub):
                 chosen.setdefault(sub_name, None)
     if not chosen:
         norms = [n for n in trace.ran() if is_norm_layer(modules[n])]
@@ -311,7 +307,7 @@ def match_layers(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """
     if isinstance(patterns, str):
         raise TypeError(f"layers must be a list of names or patterns, got the string '{patterns}': use ['{patterns}']")
-    candidates = [name for name, m in model.named_modules() if not _is_aux(name) and weight_matrices(m)]
+    candidates = [name for name, m in model.named_modules() if not is_aux(name) and weight_matrices(m)]
     chosen: dict[str, None] = {}
     for pattern in patterns:
         hits = [name for name in candidates if name == pattern or fnmatch.fnmatchcase(name, pattern)]

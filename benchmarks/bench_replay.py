@@ -10,7 +10,7 @@ CPU every case trains on one thread (restored afterwards): steadier on a shared 
 Full run: timm resnet18 on digits at 32x32 (the model class of the method's CIFAR setting), batch
 10. Smoke: a small CNN on 8x8 digits.
 
-    python -m benchmarks.speed --suite continual [--smoke]
+    python -m benchmarks.speed --suite replay [--smoke]
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ from lightning_logits.functional.distillation import (
     dkd_warmup,
     standardize_logits,
 )
-from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext
-from lightning_logits.taps import AUX_ATTRIBUTE, aux_modules, find_classifier, head_num_classes
-from lightning_logits.teacher_cache import TeacherLogitCache, _first_tensor, load_teacher, teacher_fingerprint
+from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext, check_state_version
+from lightning_logits.networks.factory import load_teacher, teacher_fingerprint
+from lightning_logits.networks.heads import AUX_ATTRIBUTE, aux_modules, count_classes, find_classifier, first_tensor
+from lightning_logits.teacher_cache import TeacherLogitCache
 
 __all__ = ["ResizeInput", "TeacherDistillation"]
 
@@ -40,7 +41,6 @@ _LOSS_PARAMETERS: dict[str, dict[str, float]] = {
     "dhkd": {},
 }
 _DEFAULT_WARMUP = {"dkd": 20.0}  # epochs; mdistiller's DKD.WARMUP
-_STATE_VERSION = 2
 _PRECISIONS: dict[str, torch.dtype | None] = {
     "32": None,
     "32-true": None,
@@ -166,6 +166,7 @@ class TeacherDistillation(LossTermCallback):
     """
 
     AUX_KEY = "dual_head"
+    STATE_VERSION = 2  # 2: loss_kwargs, standardize, warmup_epochs
 
     def __init__(
         self,
@@ -259,7 +260,6 @@ class TeacherDistillation(LossTermCallback):
     def _source_record(self) -> dict[str, Any]:
         source = self.teacher_source
         return {
-            "version": _STATE_VERSION,
             "teacher": source if isinstance(source, str) else None,
             "teacher_class": type(source).__qualname__ if isinstance(source, nn.Module) else None,
             "checkpoint": self.checkpoint,
@@ -277,10 +277,11 @@ class TeacherDistillation(LossTermCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self._source_record()
+        return {"version": self.STATE_VERSION, **self._source_record()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_version(state_dict, self.STATE_VERSION, "TeacherDistillation")
         self._restored = dict(state_dict)
         # A callback created without a teacher (or cache) on resume takes the recorded one.
         if self.teacher_source is None and self.cache_path is None:
@@ -300,8 +301,7 @@ class TeacherDistillation(LossTermCallback):
         self.cache = None
 
     def _student_classes(self, pl_module: pl.LightningModule) -> int | None:
-        value = getattr(pl_module, "num_classes", None)
-        return value if isinstance(value, int) else head_num_classes(pl_module)
+        return count_classes(pl_module, getattr(pl_module, "classifier_head", None))
 
     def _prepare_teacher(self, pl_module: pl.LightningModule) -> None:
         student_classes = self._student_classes(pl_module)
@@ -333,7 +333,7 @@ class TeacherDistillation(LossTermCallback):
         teacher.to(device=pl_module.device, dtype=dtype)
         if self.channels_last:
             teacher.to(memory_format=torch.channels_last)
-        teacher_classes = head_num_classes(teacher)
+        teacher_classes = count_classes(teacher)
         if teacher_classes is not None and student_classes is not None and teacher_classes != student_classes:
             raise ValueError(
                 f"the teacher has {teacher_classes} classes but the student has {student_classes}: pass a "
@@ -438,7 +438,7 @@ class TeacherDistillation(LossTermCallback):
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            return _first_tensor(teacher(x))
+            return first_tensor(teacher(x))
 
     def student_logits(self, context: StepContext) -> Tensor:
         """The logits that get the term: the classifier's, or the auxiliary head's for dual-head KD."""

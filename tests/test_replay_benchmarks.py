@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from lightning_logits.callbacks import ContinualMetrics
 from lightning_logits.callbacks.replay import UER, ExperienceReplay
 from lightning_logits.cli import build_cli
-from lightning_logits.data.streams import ClassIncrementalStream, ContinualMetrics
+from lightning_logits.data.streams import ClassIncrementalStream
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ROOT / "recipes" / "continual"
+RECIPES = ROOT / "recipes" / "replay"
 
 
 @pytest.mark.slow
@@ -36,7 +37,7 @@ def test_digits_recipe_trains(recipe: str, callback: type, tmp_path: Path) -> No
     metrics = next(c for c in cli.trainer.callbacks if isinstance(c, ContinualMetrics))  # type: ignore[attr-defined]
     assert metrics.accuracy_matrix is not None and metrics.accuracy_matrix.shape == (5, 5)
     assert list(tmp_path.rglob("accuracy_matrix.png"))
-    assert "cl/avg_acc" in cli.trainer.callback_metrics
+    assert "continual/avg_acc" in cli.trainer.callback_metrics
 
 
 @pytest.mark.parametrize(
@@ -58,16 +59,16 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_accuracy_benchmark_smoke(tmp_path: Path) -> None:
-    proc = _run(["-m", "benchmarks.accuracy_continual", "--smoke", "--out", str(tmp_path)])
+    proc = _run(["-m", "benchmarks.accuracy_replay", "--smoke", "--out", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| method | buffer | final avg acc (%) | avg forgetting (%) | seeds |" in proc.stdout
     assert "| uer | 50 |" in proc.stdout and "| er | 50 |" in proc.stdout
-    assert (tmp_path / "continual_accuracy_smoke.md").exists() and (tmp_path / "continual_heatmaps_smoke.png").exists()
+    assert (tmp_path / "replay_accuracy_smoke.md").exists() and (tmp_path / "replay_heatmaps_smoke.png").exists()
 
 
 @pytest.mark.slow
 def test_speed_benchmark_smoke() -> None:
-    proc = _run(["-m", "benchmarks.speed", "--suite", "continual", "--smoke", "--no-memory"])
+    proc = _run(["-m", "benchmarks.speed", "--suite", "replay", "--smoke", "--no-memory"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "### speed: continual" in proc.stdout and "| uer | er |" in proc.stdout
+    assert "### speed: replay" in proc.stdout and "| uer | er |" in proc.stdout
     assert "buffer share:" in proc.stdout

@@ -1,4 +1,4 @@
-"""Find a model's classifier head and intermediate layers, and capture what flows through them.
+"""Find a model's classifier head and capture what flows through it: the logit tap.
 
 The *logit tap* is how every method in this library sees a model without changing it: forward
 hooks on the classifier head record the features entering it and the logits leaving it, and hooks
@@ -24,8 +24,17 @@ _TORCHVISION_HEAD_NAMES = ("fc", "classifier", "heads", "head", "last_linear")
 _PARAMETERIZED_HEADS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LazyLinear)
 
 
-def _is_aux(name: str) -> bool:
-    return name == AUX_ATTRIBUTE or name.startswith(AUX_ATTRIBUTE + ".") or ("." + AUX_ATTRIBUTE in name)
+def is_aux(name: str) -> bool:
+    """Whether the module at dotted path ``name`` was added by this library (under :data:`AUX_ATTRIBUTE`).
+
+    The one rule every network reader uses: such modules are never a model's head, never a LAWN
+    layer, never a default feature layer.
+
+    Example:
+        >>> is_aux("lightning_logits_aux.uskd"), is_aux("model.fc"), is_aux("model.lightning_logits_aux_x")
+        (True, False, False)
+    """
+    return AUX_ATTRIBUTE in name.split(".")
 
 
 def _module_name(root: nn.Module, target: nn.Module) -> str:
@@ -41,7 +50,7 @@ def _last_parameterized(
     """The last module of one of ``kinds`` inside ``module`` (itself if it is one)."""
     found: tuple[str, nn.Module] | None = None
     for name, sub in module.named_modules(prefix=prefix):
-        if isinstance(sub, kinds) and not _is_aux(name):
+        if isinstance(sub, kinds) and not is_aux(name):
             found = (name, sub)
     return found
 
@@ -50,7 +59,7 @@ def _candidates(model: nn.Module) -> list[str]:
     return [
         f"{name} ({type(m).__name__})"
         for name, m in model.named_modules()
-        if name and isinstance(m, _PARAMETERIZED_HEADS) and not _is_aux(name)
+        if name and isinstance(m, _PARAMETERIZED_HEADS) and not is_aux(name)
     ]
 
 
@@ -66,7 +75,7 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        names = [n for n, _ in model.named_modules() if n and not _is_aux(n)]
+        names = [n for n, _ in model.named_modules() if n and not is_aux(n)]
         shown = ", ".join(names[:40]) + (" ..." if len(names) > 40 else "")
         raise LookupError(f"no module named '{name}' in {type(model).__name__}; its modules are: {shown}") from None
 
@@ -100,7 +109,7 @@ def find_classifier(model: nn.Module, head: str | None = None) -> tuple[str, nn.
         return head, module
 
     for name, sub in model.named_modules():
-        if _is_aux(name):
+        if is_aux(name):
             continue
         get_classifier = getattr(sub, "get_classifier", None)
         if callable(get_classifier):
@@ -112,7 +121,7 @@ def find_classifier(model: nn.Module, head: str | None = None) -> tuple[str, nn.
             break
 
     for prefix, sub in [("", model), *list(model.named_children())]:
-        if _is_aux(prefix):
+        if is_aux(prefix):
             continue
         for attr in _TORCHVISION_HEAD_NAMES:
             candidate = getattr(sub, attr, None)
@@ -133,23 +142,49 @@ def find_classifier(model: nn.Module, head: str | None = None) -> tuple[str, nn.
     )
 
 
-def head_num_classes(model: nn.Module) -> int | None:
-    """Classes predicted by ``model``'s head (its ``out_features``), or ``None`` when not found.
+def count_classes(model: nn.Module, head: str | None = None) -> int | None:
+    """Classes predicted by ``model``: its head's ``out_features``, else a ``num_classes`` attribute, else ``None``.
+
+    The one class-count rule of the library: what the network outputs (its head) wins over what a
+    module says of itself; a module whose head cannot be found may still declare ``num_classes``.
+
+    Args:
+        model: any ``nn.Module``.
+        head: dotted path of the head when it cannot be found automatically.
 
     Example:
         >>> from torch import nn
-        >>> head_num_classes(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+        >>> count_classes(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
         3
     """
     try:
-        _, head = find_classifier(model)
+        _, module = find_classifier(model, head)
     except LookupError:
-        return None
+        module = None
     for attr in ("out_features", "out_channels"):
-        value = getattr(head, attr, None)
+        value = getattr(module, attr, None)
         if isinstance(value, int):
             return value
-    return None
+    value = getattr(model, "num_classes", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def first_tensor(output: Any) -> Tensor:
+    """The logits in what a network returned: a tensor, ``output.logits``, or the first element of a tuple.
+
+    Example:
+        >>> import torch
+        >>> first_tensor((torch.zeros(2, 3), "aux")).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"the network returned {type(output).__name__}; it must return logits [N, C]")
 
 
 class LogitTap:

@@ -17,13 +17,9 @@ from torch import Tensor, nn
 
 from lightning_logits.buffers import ReservoirBuffer
 from lightning_logits.callbacks.replay import UER, ExperienceReplay
-from lightning_logits.data.streams import (
-    ClassIncrementalStream,
-    ContinualMetrics,
-    average_forgetting,
-    final_average_accuracy,
-)
-from lightning_logits.functional.continual import cosine_logits, uer_loss
+from lightning_logits.callbacks.replay_metrics import ContinualMetrics
+from lightning_logits.data.streams import ClassIncrementalStream
+from lightning_logits.functional.replay import average_forgetting, cosine_logits, final_average_accuracy, uer_loss
 from lightning_logits.modules.classifier import Classifier
 from tests.helpers import TensorDataModule, TinyMLP, TinyNet, blob_data, fast_trainer
 
@@ -123,7 +119,7 @@ def test_uer_loss_matches_reference(
     if use_mask:
         mask = torch.rand(c, generator=g) < 0.5
         mask[y] = True
-    got = uer_loss(h, y, w, hm, ym, bias=b, tau=tau, logit_mask=mask)
+    got = uer_loss(h, y, w, hm, ym, bias=b, temperature=tau, logit_mask=mask)
     want = ref_uer(h, y, w, hm, ym, b, tau, mask)
     assert math.isclose(float(got), want, rel_tol=1e-4, abs_tol=1e-4)
 
@@ -132,14 +128,14 @@ def test_uer_loss_replay_term_is_plain_cross_entropy_and_zero_without_replay() -
     g = torch.Generator().manual_seed(1)
     h, w, b = torch.randn(4, 5, generator=g), torch.randn(3, 5, generator=g), torch.randn(3, generator=g)
     y, hm, ym = torch.tensor([0, 1, 2, 0]), torch.randn(6, 5, generator=g), torch.tensor([2, 2, 1, 0, 1, 0])
-    alone = uer_loss(h, y, w, tau=0.5)
+    alone = uer_loss(h, y, w, temperature=0.5)
     assert math.isclose(float(alone), ref_ce(ref_cosine(h, w) / 0.5, y), rel_tol=1e-5)
-    assert float(uer_loss(h, y, w, hm[:0], ym[:0], tau=0.5)) == pytest.approx(float(alone))
-    both = uer_loss(h, y, w, hm, ym, bias=b, tau=0.5)
+    assert float(uer_loss(h, y, w, hm[:0], ym[:0], temperature=0.5)) == pytest.approx(float(alone))
+    both = uer_loss(h, y, w, hm, ym, bias=b, temperature=0.5)
     z = hm @ w.T + b
     assert float(both - alone) == pytest.approx(float(torch.nn.functional.cross_entropy(z, ym)), rel=1e-5)
     # the bias only enters the replay term
-    assert float(uer_loss(h, y, w, bias=b, tau=0.5)) == pytest.approx(float(alone))
+    assert float(uer_loss(h, y, w, bias=b, temperature=0.5)) == pytest.approx(float(alone))
 
 
 def test_uer_loss_mask_excludes_classes_from_softmax_and_their_gradient() -> None:
@@ -147,7 +143,7 @@ def test_uer_loss_mask_excludes_classes_from_softmax_and_their_gradient() -> Non
     w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]], requires_grad=True)
     y = torch.tensor([0, 1])
     mask = torch.tensor([True, True, False, False])
-    loss = uer_loss(h, y, w, tau=1.0, logit_mask=mask)
+    loss = uer_loss(h, y, w, temperature=1.0, logit_mask=mask)
     # with only classes 0 and 1 the logits are [1, 0] and [0, 1] (up to eps): CE = log(1 + e^-1)
     assert float(loss.detach()) == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-5)
     loss.backward()
@@ -210,8 +206,8 @@ def test_other_dtypes(dtype: torch.dtype) -> None:
         ({"target": torch.tensor([0, -1, 1])}, "labels must lie"),
         ({"target": torch.tensor([0.0, 1.0, 1.0])}, "int class indices"),
         ({"target": torch.tensor([0, 1])}, "shape"),
-        ({"tau": 0.0}, "tau"),
-        ({"tau": float("inf")}, "tau"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
         ({"logit_mask": torch.tensor([True, False, True])}, r"labels \[1\] are excluded"),
         ({"logit_mask": torch.tensor([1, 1, 1])}, "bool tensor"),
         ({"replay_features": torch.randn(2, 4)}, "together"),
@@ -520,8 +516,8 @@ def test_uer_on_stream_separate_forward_passes_and_metrics(tmp_path: Path) -> No
     assert (tmp_path / "accuracy_matrix.png").stat().st_size > 1000
     torch.testing.assert_close(torch.load(tmp_path / "accuracy_matrix.pt"), r, equal_nan=True)
     logged = trainer.callback_metrics
-    assert float(logged["cl/final_avg_acc"]) == pytest.approx(metrics.final_average_accuracy, abs=1e-6)
-    assert "cl/forgetting" in logged and "train/loss_uer" in logged
+    assert float(logged["continual/final_avg_acc"]) == pytest.approx(metrics.final_average_accuracy, abs=1e-6)
+    assert "continual/forgetting" in logged and "train/loss_uer" in logged
     assert uer.seen_classes is not None and bool(uer.seen_classes.all())
     # the last row equals the accuracy of the final model, task by task, computed here
     module.eval()

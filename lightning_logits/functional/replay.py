@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_logits.functional._checks import check_target
 
-__all__ = ["cosine_logits", "uer_loss"]
+__all__ = ["average_forgetting", "cosine_logits", "final_average_accuracy", "uer_loss"]
 
 
 def _check_matrix(value: Tensor, name: str, shape_hint: str) -> None:
@@ -91,12 +91,12 @@ def uer_loss(
     replay_features: Tensor | None = None,
     replay_target: Tensor | None = None,
     bias: Tensor | None = None,
-    tau: float = 0.09,
+    temperature: float = 0.09,
     logit_mask: Tensor | None = None,
 ) -> Tensor:
     """The UER loss: angle-only cross-entropy on incoming samples, full cross-entropy on replayed ones.
 
-    ``L = CE(cosine_logits(h, W) / tau, y) + CE(h_m W^T + b, y_m)``, each a mean over its own
+    ``L = CE(cosine_logits(h, W) / τ, y) + CE(h_m W^T + b, y_m)``, each a mean over its own
     batch; the second term is 0 when there are no replayed samples (an empty buffer).
 
     Args:
@@ -106,7 +106,7 @@ def uer_loss(
         replay_features: ``[M, D]`` features of the replayed batch, or ``None``/``M = 0``.
         replay_target: ``[M]`` int class indices of the replayed batch (with ``replay_features``).
         bias: ``[C]`` bias of the head, used only in the replay term's dot-product logits.
-        tau: temperature of the cosine logits (0.09, the author's cosine-linear default).
+        temperature: τ, the temperature of the cosine logits (0.09, the author's cosine-linear default).
         logit_mask: bool ``[C]``; when given, classes where it is ``False`` are left out of the
             incoming batch's softmax (e.g. classes not seen yet). Every incoming label must be
             in the mask. The replay term always uses all classes.
@@ -117,9 +117,9 @@ def uer_loss(
     Example:
         >>> import torch
         >>> h, w = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-        >>> round(uer_loss(h, torch.tensor([0]), w, tau=1.0).item(), 4)  # CE of logits [1, 0]
+        >>> round(uer_loss(h, torch.tensor([0]), w, temperature=1.0).item(), 4)  # CE of logits [1, 0]
         0.3133
-        >>> round(uer_loss(h, torch.tensor([0]), w, h, torch.tensor([1]), tau=1.0).item(), 4)
+        >>> round(uer_loss(h, torch.tensor([0]), w, h, torch.tensor([1]), temperature=1.0).item(), 4)
         1.6265
     """
     _check_matrix(features, "features", "[N, D] (incoming batch, feature dimension)")
@@ -132,8 +132,8 @@ def uer_loss(
         )
     if features.shape[0] == 0:
         raise ValueError("features hold no incoming samples (N=0); the incoming batch must not be empty")
-    if not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a positive finite temperature, got {tau}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
     if target.is_floating_point():
         raise TypeError(f"target must hold int class indices, got dtype {target.dtype}")
     check_target(target, features.shape[0], num_classes)
@@ -141,7 +141,7 @@ def uer_loss(
         shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
         raise ValueError(f"bias must have shape [C] = [{num_classes}], got {shape}")
 
-    logits = cosine_logits(features, weight).float() / tau
+    logits = cosine_logits(features, weight).float() / temperature
     if logit_mask is not None:
         if logit_mask.dtype != torch.bool or logit_mask.shape != (num_classes,):
             raise ValueError(
@@ -171,3 +171,27 @@ def uer_loss(
             replay_logits = F.linear(replay_features.float(), weight.float(), None if bias is None else bias.float())
             loss = loss + F.cross_entropy(replay_logits, replay_target.long())
     return loss
+
+
+def final_average_accuracy(matrix: Tensor) -> float:
+    """Mean accuracy over all tasks after the last task: ``mean_j R[T-1, j]``.
+
+    Example:
+        >>> final_average_accuracy(torch.tensor([[0.9, float("nan")], [0.5, 0.8]]))
+        0.65
+    """
+    return round(float(matrix[-1].double().mean()), 6)
+
+
+def average_forgetting(matrix: Tensor) -> float:
+    """Mean over the first ``T-1`` tasks of ``max_{l < T-1} R[l, j] - R[T-1, j]`` (0 when ``T = 1``).
+
+    Example:
+        >>> average_forgetting(torch.tensor([[0.9, float("nan")], [0.5, 0.8]]))
+        0.4
+    """
+    t = matrix.shape[0]
+    if t < 2:
+        return 0.0
+    best = matrix[: t - 1, : t - 1].nan_to_num(float("-inf")).amax(dim=0)
+    return round(float((best.double() - matrix[t - 1, : t - 1].double()).mean()), 6)

@@ -6,8 +6,8 @@ stream with a real ``Trainer`` and :class:`ContinualMetrics`; the table reports 
 of the final average accuracy and the average forgetting, and a PNG shows the mean accuracy
 matrices as heatmaps. ``finetune`` (no replay) is the lower bound.
 
-    python -m benchmarks.accuracy_continual            # the real run (5 seeds, buffers 50/100/200)
-    python -m benchmarks.accuracy_continual --smoke    # seconds: checks it runs
+    python -m benchmarks.accuracy_replay            # the real run (5 seeds, buffers 50/100/200)
+    python -m benchmarks.accuracy_replay --smoke    # seconds: checks it runs
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from benchmarks.harness import quiet_trainer
+from lightning_logits.callbacks import ContinualMetrics
 from lightning_logits.callbacks.replay import UER, ExperienceReplay
-from lightning_logits.data.streams import ClassIncrementalStream, ContinualMetrics
+from lightning_logits.data.streams import ClassIncrementalStream
 from lightning_logits.modules.classifier import Classifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +62,7 @@ def run_one(method: str, buffer_size: int, seed: int, limit_batches: int | None,
         reload_dataloaders_every_n_epochs=1,
         limit_train_batches=limit_batches,
         callbacks=callbacks,
-        default_root_dir=tempfile.mkdtemp(prefix="ll_continual_"),  # ContinualMetrics writes its matrix here
+        default_root_dir=tempfile.mkdtemp(prefix="ll_replay_"),  # ContinualMetrics writes its matrix here
     )
     trainer.fit(
         module, datamodule=ClassIncrementalStream("digits", num_tasks=5, batch_size=10, seed=seed, flatten=True)
@@ -72,7 +73,7 @@ def run_one(method: str, buffer_size: int, seed: int, limit_batches: int | None,
 
 
 def _forgetting(m: torch.Tensor) -> float:
-    from lightning_logits.data.streams import average_forgetting
+    from lightning_logits.functional import average_forgetting
 
     return average_forgetting(m)
 
@@ -145,13 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = time.time() - start
     table = "\n".join(
         [
-            "### accuracy: continual (split digits, 5 tasks x 2 classes, online, batch 10, replay batch 10)",
+            "### accuracy: replay (split digits, 5 tasks x 2 classes, online, batch 10, replay batch 10)",
             "",
             "| method | buffer | final avg acc (%) | avg forgetting (%) | seeds |",
             "|---|---:|---:|---:|---:|",
             *rows,
             "",
-            "MLP 64-256-256-10, SGD lr 0.1, UER tau 0.09 (uer: mask 'all', uer-seen: mask 'seen'); "
+            "MLP 64-256-256-10, SGD lr 0.1, UER temperature 0.09 (uer: mask 'all', uer-seen: mask 'seen'); "
             f"mean ± std over seeds; {elapsed:.0f} s on the CPU"
             + (" (smoke: 3 batches per task)" if args.smoke else ""),
         ]
@@ -159,8 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_smoke" if args.smoke else ""
-    (args.out / f"continual_accuracy{suffix}.md").write_text(table + "\n")
-    plot_heatmaps(mean_matrices, args.out / f"continual_heatmaps{suffix}.png")
+    (args.out / f"replay_accuracy{suffix}.md").write_text(table + "\n")
+    plot_heatmaps(mean_matrices, args.out / f"replay_heatmaps{suffix}.png")
 
 
 if __name__ == "__main__":
