@@ -6,7 +6,17 @@ over these functions.
 """
 
 from lightning_logits.functional.classification import classification_loss
-from lightning_logits.functional.distillation import kd_loss, nkd_loss
+from lightning_logits.functional.distillation import (
+    DISTILLATION_LOSSES,
+    dhkd_loss,
+    dist_loss,
+    dkd_loss,
+    dkd_warmup,
+    get_distillation_loss,
+    kd_loss,
+    nkd_loss,
+    standardize_logits,
+)
 from lightning_logits.functional.lawn import (
     frobenius_norm,
     project_to_tangent,
@@ -26,11 +36,17 @@ from lightning_logits.functional.replay import average_forgetting, cosine_logits
 from lightning_logits.functional.uskd import uskd_loss, uskd_soft_target_weight, uskd_target_classes, uskd_zipf_labels
 
 __all__ = [
+    "DISTILLATION_LOSSES",
     "average_forgetting",
     "classification_loss",
     "cosine_logits",
+    "dhkd_loss",
+    "dist_loss",
+    "dkd_loss",
+    "dkd_warmup",
     "final_average_accuracy",
     "frobenius_norm",
+    "get_distillation_loss",
     "kd_loss",
     "mowst_dispersion",
     "mowst_expected_accuracy",
@@ -43,6 +59,7 @@ __all__ = [
     "project_to_tangent_",
     "rescale_to_norm",
     "rescale_to_norm_",
+    "standardize_logits",
     "uer_loss",
     "uskd_loss",
     "uskd_soft_target_weight",
