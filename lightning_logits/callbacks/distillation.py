@@ -413,7 +413,7 @@ class TeacherDistillation(LossTermCallback):
             self.cache = None
 
     def teacher_logits(self, context: StepContext) -> Tensor:
-        """The teacher's ``[N, C]`` logits for this step: from the cache, or a no-grad forward pass.
+        """The teacher's ``[N, C]`` (``[B, T, V]`` for an LM) logits for this step: cache or no-grad forward pass.
 
         Override to change how the teacher is called (e.g. a teacher with several inputs).
         """
