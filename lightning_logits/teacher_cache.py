@@ -11,7 +11,14 @@ index of the data set (row ``i`` is the sample the dataloader tags with index ``
 - ``indices.npy``: int16 (int32 beyond 32767 classes) ``[M, k]``, their class indices;
 - ``rest.npy``: float32 ``[M]``, the log-sum-exp of the ``C - k`` other logits (``-inf`` when ``k = C``);
 - ``written.npy``: bool ``[M]``, which rows were filled (reading an unfilled row is an error);
-- ``meta.json``: ``num_samples``, ``num_classes``, ``k``, the teacher's source and the format version.
+- ``meta.json``: ``num_samples``, ``num_classes``, ``k``, ``positions``, the teacher's source and the
+  format version.
+
+**Sequences.** A teacher that returns per-token logits ``[N, T, C]`` (a language model) gets a
+cache with ``T`` positions per row: ``values``/``indices`` ``[M, T, k]`` and ``rest`` ``[M, T]``
+(``meta["positions"] = T``; every sample must have the same ``T``, pad shorter ones), and
+:meth:`TeacherLogitCache.logits` returns ``[B, T, C]``. With a vocabulary of 32k and ``k = 32``
+this stores about 1/500 of the full logits.
 
 **Reconstruction of a full row** (:func:`reconstruct_logits`). The ``k`` stored logits are put
 back in their columns and every other column gets the same fill value
@@ -61,19 +68,19 @@ FORMAT_VERSION = 1
 
 
 def reconstruct_logits(values: Tensor, indices: Tensor, rest: Tensor, num_classes: int) -> Tensor:
-    """Rebuild full ``[B, C]`` logit rows from top-k logits and the log-sum-exp of the others.
+    """Rebuild full ``[..., C]`` logit rows from top-k logits and the log-sum-exp of the others.
 
     Every non-top-k column is filled with ``rest - log(C - k)``, which keeps the teacher's total
     softmax mass of the non-top-k classes at temperature 1 (see the module docstring).
 
     Args:
-        values: ``[B, k]`` top-k logits (any float dtype).
-        indices: ``[B, k]`` their class indices.
-        rest: ``[B]`` log-sum-exp of the ``C - k`` other logits (ignored when ``k = C``).
+        values: ``[..., k]`` top-k logits (any float dtype): ``[B, k]``, or ``[B, T, k]`` per token.
+        indices: ``[..., k]`` their class indices.
+        rest: ``[...]`` log-sum-exp of the ``C - k`` other logits (ignored when ``k = C``).
         num_classes: ``C``.
 
     Returns:
-        float32 ``[B, C]`` logits.
+        float32 ``[..., C]`` logits.
 
     Example:
         >>> import torch
@@ -86,15 +93,15 @@ def reconstruct_logits(values: Tensor, indices: Tensor, rest: Tensor, num_classe
         >>> torch.allclose(rebuilt.softmax(1)[0, [1, 3]].sum(), full.softmax(1)[0, [1, 3]].sum())
         True
     """
-    k = values.shape[1]
+    k = values.shape[-1]
     if k > num_classes:
         raise ValueError(f"k = {k} stored logits but only {num_classes} classes")
     if k == num_classes:
-        out = torch.empty(values.shape[0], num_classes, dtype=torch.float32, device=values.device)
+        out = torch.empty(*values.shape[:-1], num_classes, dtype=torch.float32, device=values.device)
     else:
         fill = rest.float() - math.log(num_classes - k)
-        out = fill.unsqueeze(1).expand(-1, num_classes).clone()
-    return out.scatter_(1, indices.long(), values.float())
+        out = fill.unsqueeze(-1).expand(*fill.shape, num_classes).clone()
+    return out.scatter_(-1, indices.long(), values.float())
 
 
 class TeacherLogitCache:
@@ -127,6 +134,9 @@ class TeacherLogitCache:
         self.num_samples = int(self.meta["num_samples"])
         self.num_classes = int(self.meta["num_classes"])
         self.k = int(self.meta["k"])
+        positions = self.meta.get("positions")
+        #: tokens per sample of a sequence cache (rows ``[T, k]``), ``None`` for classification rows
+        self.positions: int | None = None if positions is None else int(positions)
         self.source: str = str(self.meta.get("teacher", ""))
         self._open()
 
@@ -162,7 +172,7 @@ class TeacherLogitCache:
         return rows
 
     def topk(self, index: Tensor | Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
-        """``(values [B, k] float16, indices [B, k] int64, rest [B] float32)`` of samples ``index``."""
+        """``(values [B, (T,) k] float16, indices [B, (T,) k] int64, rest [B, (T)] float32)`` of samples ``index``."""
         rows = self._rows(index)
         values = torch.from_numpy(np.ascontiguousarray(self.values[rows]))
         indices = torch.from_numpy(np.ascontiguousarray(self.indices[rows]).astype(np.int64))
@@ -170,7 +180,10 @@ class TeacherLogitCache:
         return values, indices, rest
 
     def logits(self, index: Tensor | Sequence[int], device: torch.device | str | None = None) -> Tensor:
-        """Reconstructed float32 teacher logits ``[B, C]`` of samples ``index`` (see :func:`reconstruct_logits`)."""
+        """Reconstructed float32 teacher logits ``[B, C]`` (``[B, T, C]`` for sequences) of samples ``index``.
+
+        See :func:`reconstruct_logits`.
+        """
         values, indices, rest = self.topk(index)
         if device is not None:
             values, indices, rest = (t.to(device, non_blocking=True) for t in (values, indices, rest))
@@ -226,6 +239,7 @@ def build_teacher_cache(
     teacher = teacher.to(device).eval()
     arrays: dict[str, np.memmap] = {}
     num_classes = -1
+    positions: int | None = None
     for batch in dataloader:
         index = batch_index(batch)
         if index is None:
@@ -237,26 +251,35 @@ def build_teacher_cache(
         if input_transform is not None:
             x = input_transform(x)
         logits = first_tensor(teacher(x)).float()
-        if logits.ndim != 2:
-            raise ValueError(f"the teacher returned logits of shape {tuple(logits.shape)}, expected [N, C]")
+        if logits.ndim not in (2, 3):
+            raise ValueError(
+                f"the teacher returned logits of shape {tuple(logits.shape)}, expected [N, C] or [N, T, C] (per token)"
+            )
         if not arrays:
-            num_classes = logits.shape[1]
+            num_classes = logits.shape[-1]
+            positions = logits.shape[1] if logits.ndim == 3 else None
             k = min(k, num_classes)
             index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
             fmt = np.lib.format
+            lead = (num_samples,) if positions is None else (num_samples, positions)
             arrays = {
-                "values": fmt.open_memmap(out / "values.npy", "w+", np.float16, (num_samples, k)),
-                "indices": fmt.open_memmap(out / "indices.npy", "w+", index_dtype, (num_samples, k)),
-                "rest": fmt.open_memmap(out / "rest.npy", "w+", np.float32, (num_samples,)),
+                "values": fmt.open_memmap(out / "values.npy", "w+", np.float16, (*lead, k)),
+                "indices": fmt.open_memmap(out / "indices.npy", "w+", index_dtype, (*lead, k)),
+                "rest": fmt.open_memmap(out / "rest.npy", "w+", np.float32, lead),
                 "written": fmt.open_memmap(out / "written.npy", "w+", np.bool_, (num_samples,)),
             }
-        if logits.shape[1] != num_classes:
-            raise ValueError(f"the teacher returned {logits.shape[1]} classes after {num_classes} in earlier batches")
-        values, top = logits.topk(k, dim=1)
+        if logits.shape[-1] != num_classes:
+            raise ValueError(f"the teacher returned {logits.shape[-1]} classes after {num_classes} in earlier batches")
+        if (logits.shape[1] if logits.ndim == 3 else None) != positions:
+            raise ValueError(
+                f"the teacher returned logits of shape {tuple(logits.shape)} after rows of {positions} positions: a "
+                "sequence cache needs the same number of tokens in every sample (pad them)"
+            )
+        values, top = logits.topk(k, dim=-1)
         if k < num_classes:
-            rest = logits.scatter(1, top, float("-inf")).logsumexp(dim=1)
+            rest = logits.scatter(-1, top, float("-inf")).logsumexp(dim=-1)
         else:
-            rest = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
+            rest = torch.full(logits.shape[:-1], float("-inf"), device=logits.device)
         if bool((values.abs() > torch.finfo(torch.float16).max).any()):
             raise ValueError(
                 f"teacher logits reach {values.abs().max().item():.3g}, beyond float16's range; they cannot be cached"
@@ -277,6 +300,7 @@ def build_teacher_cache(
         "num_samples": num_samples,
         "num_classes": num_classes,
         "k": k,
+        "positions": positions,
         "teacher": source or type(teacher).__name__,
         "reconstruction": "non-top-k columns = rest - log(C - k) (keeps their softmax mass at T=1)",
     }

@@ -1,10 +1,13 @@
-"""Distill a frozen teacher's logits into any classifier: KD or NKD as a loss-term Callback."""
+"""Distill a frozen teacher's logits into any classifier or language model, as a loss-term Callback.
+
+Losses: KD, NKD, DKD, DIST, dual-head KD (DHKD), or a user's function.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -14,16 +17,30 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_logits.batch import batch_index
-from lightning_logits.functional.distillation import kd_loss, nkd_loss
-from lightning_logits.loss_terms import LossTermCallback, StepContext, check_state_version
+from lightning_logits.functional.distillation import (
+    DEFAULT_TEMPERATURE,
+    DISTILLATION_LOSSES,
+    DistillationLossName,
+    dkd_warmup,
+    standardize_logits,
+)
+from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext, check_state_version
 from lightning_logits.networks.factory import load_teacher, teacher_fingerprint
-from lightning_logits.networks.heads import count_classes, first_tensor
+from lightning_logits.networks.heads import AUX_ATTRIBUTE, aux_modules, count_classes, find_classifier, first_tensor
 from lightning_logits.teacher_cache import TeacherLogitCache
 
 __all__ = ["ResizeInput", "TeacherDistillation"]
 
-_LOSSES = ("kd", "nkd")
-_DEFAULT_TEMPERATURE = {"kd": 4.0, "nkd": 1.0}
+_LOSSES: tuple[str, ...] = get_args(DistillationLossName)
+# each loss's own hyperparameters and their defaults (mdistiller's CIFAR-100 DKD config, DIST's and NKD's)
+_LOSS_PARAMETERS: dict[str, dict[str, float]] = {
+    "kd": {},
+    "nkd": {"gamma": 1.5},
+    "dkd": {"alpha": 1.0, "beta": 8.0},
+    "dist": {"beta": 1.0, "gamma": 1.0},
+    "dhkd": {},
+}
+_DEFAULT_WARMUP = {"dkd": 20.0}  # epochs; mdistiller's DKD.WARMUP
 _PRECISIONS: dict[str, torch.dtype | None] = {
     "32": None,
     "32-true": None,
@@ -69,29 +86,64 @@ class ResizeInput:
 
 
 class TeacherDistillation(LossTermCallback):
-    """Add a KD or NKD term from a frozen teacher to the training loss of any classifier.
+    """Add a distillation term from a frozen teacher to the training loss of any classifier or LM.
 
     The task loss stays; ``weight * loss(student_logits, teacher_logits)`` is added and logged as
-    ``train/loss_kd`` or ``train/loss_nkd``. The teacher sees ``context.input``, the student's
-    actual input (after mixup/cutmix when the module applies them), and the target is
-    ``context.target`` (soft after mixup: NKD uses its argmax).
+    ``train/loss_<name>`` (``name`` defaults to the loss's name). The teacher sees
+    ``context.input``, the student's actual input (after mixup/cutmix when the module applies
+    them), and the target is ``context.target`` (soft after mixup: NKD and DKD use its argmax).
+
+    **Losses** (:mod:`lightning_logits.functional.distillation`): ``"kd"`` (Hinton), ``"nkd"``
+    (normalized KD), ``"dkd"`` (decoupled KD, with its linear warm-up over ``warmup_epochs``),
+    ``"dist"`` (correlation-based DIST), ``"dhkd"`` (dual-head KD: the BinaryKL-Norm term on an
+    auxiliary linear head, see below), or your own callable, called as ``loss(student_logits,
+    teacher_logits, target=..., temperature=..., mask=..., validate_args=..., **loss_kwargs)``.
+    ``standardize=True`` z-scores both logit rows first (logit standardization).
+
+    **Dual-head KD** (``loss="dhkd"``): an ``nn.Linear`` with the classifier head's shape is put
+    under ``aux_modules(pl_module)["dual_head"]`` (trained by the module's optimizer, saved in its
+    checkpoints); it reads the features entering the classifier head and only its logits get the
+    distillation term, so the main head keeps the cross-entropy alone. The auxiliary head is
+    never used by ``forward``; :meth:`Classifier.load_from_checkpoint` drops it for inference.
+
+    **Sequences** (causal language models): a module whose ``training_step`` returns
+    ``{"loss", "logits": [B, T, V], "target": [B, T]}`` (``-100`` = ignored) gets the loss as the
+    mean over the non-ignored tokens (an optional ``"mask"`` ``[B, T]`` bool entry also works);
+    ``chunk_size`` computes KD, NKD, DKD or DHKD over that many tokens at a time, keeping the
+    peak memory close to the cross-entropy's. The teacher is called on the token ids and must
+    return ``[B, T, V]``; a sequence cache (:func:`~lightning_logits.teacher_cache.build_teacher_cache`
+    on ``[N, T]`` rows) stores the top-k logits per token.
 
     The teacher lives on this callback, not on the LightningModule: Lightning never moves it to
     train mode, DDP never wraps it, and it is never written into the student's checkpoint. It is
     frozen (``requires_grad=False``), kept in eval mode (checked before each forward pass), run
     under ``torch.no_grad()`` on the student's device, optionally in bf16/fp16 and channels_last.
     The checkpoint records where the teacher came from (``teacher``, ``checkpoint``, ``cache``)
-    and a fingerprint of its weights, so a resumed run reloads it, and warns if it differs.
+    and a fingerprint of its weights, so a resumed run reloads it, and warns if it differs. The
+    loss checks that read tensor values (non-finite logits, label range) run on the first step
+    only, so the steady-state step has no extra host-device synchronization.
 
     Args:
         teacher: an ``nn.Module`` (moved and cast in place, as Lightning moves a model); the path
             of a checkpoint of our :class:`~lightning_logits.modules.Classifier`; or a timm model name (or
             ``"torchvision/<name>"``) with ``checkpoint``. ``None`` when ``cache`` is given, or on
             resume (the recorded source is loaded).
-        loss: ``"nkd"`` (default) or ``"kd"``.
+        loss: ``"nkd"`` (default), ``"kd"``, ``"dkd"``, ``"dist"``, ``"dhkd"``, or a callable.
         weight: weight of the term in the total loss (default 1.0).
-        temperature: ``None`` for the loss's default (NKD 1.0, KD 4.0).
-        gamma: NKD's non-target weight (default 1.5; ignored by KD).
+        temperature: ``None`` for the loss's default (KD 4, NKD 1, DKD 4, DIST 1, DHKD 2; 1 for a
+            callable).
+        gamma: NKD's non-target weight (default 1.5) or DIST's intra-class weight (default 1.0).
+        alpha: DKD's target-class (TCKD) weight (default 1.0).
+        beta: DKD's non-target (NCKD) weight (default 8.0) or DIST's inter-class weight (default 1.0).
+            Hyperparameters a loss does not have are ignored.
+        standardize: z-score student and teacher logits before the loss (logit standardization;
+            the official CIFAR-100 setting uses ``temperature=2`` and a KD weight of 9).
+        warmup_epochs: multiply the term by ``min((epoch + 1) / warmup_epochs, 1)`` (epoch counted
+            from 0 here, from 1 in mdistiller); ``None``: 20 for DKD (the official warm-up), 0
+            (off) for the others.
+        chunk_size: positions per chunk for KD/NKD/DKD/DHKD on large vocabularies (``None``: all
+            at once; DIST has no chunked path).
+        loss_kwargs: extra keyword arguments for a callable ``loss``.
         cache: directory of a top-k teacher-logit cache
             (:mod:`lightning_logits.teacher_cache`); the batches must then carry sample indices
             (``(input, target, index)``), and no teacher runs.
@@ -104,24 +156,31 @@ class TeacherDistillation(LossTermCallback):
         channels_last: convert the teacher and its inputs to channels_last memory format.
         input_transform: a callable applied to the student's input before the teacher (e.g.
             :class:`ResizeInput` for a ViT/CNN pair with different input sizes).
-        name: the loss term's name (default: the value of ``loss``).
+        name: the loss term's name (default: the value of ``loss``, or ``"distill"`` for a callable).
 
     Example:
         >>> from torch import nn
-        >>> callback = TeacherDistillation(nn.Linear(4, 3), loss="kd", weight=0.5)
-        >>> callback.name, callback.temperature, callback.weight
-        ('kd', 4.0, 0.5)
+        >>> callback = TeacherDistillation(nn.Linear(4, 3), loss="dkd", weight=0.5)
+        >>> callback.name, callback.temperature, callback.loss_kwargs, callback.warmup_epochs
+        ('dkd', 4.0, {'alpha': 1.0, 'beta': 8.0}, 20.0)
     """
 
-    STATE_VERSION = 1
+    AUX_KEY = "dual_head"
+    STATE_VERSION = 2  # 2: loss_kwargs, standardize, warmup_epochs
 
     def __init__(
         self,
         teacher: nn.Module | str | None = None,
-        loss: str = "nkd",
+        loss: DistillationLossName | Callable[..., Tensor] = "nkd",
         weight: float = 1.0,
         temperature: float | None = None,
-        gamma: float = 1.5,
+        gamma: float | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+        standardize: bool = False,
+        warmup_epochs: float | None = None,
+        chunk_size: int | None = None,
+        loss_kwargs: dict[str, Any] | None = None,
         cache: str | None = None,
         checkpoint: str | None = None,
         num_classes: int | None = None,
@@ -131,20 +190,51 @@ class TeacherDistillation(LossTermCallback):
         input_transform: Callable[[Tensor], Tensor] | None = None,
         name: str | None = None,
     ) -> None:
-        if loss not in _LOSSES:
-            raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
-        super().__init__(name=name or loss, weight=weight)
+        loss_name: str
+        if isinstance(loss, str):
+            if loss not in _LOSSES:
+                raise ValueError(f"loss must be one of {_LOSSES} or a callable, got {loss!r}")
+            loss_name = loss
+        elif callable(loss):
+            loss_name = "distill"
+        else:
+            raise TypeError(f"loss must be one of {_LOSSES} or a callable, got {type(loss).__name__}")
+        super().__init__(name=name or loss_name, weight=weight)
         if temperature is None:
-            temperature = _DEFAULT_TEMPERATURE[loss]
+            temperature = DEFAULT_TEMPERATURE.get(loss_name, 1.0)
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        given = {"gamma": gamma, "alpha": alpha, "beta": beta}
+        for key, value in given.items():
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, got {value}")
+        if warmup_epochs is None:
+            warmup_epochs = _DEFAULT_WARMUP.get(loss_name, 0.0)
+        if not (math.isfinite(warmup_epochs) and warmup_epochs >= 0):
+            raise ValueError(f"warmup_epochs must be a finite number >= 0 (0: no warm-up), got {warmup_epochs}")
+        if chunk_size is not None and (chunk_size < 1 or loss_name == "dist"):
+            raise ValueError(
+                f"chunk_size must be None or a positive number of positions (and None for DIST), got {chunk_size} "
+                f"with loss={loss_name!r}"
+            )
         if precision is not None and str(precision) not in _PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)} or None, got {precision!r}")
         if teacher is not None and not isinstance(teacher, nn.Module | str):
             raise TypeError(f"teacher must be an nn.Module, a name or a checkpoint path, got {type(teacher).__name__}")
-        self.loss = loss
+        self.loss = loss_name
+        self.loss_fn: Callable[..., Tensor] = DISTILLATION_LOSSES[loss_name] if isinstance(loss, str) else loss
         self.temperature = float(temperature)
-        self.gamma = float(gamma)
+        if isinstance(loss, str):
+            self.loss_kwargs: dict[str, Any] = {
+                key: float(given[key]) if given[key] is not None else default  # type: ignore[arg-type]
+                for key, default in _LOSS_PARAMETERS[loss_name].items()
+            }
+        else:
+            self.loss_kwargs = dict(loss_kwargs or {})
+        self.gamma = self.loss_kwargs.get("gamma", gamma)
+        self.standardize = bool(standardize)
+        self.warmup_epochs = float(warmup_epochs)
+        self.chunk_size = chunk_size
         self.teacher_source = teacher
         self.cache_path = cache
         self.checkpoint = checkpoint
@@ -158,6 +248,7 @@ class TeacherDistillation(LossTermCallback):
         self.fingerprint: str | None = None
         self._dtype: torch.dtype | None = None
         self._restored: dict[str, Any] = {}
+        self._validated = False
 
     @property
     @override
@@ -176,9 +267,12 @@ class TeacherDistillation(LossTermCallback):
             "teacher_kwargs": self.teacher_kwargs,
             "cache": self.cache_path,
             "fingerprint": self.fingerprint,
-            "loss": self.loss,
+            "loss": self.loss if self.loss != "distill" else getattr(self.loss_fn, "__qualname__", "callable"),
             "temperature": self.temperature,
             "gamma": self.gamma,
+            "loss_kwargs": dict(self.loss_kwargs),
+            "standardize": self.standardize,
+            "warmup_epochs": self.warmup_epochs,
         }
 
     @override
@@ -261,8 +355,55 @@ class TeacherDistillation(LossTermCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here rather than in setup: the student is on its device and a resumed state is loaded.
+        self._validated = False
         if self.teacher is None and self.cache is None:
             self._prepare_teacher(pl_module)
+
+    # ----------------------------------------------------------------- dual head
+    def build_dual_head(self, pl_module: pl.LightningModule) -> nn.Linear:
+        """Put ``Linear(D, C)`` (the classifier head's shape) under ``aux_modules(pl_module)["dual_head"]``.
+
+        Reused when it already exists with that shape (a second ``fit`` continues with it).
+        """
+        head_name, head = find_classifier(pl_module, getattr(pl_module, "classifier_head", None))
+        in_features = getattr(head, "in_features", None)
+        out_features = getattr(head, "out_features", None)
+        if not (isinstance(in_features, int) and isinstance(out_features, int)):
+            raise LookupError(
+                f"dual-head KD needs an nn.Linear classifier head to copy its shape; '{head_name}' is a "
+                f"{type(head).__name__}. Set `classifier_head` on your module to the Linear head's dotted path."
+            )
+        aux = aux_modules(pl_module)
+        existing = aux[self.AUX_KEY] if self.AUX_KEY in aux else None  # noqa: SIM401 (ModuleDict has no get)
+        if isinstance(existing, nn.Linear) and (existing.in_features, existing.out_features) == (
+            in_features,
+            out_features,
+        ):
+            return existing
+        reference = next(pl_module.parameters(), None)
+        dual = nn.Linear(in_features, out_features)
+        if reference is not None:
+            dual = dual.to(device=reference.device)
+        aux[self.AUX_KEY] = dual
+        return dual
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            # validate/test with ckpt_path restore the whole state_dict, the dual head included
+            existing = getattr(pl_module, AUX_ATTRIBUTE, None)
+            if self.loss == "dhkd" and not (isinstance(existing, nn.ModuleDict) and self.AUX_KEY in existing):
+                try:
+                    self.build_dual_head(pl_module)
+                except LookupError as err:
+                    rank_zero_warn(f"TeacherDistillation could not rebuild its dual head for '{stage}' ({err})")
+            return
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_hub_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hub: LossTermHub) -> None:
+        if self.loss == "dhkd":
+            self.build_dual_head(pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -272,7 +413,7 @@ class TeacherDistillation(LossTermCallback):
             self.cache = None
 
     def teacher_logits(self, context: StepContext) -> Tensor:
-        """The teacher's ``[N, C]`` logits for this step: from the cache, or a no-grad forward pass.
+        """The teacher's ``[N, C]`` (``[B, T, V]`` for an LM) logits for this step: cache or no-grad forward pass.
 
         Override to change how the teacher is called (e.g. a teacher with several inputs).
         """
@@ -299,15 +440,49 @@ class TeacherDistillation(LossTermCallback):
         with torch.no_grad():
             return first_tensor(teacher(x))
 
+    def student_logits(self, context: StepContext) -> Tensor:
+        """The logits that get the term: the classifier's, or the auxiliary head's for dual-head KD."""
+        if self.loss != "dhkd":
+            return context.logits
+        head = aux_modules(context.pl_module)[self.AUX_KEY]
+        return head(context.features)
+
+    def warmup_factor(self, epoch: int) -> float:
+        """``min((epoch + 1) / warmup_epochs, 1)`` for the 0-based ``epoch`` (1 without a warm-up)."""
+        return dkd_warmup(epoch + 1, self.warmup_epochs)
+
     @override
     def loss_term(self, context: StepContext) -> Tensor:
-        student = context.logits
+        student = self.student_logits(context)
         teacher = self.teacher_logits(context)
         if teacher.shape != student.shape:
             raise ValueError(
                 f"the teacher gave logits of shape {tuple(teacher.shape)} but the student "
                 f"{tuple(student.shape)}: teacher {teacher.shape[-1]} classes, student {student.shape[-1]}"
             )
-        if self.loss == "kd":
-            return kd_loss(student, teacher, temperature=self.temperature)
-        return nkd_loss(student, teacher, context.target, temperature=self.temperature, gamma=self.gamma)
+        target: Tensor | None
+        try:
+            target = context.target
+        except (TypeError, KeyError):
+            if self.loss in ("nkd", "dkd"):
+                raise
+            target = None  # KD, DIST and DHKD only use the target to skip ignored positions
+        mask = context._from_output("mask")
+        validate = not self._validated
+        self._validated = True
+        kwargs: dict[str, Any] = dict(self.loss_kwargs)
+        if self.loss != "distill":
+            kwargs.update(standardize=self.standardize, chunk_size=self.chunk_size)
+        elif self.standardize:
+            student, teacher = standardize_logits(student), standardize_logits(teacher)
+        value = self.loss_fn(
+            student,
+            teacher,
+            target=target,
+            temperature=self.temperature,
+            mask=mask,
+            validate_args=validate,
+            **kwargs,
+        )
+        factor = self.warmup_factor(context.trainer.current_epoch) if self.warmup_epochs > 0 else 1.0
+        return value * factor if factor != 1.0 else value
