@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,7 +19,7 @@ from lightning_logits.functional.distillation import kd_loss, nkd_loss
 from lightning_logits.loss_terms import LossTermCallback, StepContext, check_state_version
 from lightning_logits.networks.factory import load_teacher, teacher_fingerprint
 from lightning_logits.networks.heads import count_classes, first_tensor
-from lightning_logits.teacher_cache import TeacherLogitCache
+from lightning_logits.teacher_cache import TeacherLogitCache, dataset_labels, label_fingerprint
 
 __all__ = ["ResizeInput", "TeacherDistillation"]
 
@@ -263,6 +264,38 @@ class TeacherDistillation(LossTermCallback):
         # Here rather than in setup: the student is on its device and a resumed state is loaded.
         if self.teacher is None and self.cache is None:
             self._prepare_teacher(pl_module)
+            if self.cache is not None:
+                self._check_cache_data(trainer)
+
+    # ------------------------------------------------------------- cache vs. training data
+    def _check_cache_data(self, trainer: pl.Trainer) -> None:
+        """Refuse a cache built on other data than the training set (count and labels by index)."""
+        cache = self.cache
+        assert cache is not None
+        recorded = cache.data_fingerprint
+        if recorded is None:
+            rank_zero_warn(
+                f"the teacher-logit cache '{cache.path}' records no fingerprint of the data it was built on "
+                "(built by an older lightning_logits), so it cannot be checked against the training data; "
+                f"rebuild it to have it checked: {_rebuild_command(cache, trainer)}"
+            )
+            return
+        labels = _training_labels(trainer)
+        if labels is None:
+            rank_zero_warn(
+                f"cannot read the training set's labels by index (no `targets`/`labels` attribute, no "
+                f"TensorDataset), so the teacher-logit cache '{cache.path}' is not checked against them"
+            )
+            return
+        current = label_fingerprint(labels)
+        if (current["num_samples"], current["labels_sha1"]) != (recorded["num_samples"], recorded["labels_sha1"]):
+            built_on = f" from {json.dumps(cache.data)}" if cache.data else ""
+            raise ValueError(
+                f"the teacher-logit cache '{cache.path}' was built on other data than this run trains on: its row i "
+                f"would give the teacher logits of another sample. Cache{built_on}: {_describe(recorded)}; "
+                f"training set: {_describe(current)}. Build the cache on the same split (same fractions and "
+                f"seed): {_rebuild_command(cache, trainer)}"
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -311,3 +344,48 @@ class TeacherDistillation(LossTermCallback):
         if self.loss == "kd":
             return kd_loss(student, teacher, temperature=self.temperature)
         return nkd_loss(student, teacher, context.target, temperature=self.temperature, gamma=self.gamma)
+
+
+def _training_labels(trainer: pl.Trainer) -> Tensor | None:
+    """The training set's labels by index: ``datamodule.dataset("train")`` or the train dataloader's dataset."""
+    dataset = None
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and callable(getattr(datamodule, "dataset", None)):
+        try:
+            dataset = datamodule.dataset("train")
+        except Exception:  # a DataModule whose dataset() means something else
+            dataset = None
+    if dataset is None:
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+    return None if dataset is None else dataset_labels(dataset)
+
+
+def _describe(fingerprint: dict[str, Any]) -> str:
+    return (
+        f"{fingerprint['num_samples']} samples, labels by index sha1 {fingerprint['labels_sha1']}, "
+        f"class counts {fingerprint.get('class_counts')}"
+    )
+
+
+def _rebuild_command(cache: TeacherLogitCache, trainer: pl.Trainer) -> str:
+    """The ``lightning-logits-cache`` command that rebuilds ``cache`` on this run's training data."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        class_path = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+        hparams = dict(getattr(datamodule, "hparams", {}) or {})
+        hparams.pop("return_index", None)
+        data = f"--data {class_path} --data-args '{json.dumps(hparams, default=str)}'"
+    else:
+        data = "--data <your DataModule class path> --data-args '<its JSON arguments>'"
+    teacher = f"--teacher {cache.source}"
+    args = cache.teacher_args
+    if args.get("checkpoint"):
+        teacher += f" --checkpoint {args['checkpoint']}"
+    if args.get("num_classes") is not None:
+        teacher += f" --num-classes {args['num_classes']}"
+    if args.get("model_kwargs"):
+        teacher += f" --model-kwargs '{json.dumps(args['model_kwargs'])}'"
+    split = (cache.data or {}).get("split", "train")
+    split_arg = f" --split {split}" if split != "train" else ""
+    return f"`lightning-logits-cache {teacher} {data}{split_arg} --k {cache.k} --out {cache.path} --overwrite`"

@@ -1,0 +1,111 @@
+"""Nothing silently wrong (issue 12): wrong caches, weak teachers, bad hyperparameters, unreadable
+checkpoints and moved working directories fail or warn with what to do."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_logits.callbacks.distillation import TeacherDistillation
+from lightning_logits.cli import cache_main
+from lightning_logits.data.digits import DigitsDataModule
+from lightning_logits.loss_terms import StepContext
+from lightning_logits.modules.classifier import Classifier
+from tests.helpers import TinyNet, fast_trainer
+from tests.test_distillation import TINY
+
+
+class CountingDistillation(TeacherDistillation):
+    """Counts the steps whose term it computed."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.steps = 0
+
+    def loss_term(self, context: StepContext) -> Tensor:
+        self.steps += 1
+        return super().loss_term(context)
+
+
+def _digits(**kwargs) -> DigitsDataModule:  # type: ignore[no-untyped-def]
+    return DigitsDataModule(**{"batch_size": 16, **kwargs})
+
+
+# --------------------------------------------------------------------------- 1. cache fingerprint
+def _build_cache(out: Path, data_args: dict) -> None:
+    teacher = ["--teacher", TINY, "--num-classes", "10", "--model-kwargs", '{"in_chans": 1}']
+    cache_main([*teacher, "--k", "3", "--out", str(out), "--data-args", json.dumps(data_args), "--device", "cpu"])
+
+
+def test_cache_records_what_it_was_built_on(tmp_path: Path) -> None:
+    _build_cache(tmp_path / "cache", {"train_fraction": 0.25})
+    meta = json.loads((tmp_path / "cache/meta.json").read_text())
+    dm = DigitsDataModule(train_fraction=0.25)
+    dm.setup("fit")
+    labels = dm.splits["train"][1]
+    fingerprint = meta["data_fingerprint"]
+    assert fingerprint["num_samples"] == len(labels) == meta["num_samples"]
+    assert fingerprint["class_counts"] == torch.bincount(labels).tolist()
+    import hashlib
+
+    assert fingerprint["labels_sha1"] == hashlib.sha1(labels.numpy().astype("int64").tobytes()).hexdigest()[:16]
+    assert meta["data"] == {
+        "class_path": "lightning_logits.data.DigitsDataModule",
+        "init_args": {"train_fraction": 0.25},
+        "split": "train",
+    }
+
+
+@pytest.mark.parametrize("other", [{"train_fraction": 0.1}, {"train_fraction": 0.25, "seed": 1}])
+def test_cache_built_on_other_data_is_refused_before_the_first_step(tmp_path: Path, other: dict) -> None:
+    out = tmp_path / "cache"
+    _build_cache(out, {"train_fraction": 0.25})
+    recorded = json.loads((out / "meta.json").read_text())["data_fingerprint"]["labels_sha1"]
+    callback = CountingDistillation(cache=str(out))
+    trainer = fast_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
+    student = _digits(return_index=True, **other)
+    with pytest.raises(ValueError, match="was built on other data than this run trains on") as info:
+        trainer.fit(Classifier(TinyNet()), datamodule=student)
+    message = str(info.value)
+    student.setup("fit")
+    from lightning_logits.teacher_cache import label_fingerprint
+
+    current = label_fingerprint(student.splits["train"][1])["labels_sha1"]
+    assert recorded in message and current in message and recorded != current
+    teacher = f"--teacher {TINY} --num-classes 10 --model-kwargs '{{\"in_chans\": 1}}'"
+    assert f"lightning-logits-cache {teacher} --data lightning_logits.data.digits.DigitsDataModule" in message
+    assert f'"train_fraction": {other["train_fraction"]}' in message and f"--out {out}" in message
+    assert callback.steps == 0
+    # the command in the message rebuilds a cache that this run accepts
+    command = shlex.split(message.split("`")[1])
+    assert command[0] == "lightning-logits-cache"
+    cache_main([*command[1:], "--device", "cpu"])
+    callback = CountingDistillation(cache=str(out))
+    fast_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback]).fit(
+        Classifier(TinyNet()), datamodule=_digits(return_index=True, **other)
+    )
+    assert callback.steps == 1
+
+
+def test_cache_on_the_matching_split_trains_and_an_old_cache_warns(tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    _build_cache(out, {"train_fraction": 0.25})
+    callback = CountingDistillation(cache=str(out))
+    trainer = fast_trainer(max_steps=2, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(Classifier(TinyNet()), datamodule=_digits(return_index=True, train_fraction=0.25))
+    assert callback.steps == 2
+    # a cache written before fingerprints existed: trains, with one warning that it is unchecked
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["data_fingerprint"], meta["data"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    callback = CountingDistillation(cache=str(out))
+    trainer = fast_trainer(max_steps=2, limit_val_batches=0, callbacks=[callback])
+    with pytest.warns(UserWarning, match="records no fingerprint of the data") as record:
+        trainer.fit(Classifier(TinyNet()), datamodule=_digits(return_index=True, train_fraction=0.1))
+    assert callback.steps == 2
+    assert sum("records no fingerprint" in str(w.message) for w in record) == 1
