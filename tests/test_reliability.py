@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 import shlex
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_logits.callbacks.distillation import TeacherDistillation
 from lightning_logits.cli import cache_main
-from lightning_logits.data.digits import DigitsDataModule
+from lightning_logits.data.digits import DigitsDataModule, IndexedTensorDataset
 from lightning_logits.loss_terms import StepContext
 from lightning_logits.modules.classifier import Classifier
+from lightning_logits.teacher_cache import build_teacher_cache
 from tests.helpers import TinyNet, fast_trainer
 from tests.test_distillation import TINY
 
@@ -109,3 +113,51 @@ def test_cache_on_the_matching_split_trains_and_an_old_cache_warns(tmp_path: Pat
         trainer.fit(Classifier(TinyNet()), datamodule=_digits(return_index=True, train_fraction=0.1))
     assert callback.steps == 2
     assert sum("records no fingerprint" in str(w.message) for w in record) == 1
+
+
+# --------------------------------------------------------------------------- 5. weak teacher
+class TargetRecordingDistillation(CountingDistillation):
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.targets: list[Tensor] = []
+
+    def loss_term(self, context: StepContext) -> Tensor:
+        self.targets.append(context.target.detach().clone())
+        return super().loss_term(context)
+
+
+def _always_class_zero() -> nn.Module:
+    """A teacher that predicts class 0 for every input: right on exactly the class-0 samples."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        net[1].weight.zero_()
+        net[1].bias.copy_(torch.tensor([5.0] + [0.0] * 9))
+    return net
+
+
+def test_teacher_accuracy_is_logged_and_a_near_chance_teacher_warns_once() -> None:
+    callback = TargetRecordingDistillation(_always_class_zero(), loss="kd")
+    trainer = fast_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[callback])
+    with pytest.warns(UserWarning, match=r"the teacher is only .*% accurate .*chance with 10 classes: 10.0%") as record:
+        trainer.fit(Classifier(TinyNet()), datamodule=_digits())
+    assert sum("accurate on the training batches" in str(w.message) for w in record) == 1  # once, not per epoch
+    last_epoch = torch.cat(callback.targets[3:])  # equal batches: the epoch mean is the mean over samples
+    want = (last_epoch == 0).float().mean().item()
+    assert trainer.callback_metrics["kd/teacher_acc"].item() == pytest.approx(want, abs=1e-6)
+    assert want < 0.15
+
+
+def test_an_accurate_teacher_does_not_warn(tmp_path: Path) -> None:
+    # An oracle "teacher" through a cache: its logits are 5 * one_hot(label), built on the student's split.
+    dm = _digits(return_index=True, train_fraction=0.3)
+    dm.setup("fit")
+    labels = dm.splits["train"][1]
+    oracle = IndexedTensorDataset(5.0 * F.one_hot(labels, 10).float(), labels)
+    build_teacher_cache(nn.Identity(), DataLoader(oracle, batch_size=64), tmp_path / "oracle", k=10)
+    callback = CountingDistillation(cache=str(tmp_path / "oracle"), name="oracle")
+    trainer = fast_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", ".*(num_workers|LeafSpec|does not have many).*")
+        trainer.fit(Classifier(TinyNet()), datamodule=_digits(return_index=True, train_fraction=0.3))
+    assert trainer.callback_metrics["oracle/teacher_acc"].item() == 1.0

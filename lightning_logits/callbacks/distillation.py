@@ -81,6 +81,9 @@ class TeacherDistillation(LossTermCallback):
     train mode, DDP never wraps it, and it is never written into the student's checkpoint. It is
     frozen (``requires_grad=False``), kept in eval mode (checked before each forward pass), run
     under ``torch.no_grad()`` on the student's device, optionally in bf16/fp16 and channels_last.
+    The teacher's accuracy on the training batches is logged as ``<name>/teacher_acc`` (epoch
+    mean, no host read per step); after the first epoch a warning says when it is near chance
+    (below 1.5 / C): a weak or mismatched teacher (or cache) teaches the student little.
     The checkpoint records where the teacher came from (``teacher``, ``checkpoint``, ``cache``)
     and a fingerprint of its weights, so a resumed run reloads it, and warns if it differs.
 
@@ -159,6 +162,11 @@ class TeacherDistillation(LossTermCallback):
         self.fingerprint: str | None = None
         self._dtype: torch.dtype | None = None
         self._restored: dict[str, Any] = {}
+        # Teacher accuracy on the training batches: device-side sums, read on the host once (first epoch end).
+        self._teacher_correct: Tensor | None = None
+        self._teacher_seen = 0
+        self._teacher_classes: int | None = None
+        self._teacher_acc_checked = False
 
     @property
     @override
@@ -266,6 +274,52 @@ class TeacherDistillation(LossTermCallback):
             self._prepare_teacher(pl_module)
             if self.cache is not None:
                 self._check_cache_data(trainer)
+        self._teacher_correct, self._teacher_seen, self._teacher_acc_checked = None, 0, False
+
+    # ------------------------------------------------------------------ teacher accuracy
+    def _track_teacher_accuracy(self, context: StepContext, teacher: Tensor) -> None:
+        """Log ``<name>/teacher_acc`` (epoch mean) and sum the hits on the device, with no host read."""
+        try:
+            target = context.target
+        except (TypeError, KeyError):  # a batch without a target (possible with KD): nothing to score
+            return
+        if target.ndim == 2 and target.shape == teacher.shape:
+            target = target.argmax(dim=1)  # soft (mixup) targets: their dominant class
+        elif target.ndim != 1 or target.shape[0] != teacher.shape[0] or target.is_floating_point():
+            return
+        hits = (teacher.detach().argmax(dim=1) == target).float()
+        context.pl_module.log(
+            f"{self.name}/teacher_acc",
+            hits.mean(),
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=hits.shape[0],
+        )
+        if not self._teacher_acc_checked:
+            total = hits.sum()
+            self._teacher_correct = total if self._teacher_correct is None else self._teacher_correct + total
+            self._teacher_seen += hits.shape[0]
+            self._teacher_classes = teacher.shape[1]
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # One host read, after the first epoch: warn when the teacher is about as good as chance.
+        if self._teacher_acc_checked or self._teacher_correct is None or not self._teacher_seen:
+            return
+        self._teacher_acc_checked = True
+        accuracy = float(self._teacher_correct) / self._teacher_seen
+        classes = self._teacher_classes or 1
+        if accuracy < 1.5 / classes:
+            source = self.cache_path if self.cache_path is not None else self.teacher_source
+            rank_zero_warn(
+                f"the teacher is only {accuracy:.1%} accurate on the training batches of epoch "
+                f"{trainer.current_epoch} (chance with {classes} classes: {1 / classes:.1%}), so distilling from it "
+                f"teaches the student little. Check the teacher ({source if isinstance(source, str) else 'module'}): "
+                "trained long enough, on these labels, with the input transform it expects; for a cache, built on "
+                "this data. Its accuracy is logged as "
+                f"'{self.name}/teacher_acc'."
+            )
 
     # ------------------------------------------------------------- cache vs. training data
     def _check_cache_data(self, trainer: pl.Trainer) -> None:
@@ -341,6 +395,7 @@ class TeacherDistillation(LossTermCallback):
                 f"the teacher gave logits of shape {tuple(teacher.shape)} but the student "
                 f"{tuple(student.shape)}: teacher {teacher.shape[-1]} classes, student {student.shape[-1]}"
             )
+        self._track_teacher_accuracy(context, teacher)
         if self.loss == "kd":
             return kd_loss(student, teacher, temperature=self.temperature)
         return nkd_loss(student, teacher, context.target, temperature=self.temperature, gamma=self.gamma)
