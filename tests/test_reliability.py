@@ -15,6 +15,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_logits.callbacks.distillation import TeacherDistillation
+from lightning_logits.callbacks.lawn import LAWN
+from lightning_logits.callbacks.replay import UER, ExperienceReplay
+from lightning_logits.callbacks.uskd import USKD
 from lightning_logits.cli import cache_main
 from lightning_logits.data.digits import DigitsDataModule, IndexedTensorDataset
 from lightning_logits.loss_terms import StepContext
@@ -161,3 +164,81 @@ def test_an_accurate_teacher_does_not_warn(tmp_path: Path) -> None:
         warnings.filterwarnings("ignore", ".*(num_workers|LeafSpec|does not have many).*")
         trainer.fit(Classifier(TinyNet()), datamodule=_digits(return_index=True, train_fraction=0.3))
     assert trainer.callback_metrics["oracle/teacher_acc"].item() == 1.0
+
+
+# --------------------------------------------------------------------------- 10. hyperparameters
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"gamma": -1}, "gamma must be a finite number >= 0.0, got -1"),
+        ({"gamma": NAN}, "gamma must be a finite number >= 0.0, got nan"),
+        ({"gamma": "1.5"}, "gamma must be a finite number >= 0.0, got '1.5'"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0.0, got 0.0"),
+        ({"temperature": -2}, "temperature must be a finite number > 0.0, got -2"),
+        ({"temperature": INF}, "temperature must be a finite number > 0.0, got inf"),
+        ({"weight": NAN}, "weight must be a finite number >= 0.0, got nan"),
+        ({"weight": INF}, "weight must be a finite number >= 0.0, got inf"),
+        ({"weight": -0.5}, "weight must be a finite number >= 0.0, got -0.5"),
+        ({"num_classes": 0}, "num_classes must be an integer >= 2, got 0"),
+        ({"num_classes": 10.0}, "num_classes must be an integer >= 2, got 10.0"),
+        ({"precision": "64"}, "precision must be one of .* got '64'"),
+        ({"loss": "dkd"}, "loss must be one of .* got 'dkd'"),
+        ({"teacher_kwargs": "in_chans=1"}, "teacher_kwargs must be a dict .* got 'in_chans=1'"),
+        ({"channels_last": "yes"}, "channels_last must be True or False, got 'yes'"),
+        ({"input_transform": 224}, "input_transform must be a callable .* got 224"),
+        ({"cache": 5, "teacher": None}, "cache must be the path .* got 5"),
+        ({"cache": "runs/cache"}, "got both teacher='resnet18' and cache='runs/cache'"),
+        ({"name": "my kd"}, "name must be an identifier-like string, got 'my kd'"),
+    ],
+)
+def test_teacher_distillation_refuses_bad_hyperparameters(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TeacherDistillation(**{"teacher": "resnet18", **kwargs})
+
+
+def test_checkpoint_that_would_be_ignored_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"checkpoint='w\.pt' would be ignored with an nn\.Module teacher"):
+        TeacherDistillation(nn.Linear(2, 2), checkpoint="w.pt")
+    with pytest.raises(ValueError, match=r"checkpoint='w\.pt' would be ignored with cache="):
+        TeacherDistillation(cache="runs/cache", checkpoint="w.pt")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": -1.0}, "alpha must be a finite non-negative weight, got -1.0"),
+        ({"beta": INF}, "beta must be a finite non-negative weight, got inf"),
+        ({"mu": NAN}, "mu must be a finite non-negative weight, got nan"),
+        ({"weight": -1.0}, "weight must be a finite number >= 0.0, got -1.0"),
+        ({"weight": NAN}, "weight must be a finite number >= 0.0, got nan"),
+        ({"rank_by": "logit"}, "rank_by must be one of .* got 'logit'"),
+        ({"feature_layer": 3}, "feature_layer must be a module's dotted path .* got 3"),
+        ({"name": "uskd-2"}, "name must be an identifier-like string, got 'uskd-2'"),
+    ],
+)
+def test_uskd_refuses_bad_hyperparameters(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        USKD(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: LAWN(free_epochs=-1), "free_epochs must be an integer >= 0, got -1"),
+        (lambda: LAWN(free_epochs=1.5), "free_epochs must be an integer >= 0, got 1.5"),
+        (lambda: LAWN(free_steps=-2), "free_steps must be None or an integer >= 0, got -2"),
+        (lambda: LAWN(on_weight_decay="ignore"), "on_weight_decay must be 'warn' or 'error', got 'ignore'"),
+        (lambda: ExperienceReplay(buffer_size=0), "buffer_size must be a positive int, got 0"),
+        (lambda: ExperienceReplay(10, replay_batch_size=0), "replay_batch_size must be a positive int, got 0"),
+        (lambda: ExperienceReplay(10, weight=-1.0), "weight must be a finite number >= 0.0, got -1.0"),
+        (lambda: UER(10, temperature=0.0), "temperature must be positive and finite, got 0.0"),
+        (lambda: UER(10, mask="old"), "mask must be 'all', 'seen' or 'present', got 'old'"),
+        (lambda: UER(10, weight=INF), "weight must be a finite number >= 0.0, got inf"),
+    ],
+)
+def test_lawn_and_replay_refuse_bad_hyperparameters(make, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_logits.batch import batch_index
 from lightning_logits.functional.distillation import kd_loss, nkd_loss
-from lightning_logits.loss_terms import LossTermCallback, StepContext, check_state_version
+from lightning_logits.loss_terms import LossTermCallback, StepContext, check_hyperparameter, check_state_version
 from lightning_logits.networks.factory import load_teacher, teacher_fingerprint
 from lightning_logits.networks.heads import count_classes, first_tensor
 from lightning_logits.teacher_cache import TeacherLogitCache, dataset_labels, label_fingerprint
@@ -140,12 +140,14 @@ class TeacherDistillation(LossTermCallback):
         super().__init__(name=name or loss, weight=weight)
         if temperature is None:
             temperature = _DEFAULT_TEMPERATURE[loss]
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-        if precision is not None and str(precision) not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)} or None, got {precision!r}")
-        if teacher is not None and not isinstance(teacher, nn.Module | str):
-            raise TypeError(f"teacher must be an nn.Module, a name or a checkpoint path, got {type(teacher).__name__}")
+        _validate_arguments(teacher, temperature, gamma, cache, checkpoint, num_classes, teacher_kwargs, precision)
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"TeacherDistillation: channels_last must be True or False, got {channels_last!r}")
+        if input_transform is not None and not callable(input_transform):
+            raise ValueError(
+                f"TeacherDistillation: input_transform must be a callable on the input tensor (e.g. ResizeInput(224)), "
+                f"got {input_transform!r}"
+            )
         self.loss = loss
         self.temperature = float(temperature)
         self.gamma = float(gamma)
@@ -444,3 +446,40 @@ def _rebuild_command(cache: TeacherLogitCache, trainer: pl.Trainer) -> str:
     split = (cache.data or {}).get("split", "train")
     split_arg = f" --split {split}" if split != "train" else ""
     return f"`lightning-logits-cache {teacher} {data}{split_arg} --k {cache.k} --out {cache.path} --overwrite`"
+
+
+def _validate_arguments(
+    teacher: Any,
+    temperature: Any,
+    gamma: Any,
+    cache: Any,
+    checkpoint: Any,
+    num_classes: Any,
+    teacher_kwargs: Any,
+    precision: Any,
+) -> None:
+    """TeacherDistillation's argument checks: each error names the argument, the value and the fix."""
+    owner = "TeacherDistillation"
+    check_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False, owner=owner)
+    check_hyperparameter("gamma", gamma, low=0.0, owner=owner, fix="NKD's weight of the non-target term (default 1.5)")
+    if num_classes is not None:
+        check_hyperparameter("num_classes", num_classes, low=2, integer=True, owner=owner)
+    if precision is not None and str(precision) not in _PRECISIONS:
+        raise ValueError(f"{owner}: precision must be one of {sorted(_PRECISIONS)} or None, got {precision!r}")
+    if teacher is not None and not isinstance(teacher, nn.Module | str):
+        raise TypeError(f"teacher must be an nn.Module, a name or a checkpoint path, got {type(teacher).__name__}")
+    if teacher_kwargs is not None and not isinstance(teacher_kwargs, dict):
+        raise ValueError(f"{owner}: teacher_kwargs must be a dict such as {{'in_chans': 1}}, got {teacher_kwargs!r}")
+    if cache is not None and not isinstance(cache, str | os.PathLike):
+        raise ValueError(f"{owner}: cache must be the path of a teacher-logit cache directory, got {cache!r}")
+    if cache is not None and teacher is not None:
+        raise ValueError(
+            f"{owner}: got both teacher={teacher if isinstance(teacher, str) else type(teacher).__name__!r} and "
+            f"cache={cache!r}; a cache replaces the teacher: pass one of them"
+        )
+    if checkpoint is not None and (cache is not None or isinstance(teacher, nn.Module)):
+        given = "cache=" if cache is not None else "an nn.Module teacher"
+        raise ValueError(
+            f"{owner}: checkpoint={checkpoint!r} would be ignored with {given}: it gives the weights of a teacher "
+            "given by model name (teacher='resnet18', checkpoint='weights.pt'); load a module's weights yourself"
+        )
