@@ -22,6 +22,7 @@ from lightning_logits.cli import cache_main
 from lightning_logits.data.digits import DigitsDataModule, IndexedTensorDataset
 from lightning_logits.loss_terms import StepContext
 from lightning_logits.modules.classifier import Classifier
+from lightning_logits.networks.factory import load_teacher
 from lightning_logits.teacher_cache import build_teacher_cache
 from tests.helpers import TinyNet, fast_trainer
 from tests.test_distillation import TINY
@@ -242,3 +243,48 @@ def test_uskd_refuses_bad_hyperparameters(kwargs: dict, message: str) -> None:
 def test_lawn_and_replay_refuse_bad_hyperparameters(make, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=message):
         make()
+
+
+# --------------------------------------------------------------------------- 12. unreadable checkpoints
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    text = tmp_path / "notes.ckpt"
+    text.write_text("this is not a checkpoint\n")
+    real = tmp_path / "real.pt"
+    torch.save({"w": torch.zeros(256)}, real)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(real.read_bytes()[:200])
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    return {"text": text, "truncated": truncated, "empty": empty}
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "empty"])
+def test_corrupt_checkpoint_says_it_is_not_readable(tmp_path: Path, kind: str) -> None:
+    path = _bad_files(tmp_path)[kind]
+    for load in (lambda: load_teacher(str(path)), lambda: load_teacher(TINY, str(path), 10, {"in_chans": 1})):
+        with pytest.raises(ValueError, match="is not a readable checkpoint") as info:
+            load()
+        assert str(path) in str(info.value) and "weights_only" not in str(info.value)
+    # through the callback: the same error, before any step
+    for callback in (
+        CountingDistillation(str(path)),
+        CountingDistillation(TINY, checkpoint=str(path), teacher_kwargs={"in_chans": 1}),
+    ):
+        trainer = fast_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
+        with pytest.raises(ValueError, match=f"'{path}' is not a readable checkpoint"):
+            trainer.fit(Classifier(TinyNet()), datamodule=_digits())
+        assert callback.steps == 0
+
+
+@pytest.mark.parametrize("name", ["runs", "teacher.ckpt"])
+def test_directory_as_teacher_says_it_is_a_directory(tmp_path: Path, name: str) -> None:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"")
+    for load in (lambda: load_teacher(str(folder)), lambda: load_teacher(TINY, str(folder), 10, {"in_chans": 1})):
+        with pytest.raises(IsADirectoryError, match=f"'{folder}' is a directory, not a checkpoint file") as info:
+            load()
+        assert str(folder / "last.ckpt") in str(info.value)
+    trainer = fast_trainer(max_steps=1, limit_val_batches=0, callbacks=[CountingDistillation(str(folder))])
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        trainer.fit(Classifier(TinyNet()), datamodule=_digits())
