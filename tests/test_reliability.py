@@ -25,7 +25,7 @@ from lightning_logits.modules.classifier import Classifier
 from lightning_logits.networks.factory import load_teacher
 from lightning_logits.teacher_cache import build_teacher_cache
 from tests.helpers import TinyNet, fast_trainer
-from tests.test_distillation import TINY
+from tests.test_distillation import TINY, _teacher_checkpoint
 
 
 class CountingDistillation(TeacherDistillation):
@@ -288,3 +288,41 @@ def test_directory_as_teacher_says_it_is_a_directory(tmp_path: Path, name: str) 
     trainer = fast_trainer(max_steps=1, limit_val_batches=0, callbacks=[CountingDistillation(str(folder))])
     with pytest.raises(IsADirectoryError, match="is a directory"):
         trainer.fit(Classifier(TinyNet()), datamodule=_digits())
+
+
+# --------------------------------------------------------------------------- 13. resume elsewhere
+def test_resume_from_another_working_directory_finds_the_teacher_and_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    _teacher_checkpoint(start).rename(start / "teacher.ckpt")
+    data = {"return_index": True, "train_fraction": 0.2}
+    dm = _digits(**data)
+    dm.setup("fit")
+    build_teacher_cache(TinyNet(), DataLoader(dm.dataset("train"), batch_size=64), start / "cache", k=3)
+    runs = {}
+    for key, callback in (
+        ("teacher", TeacherDistillation("teacher.ckpt")),
+        ("cache", TeacherDistillation(cache="cache")),
+    ):
+        trainer = fast_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
+        trainer.fit(Classifier(TinyNet()), datamodule=_digits(**data))
+        trainer.save_checkpoint(start / f"{key}_run.ckpt")
+        state = callback.state_dict()
+        assert state[key] == ("teacher.ckpt" if key == "teacher" else "cache")
+        assert state[f"{key}_abspath"] == str(start / ("teacher.ckpt" if key == "teacher" else "cache"))
+        runs[key] = state["fingerprint"]
+    monkeypatch.chdir(elsewhere)
+    for key, fingerprint in runs.items():
+        resumed = CountingDistillation()
+        trainer = fast_trainer(max_steps=2, max_epochs=3, limit_val_batches=0, callbacks=[resumed])
+        trainer.fit(Classifier(TinyNet()), datamodule=_digits(**data), ckpt_path=str(start / f"{key}_run.ckpt"))
+        assert resumed.steps == 1 and resumed.fingerprint == fingerprint
+    # moved away entirely: the error names both places it looked
+    (start / "teacher.ckpt").rename(tmp_path / "moved.ckpt")
+    trainer = fast_trainer(max_steps=2, limit_val_batches=0, callbacks=[CountingDistillation()])
+    with pytest.raises(FileNotFoundError, match=r"found neither from the working directory .* recorded absolute path"):
+        trainer.fit(Classifier(TinyNet()), datamodule=_digits(**data), ckpt_path=str(start / "teacher_run.ckpt"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -161,6 +162,10 @@ class TeacherDistillation(LossTermCallback):
         self.input_transform = input_transform
         self.teacher: nn.Module | None = None
         self.cache: TeacherLogitCache | None = None
+        # Absolute paths of the given files, recorded beside them: a resume from another directory finds them.
+        self._abspaths = {
+            key: _abspath(value) for key, value in (("teacher", teacher), ("checkpoint", checkpoint), ("cache", cache))
+        }
         self.fingerprint: str | None = None
         self._dtype: torch.dtype | None = None
         self._restored: dict[str, Any] = {}
@@ -181,6 +186,9 @@ class TeacherDistillation(LossTermCallback):
         source = self.teacher_source
         return {
             "teacher": source if isinstance(source, str) else None,
+            "teacher_abspath": self._abspaths.get("teacher"),
+            "checkpoint_abspath": self._abspaths.get("checkpoint"),
+            "cache_abspath": self._abspaths.get("cache"),
             "teacher_class": type(source).__qualname__ if isinstance(source, nn.Module) else None,
             "checkpoint": self.checkpoint,
             "num_classes": self.num_classes,
@@ -202,9 +210,10 @@ class TeacherDistillation(LossTermCallback):
         self._restored = dict(state_dict)
         # A callback created without a teacher (or cache) on resume takes the recorded one.
         if self.teacher_source is None and self.cache_path is None:
-            self.teacher_source = state_dict.get("teacher")
-            self.cache_path = state_dict.get("cache")
-            self.checkpoint = state_dict.get("checkpoint")
+            self.teacher_source = _recorded_path(state_dict, "teacher")
+            self.cache_path = _recorded_path(state_dict, "cache")
+            self.checkpoint = _recorded_path(state_dict, "checkpoint")
+            self._abspaths = {key: state_dict.get(f"{key}_abspath") for key in ("teacher", "checkpoint", "cache")}
             self.num_classes = state_dict.get("num_classes")
             self.teacher_kwargs = dict(state_dict.get("teacher_kwargs") or {})
             if self.teacher_source is None and self.cache_path is None:
@@ -483,3 +492,26 @@ def _validate_arguments(
             f"{owner}: checkpoint={checkpoint!r} would be ignored with {given}: it gives the weights of a teacher "
             "given by model name (teacher='resnet18', checkpoint='weights.pt'); load a module's weights yourself"
         )
+
+
+def _abspath(value: Any) -> str | None:
+    """The absolute path of an existing file or directory given as a string; ``None`` for anything else."""
+    if not isinstance(value, str | os.PathLike):
+        return None
+    path = Path(value)
+    return str(path.resolve()) if path.exists() else None
+
+
+def _recorded_path(state: dict[str, Any], key: str) -> Any:
+    """A source recorded in the checkpoint: as given when it exists from here, else its recorded absolute path."""
+    given = state.get(key)
+    absolute = state.get(f"{key}_abspath")
+    if not isinstance(given, str) or absolute is None or Path(given).exists():
+        return given
+    if Path(absolute).exists():
+        return absolute
+    raise FileNotFoundError(
+        f"the checkpoint's TeacherDistillation {key} '{given}' is found neither from the working directory "
+        f"'{Path.cwd()}' nor at its recorded absolute path '{absolute}'; pass it when resuming: "
+        f"TeacherDistillation({'teacher' if key == 'teacher' else key}=<its path>)"
+    )
