@@ -1,4 +1,4 @@
-"""Does distillation help a small student? Student alone vs + KD vs + NKD on digits, over seeds.
+"""Does distillation help a small student? Student alone vs KD, NKD, DKD, DIST, DHKD (± logit standardization).
 
 Setting (offline, CPU-sized): 8x8 digits with the library's seeded stratified splits. For each
 seed, a teacher CNN (width 32) trains on the whole training split; the student, a much smaller
@@ -8,13 +8,23 @@ to learn from the teacher's soft labels. The student's runs differ only in the c
 - ``student``: cross-entropy alone;
 - ``+KD``: ``TeacherDistillation(loss="kd", temperature=4)``;
 - ``+NKD``: ``TeacherDistillation(loss="nkd", temperature=1, gamma=1.5)`` (ImageNet defaults);
-- ``+NKD T=3 g=3.5``: the official CIFAR-100 setting.
+- ``+NKD T=3 g=3.5``: the official CIFAR-100 setting;
+- ``+DKD``: mdistiller's CIFAR-100 setting (T=4, alpha=1, beta=8; warm-up 5 epochs: their 20 of
+  240 scaled to this schedule);
+- ``+DIST``: the official defaults (T=1, beta=gamma=1);
+- ``+DHKD``: BinaryKL-Norm (T=2) on an auxiliary linear head; the main head keeps CE only;
+- ``+...+LS``: the same after logit standardization (base temperature 2; KD weight 9 and DKD
+  alpha 9, beta 72 as the official CIFAR-100 commands).
+
+(The issue asked for MNIST-1D; the ``mnist1d`` package is not installed in this offline
+environment, so the benchmark stays on the digits data the other benchmarks use.)
 
 Reported: test accuracy (%) after the last epoch and at the epoch of best validation accuracy,
 mean ± std over seeds.
 
     python -m benchmarks.accuracy_distillation            # 5 seeds (a few minutes of CPU)
     python -m benchmarks.accuracy_distillation --smoke    # 1 seed, 2 epochs: checks it runs
+    python -m benchmarks.accuracy_distillation --only DKD DIST  # the student and those rows only
 """
 
 from __future__ import annotations
@@ -119,6 +129,37 @@ def train_student(
     return test_accuracy(module, datamodule), best.test_at_best
 
 
+def student_configs(teacher: nn.Module, only: list[str] | None = None) -> dict[str, Callable[[], list[Callback]]]:
+    """The student runs: name -> a factory of its callbacks (``only``: keep the names containing one of these)."""
+
+    def distill(**kwargs: object) -> Callable[[], list[Callback]]:
+        return lambda: [TeacherDistillation(teacher, **kwargs)]  # type: ignore[arg-type]
+
+    configs: dict[str, Callable[[], list[Callback]]] = {
+        "student": list,
+        "+KD (T=4)": distill(loss="kd", temperature=4.0),
+        "+NKD (T=1, gamma=1.5)": distill(loss="nkd"),
+        "+NKD (T=3, gamma=3.5)": distill(loss="nkd", temperature=3.0, gamma=3.5),
+        # DKD: mdistiller's CIFAR-100 config (T=4, alpha=1, beta=8); its 20 warm-up epochs of 240
+        # scaled to 5 here
+        "+DKD (T=4, alpha=1, beta=8)": distill(loss="dkd", temperature=4.0, alpha=1.0, beta=8.0, warmup_epochs=5),
+        "+DIST (T=1, beta=1, gamma=1)": distill(loss="dist", temperature=1.0, beta=1.0, gamma=1.0),
+        # dual-head KD: BinaryKL-Norm on an auxiliary linear head, the main head keeps CE only
+        "+DHKD (T=2)": distill(loss="dhkd", temperature=2.0),
+        # logit standardization: base temperature 2; KD weight 9 and DKD alpha 9, beta 72 as the
+        # official CIFAR-100 commands; NKD and DIST (not in the paper) keep their weights
+        "+KD+LS (T=2, weight 9)": distill(loss="kd", temperature=2.0, weight=9.0, standardize=True),
+        "+NKD+LS (T=2)": distill(loss="nkd", temperature=2.0, standardize=True),
+        "+DKD+LS (T=2, alpha=9, beta=72)": distill(
+            loss="dkd", temperature=2.0, alpha=9.0, beta=72.0, standardize=True, warmup_epochs=5
+        ),
+        "+DIST+LS (T=2)": distill(loss="dist", temperature=2.0, standardize=True),
+    }
+    if only:
+        configs = {k: v for k, v in configs.items() if k == "student" or any(o in k for o in only)}
+    return configs
+
+
 def _mean_std(values: list[float]) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.2f} ± {std:.2f}"
@@ -131,6 +172,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40, help="student epochs")
     parser.add_argument("--train-fraction", type=float, default=0.1, help="student's share of the training split")
     parser.add_argument("--smoke", action="store_true", help="1 seed, 2 epochs: checks that it runs")
+    parser.add_argument("--only", nargs="*", help="run only the students whose names contain one of these")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distillation_accuracy.md")
     parser.add_argument(
         "--resume", action="store_true", help="reuse the seeds already in the .json beside --out (same settings)"
@@ -143,7 +185,7 @@ def main() -> None:
         args.seeds, args.teacher_epochs, args.epochs = 1, 2, 2
 
     started = time.perf_counter()
-    settings = {k: v for k, v in vars(args).items() if k in ("teacher_epochs", "epochs", "train_fraction")}
+    settings = {k: v for k, v in vars(args).items() if k in ("teacher_epochs", "epochs", "train_fraction", "only")}
     per_seed_path = args.out.with_suffix(".json")
     per_seed: dict[str, dict[str, list[float]]] = {}  # seed -> config -> [last, best]
     if args.resume and per_seed_path.is_file():
@@ -156,14 +198,7 @@ def main() -> None:
         teacher, acc = train_teacher(seed, args.teacher_epochs)
         results: dict[str, list[float]] = {"teacher": [acc, acc]}
         print(f"seed {seed} teacher: {acc:.2f}", flush=True)
-        configs: dict[str, Callable[[], list[Callback]]] = {
-            "student": list,
-            "+KD (T=4)": lambda teacher=teacher: [TeacherDistillation(teacher, loss="kd", temperature=4.0)],
-            "+NKD (T=1, gamma=1.5)": lambda teacher=teacher: [TeacherDistillation(teacher, loss="nkd")],
-            "+NKD (T=3, gamma=3.5)": lambda teacher=teacher: [
-                TeacherDistillation(teacher, loss="nkd", temperature=3.0, gamma=3.5)
-            ],
-        }
+        configs = student_configs(teacher, args.only)
         for name, make_callbacks in configs.items():
             last, best = train_student(seed, args.epochs, args.train_fraction, make_callbacks)
             results[name] = [last, best]

@@ -120,8 +120,21 @@ def cache_main(argv: list[str] | None = None) -> None:
     else:
         loader = getattr(datamodule, f"{args.split}_dataloader")()
     teacher = load_teacher(args.teacher, args.checkpoint, args.num_classes, json.loads(args.model_kwargs))
+    data = {"class_path": args.data, "init_args": data_args, "split": args.split}
     cache = build_teacher_cache(
-        teacher, loader, args.out, k=args.k, device=args.device, source=args.teacher, overwrite=args.overwrite
+        teacher,
+        loader,
+        args.out,
+        k=args.k,
+        device=args.device,
+        source=args.teacher,
+        overwrite=args.overwrite,
+        data=data,
+        teacher_args={
+            "checkpoint": args.checkpoint,
+            "num_classes": args.num_classes,
+            "model_kwargs": json.loads(args.model_kwargs),
+        },
     )
     print(f"wrote top-{cache.k} logits of {cache.num_samples} samples ({cache.num_classes} classes) to {cache.path}")
 

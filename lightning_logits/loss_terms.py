@@ -33,7 +33,14 @@ from typing_extensions import override
 from lightning_logits.batch import batch_input, batch_target
 from lightning_logits.networks.heads import LogitTap
 
-__all__ = ["LossTermCallback", "LossTermHub", "StepContext", "check_finite_loss", "check_state_version"]
+__all__ = [
+    "LossTermCallback",
+    "LossTermHub",
+    "StepContext",
+    "check_finite_loss",
+    "check_hyperparameter",
+    "check_state_version",
+]
 
 
 def check_finite_loss(name: str, value: Tensor, step: int) -> None:
@@ -44,6 +51,41 @@ def check_finite_loss(name: str, value: Tensor, step: int) -> None:
             f"{step}: training stopped. Lower the learning rate or this term's weight, or train "
             "in float32/bf16 instead of fp16."
         )
+
+
+def check_hyperparameter(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    low_inclusive: bool = True,
+    integer: bool = False,
+    owner: str = "",
+    fix: str = "",
+) -> None:
+    """Refuse a hyperparameter that is not a finite real number (an ``int`` when ``integer``) at least ``low``.
+
+    The ``ValueError`` names the parameter, the value seen and, with ``fix``, what to pass instead.
+    ``bool`` is never taken for a number.
+
+    Example:
+        >>> check_hyperparameter("gamma", 1.5, low=0.0)
+        >>> check_hyperparameter("gamma", -1, low=0.0, owner="TeacherDistillation")
+        Traceback (most recent call last):
+        ...
+        ValueError: TeacherDistillation: gamma must be a finite number >= 0.0, got -1
+    """
+    kind = "an integer" if integer else "a finite number"
+    bound = "" if low is None else f" {'>=' if low_inclusive else '>'} {low}"
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if ok and not integer:
+        ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if not ok:
+        prefix = f"{owner}: " if owner else ""
+        suffix = f"; {fix}" if fix else ""
+        raise ValueError(f"{prefix}{name} must be {kind}{bound}, got {value!r}{suffix}")
 
 
 def check_state_version(state: Mapping[str, Any], current: int, owner: str) -> int:
@@ -322,8 +364,13 @@ class LossTermCallback(Callback):
     def __init__(self, name: str, weight: float = 1.0) -> None:
         if not name.isidentifier():
             raise ValueError(f"loss term name must be an identifier-like string, got {name!r}")
-        if not math.isfinite(weight):
-            raise ValueError(f"weight must be finite, got {weight}")
+        check_hyperparameter(
+            "weight",
+            weight,
+            low=0.0,
+            owner=type(self).__name__,
+            fix="it multiplies the term in the loss that is minimized (0 turns the term off)",
+        )
         self.name = name
         self.weight = float(weight)
         self._hub: LossTermHub | None = None

@@ -362,7 +362,7 @@ def test_missing_teacher_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="needs a teacher"):
         trainer.fit(Classifier(TinyNet()), datamodule=_digits())
     with pytest.raises(ValueError, match="loss must be one of"):
-        TeacherDistillation(TinyNet(), loss="dkd")
+        TeacherDistillation(TinyNet(), loss="rkd")
 
 
 def test_teacher_by_name_and_weights_and_by_classifier_checkpoint(tmp_path: Path) -> None:

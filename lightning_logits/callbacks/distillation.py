@@ -1,10 +1,16 @@
-"""Distill a frozen teacher's logits into any classifier: KD or NKD as a loss-term Callback."""
+"""Distill a frozen teacher's logits into any classifier or language model, as a loss-term Callback.
+
+Losses: KD, NKD, DKD, DIST, dual-head KD (DHKD), or a user's function.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -14,16 +20,36 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_logits.batch import batch_index
-from lightning_logits.functional.distillation import kd_loss, nkd_loss
-from lightning_logits.loss_terms import LossTermCallback, StepContext, check_state_version
+from lightning_logits.functional.distillation import (
+    DEFAULT_TEMPERATURE,
+    DISTILLATION_LOSSES,
+    DistillationLossName,
+    dkd_warmup,
+    standardize_logits,
+)
+from lightning_logits.loss_terms import (
+    LossTermCallback,
+    LossTermHub,
+    StepContext,
+    check_hyperparameter,
+    check_state_version,
+)
 from lightning_logits.networks.factory import load_teacher, teacher_fingerprint
-from lightning_logits.networks.heads import count_classes, first_tensor
-from lightning_logits.teacher_cache import TeacherLogitCache
+from lightning_logits.networks.heads import AUX_ATTRIBUTE, aux_modules, count_classes, find_classifier, first_tensor
+from lightning_logits.teacher_cache import TeacherLogitCache, dataset_labels, label_fingerprint
 
 __all__ = ["ResizeInput", "TeacherDistillation"]
 
-_LOSSES = ("kd", "nkd")
-_DEFAULT_TEMPERATURE = {"kd": 4.0, "nkd": 1.0}
+_LOSSES: tuple[str, ...] = get_args(DistillationLossName)
+# each loss's own hyperparameters and their defaults (mdistiller's CIFAR-100 DKD config, DIST's and NKD's)
+_LOSS_PARAMETERS: dict[str, dict[str, float]] = {
+    "kd": {},
+    "nkd": {"gamma": 1.5},
+    "dkd": {"alpha": 1.0, "beta": 8.0},
+    "dist": {"beta": 1.0, "gamma": 1.0},
+    "dhkd": {},
+}
+_DEFAULT_WARMUP = {"dkd": 20.0}  # epochs; mdistiller's DKD.WARMUP
 _PRECISIONS: dict[str, torch.dtype | None] = {
     "32": None,
     "32-true": None,
@@ -69,29 +95,67 @@ class ResizeInput:
 
 
 class TeacherDistillation(LossTermCallback):
-    """Add a KD or NKD term from a frozen teacher to the training loss of any classifier.
+    """Add a distillation term from a frozen teacher to the training loss of any classifier or LM.
 
     The task loss stays; ``weight * loss(student_logits, teacher_logits)`` is added and logged as
-    ``train/loss_kd`` or ``train/loss_nkd``. The teacher sees ``context.input``, the student's
-    actual input (after mixup/cutmix when the module applies them), and the target is
-    ``context.target`` (soft after mixup: NKD uses its argmax).
+    ``train/loss_<name>`` (``name`` defaults to the loss's name). The teacher sees
+    ``context.input``, the student's actual input (after mixup/cutmix when the module applies
+    them), and the target is ``context.target`` (soft after mixup: NKD and DKD use its argmax).
+
+    **Losses** (:mod:`lightning_logits.functional.distillation`): ``"kd"`` (Hinton), ``"nkd"``
+    (normalized KD), ``"dkd"`` (decoupled KD, with its linear warm-up over ``warmup_epochs``),
+    ``"dist"`` (correlation-based DIST), ``"dhkd"`` (dual-head KD: the BinaryKL-Norm term on an
+    auxiliary linear head, see below), or your own callable, called as ``loss(student_logits,
+    teacher_logits, target=..., temperature=..., mask=..., validate_args=..., **loss_kwargs)``.
+    ``standardize=True`` z-scores both logit rows first (logit standardization).
+
+    **Dual-head KD** (``loss="dhkd"``): an ``nn.Linear`` with the classifier head's shape is put
+    under ``aux_modules(pl_module)["dual_head"]`` (trained by the module's optimizer, saved in its
+    checkpoints); it reads the features entering the classifier head and only its logits get the
+    distillation term, so the main head keeps the cross-entropy alone. The auxiliary head is
+    never used by ``forward``; :meth:`Classifier.load_from_checkpoint` drops it for inference.
+
+    **Sequences** (causal language models): a module whose ``training_step`` returns
+    ``{"loss", "logits": [B, T, V], "target": [B, T]}`` (``-100`` = ignored) gets the loss as the
+    mean over the non-ignored tokens (an optional ``"mask"`` ``[B, T]`` bool entry also works);
+    ``chunk_size`` computes KD, NKD, DKD or DHKD over that many tokens at a time, keeping the
+    peak memory close to the cross-entropy's. The teacher is called on the token ids and must
+    return ``[B, T, V]``; a sequence cache (:func:`~lightning_logits.teacher_cache.build_teacher_cache`
+    on ``[N, T]`` rows) stores the top-k logits per token.
 
     The teacher lives on this callback, not on the LightningModule: Lightning never moves it to
     train mode, DDP never wraps it, and it is never written into the student's checkpoint. It is
     frozen (``requires_grad=False``), kept in eval mode (checked before each forward pass), run
     under ``torch.no_grad()`` on the student's device, optionally in bf16/fp16 and channels_last.
+    The teacher's accuracy on the training batches is logged as ``<name>/teacher_acc`` (epoch
+    mean, no host read per step); after the first epoch a warning says when it is near chance
+    (below 1.5 / C): a weak or mismatched teacher (or cache) teaches the student little.
     The checkpoint records where the teacher came from (``teacher``, ``checkpoint``, ``cache``)
-    and a fingerprint of its weights, so a resumed run reloads it, and warns if it differs.
+    and a fingerprint of its weights, so a resumed run reloads it, and warns if it differs. The
+    loss checks that read tensor values (non-finite logits, label range) run on the first step
+    only, so the steady-state step has no extra host-device synchronization.
 
     Args:
         teacher: an ``nn.Module`` (moved and cast in place, as Lightning moves a model); the path
             of a checkpoint of our :class:`~lightning_logits.modules.Classifier`; or a timm model name (or
             ``"torchvision/<name>"``) with ``checkpoint``. ``None`` when ``cache`` is given, or on
             resume (the recorded source is loaded).
-        loss: ``"nkd"`` (default) or ``"kd"``.
+        loss: ``"nkd"`` (default), ``"kd"``, ``"dkd"``, ``"dist"``, ``"dhkd"``, or a callable.
         weight: weight of the term in the total loss (default 1.0).
-        temperature: ``None`` for the loss's default (NKD 1.0, KD 4.0).
-        gamma: NKD's non-target weight (default 1.5; ignored by KD).
+        temperature: ``None`` for the loss's default (KD 4, NKD 1, DKD 4, DIST 1, DHKD 2; 1 for a
+            callable).
+        gamma: NKD's non-target weight (default 1.5) or DIST's intra-class weight (default 1.0).
+        alpha: DKD's target-class (TCKD) weight (default 1.0).
+        beta: DKD's non-target (NCKD) weight (default 8.0) or DIST's inter-class weight (default 1.0).
+            Hyperparameters a loss does not have are ignored.
+        standardize: z-score student and teacher logits before the loss (logit standardization;
+            the official CIFAR-100 setting uses ``temperature=2`` and a KD weight of 9).
+        warmup_epochs: multiply the term by ``min((epoch + 1) / warmup_epochs, 1)`` (epoch counted
+            from 0 here, from 1 in mdistiller); ``None``: 20 for DKD (the official warm-up), 0
+            (off) for the others.
+        chunk_size: positions per chunk for KD/NKD/DKD/DHKD on large vocabularies (``None``: all
+            at once; DIST has no chunked path).
+        loss_kwargs: extra keyword arguments for a callable ``loss``.
         cache: directory of a top-k teacher-logit cache
             (:mod:`lightning_logits.teacher_cache`); the batches must then carry sample indices
             (``(input, target, index)``), and no teacher runs.
@@ -104,24 +168,31 @@ class TeacherDistillation(LossTermCallback):
         channels_last: convert the teacher and its inputs to channels_last memory format.
         input_transform: a callable applied to the student's input before the teacher (e.g.
             :class:`ResizeInput` for a ViT/CNN pair with different input sizes).
-        name: the loss term's name (default: the value of ``loss``).
+        name: the loss term's name (default: the value of ``loss``, or ``"distill"`` for a callable).
 
     Example:
         >>> from torch import nn
-        >>> callback = TeacherDistillation(nn.Linear(4, 3), loss="kd", weight=0.5)
-        >>> callback.name, callback.temperature, callback.weight
-        ('kd', 4.0, 0.5)
+        >>> callback = TeacherDistillation(nn.Linear(4, 3), loss="dkd", weight=0.5)
+        >>> callback.name, callback.temperature, callback.loss_kwargs, callback.warmup_epochs
+        ('dkd', 4.0, {'alpha': 1.0, 'beta': 8.0}, 20.0)
     """
 
-    STATE_VERSION = 1
+    AUX_KEY = "dual_head"
+    STATE_VERSION = 2  # 2: loss_kwargs, standardize, warmup_epochs
 
     def __init__(
         self,
         teacher: nn.Module | str | None = None,
-        loss: str = "nkd",
+        loss: DistillationLossName | Callable[..., Tensor] = "nkd",
         weight: float = 1.0,
         temperature: float | None = None,
-        gamma: float = 1.5,
+        gamma: float | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+        standardize: bool = False,
+        warmup_epochs: float | None = None,
+        chunk_size: int | None = None,
+        loss_kwargs: dict[str, Any] | None = None,
         cache: str | None = None,
         checkpoint: str | None = None,
         num_classes: int | None = None,
@@ -131,20 +202,55 @@ class TeacherDistillation(LossTermCallback):
         input_transform: Callable[[Tensor], Tensor] | None = None,
         name: str | None = None,
     ) -> None:
-        if loss not in _LOSSES:
-            raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
-        super().__init__(name=name or loss, weight=weight)
+        loss_name: str
+        if isinstance(loss, str):
+            if loss not in _LOSSES:
+                raise ValueError(f"loss must be one of {_LOSSES} or a callable, got {loss!r}")
+            loss_name = loss
+        elif callable(loss):
+            loss_name = "distill"
+        else:
+            raise TypeError(f"loss must be one of {_LOSSES} or a callable, got {type(loss).__name__}")
+        super().__init__(name=name or loss_name, weight=weight)
         if temperature is None:
-            temperature = _DEFAULT_TEMPERATURE[loss]
+            temperature = DEFAULT_TEMPERATURE.get(loss_name, 1.0)
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-        if precision is not None and str(precision) not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)} or None, got {precision!r}")
-        if teacher is not None and not isinstance(teacher, nn.Module | str):
-            raise TypeError(f"teacher must be an nn.Module, a name or a checkpoint path, got {type(teacher).__name__}")
-        self.loss = loss
+        given = {"gamma": gamma, "alpha": alpha, "beta": beta}
+        for key, value in given.items():
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, got {value}")
+        if warmup_epochs is None:
+            warmup_epochs = _DEFAULT_WARMUP.get(loss_name, 0.0)
+        if not (math.isfinite(warmup_epochs) and warmup_epochs >= 0):
+            raise ValueError(f"warmup_epochs must be a finite number >= 0 (0: no warm-up), got {warmup_epochs}")
+        if chunk_size is not None and (chunk_size < 1 or loss_name == "dist"):
+            raise ValueError(
+                f"chunk_size must be None or a positive number of positions (and None for DIST), got {chunk_size} "
+                f"with loss={loss_name!r}"
+            )
+        _validate_arguments(teacher, temperature, gamma, cache, checkpoint, num_classes, teacher_kwargs, precision)
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"TeacherDistillation: channels_last must be True or False, got {channels_last!r}")
+        if input_transform is not None and not callable(input_transform):
+            raise ValueError(
+                f"TeacherDistillation: input_transform must be a callable on the input tensor (e.g. ResizeInput(224)), "
+                f"got {input_transform!r}"
+            )
+        self.loss = loss_name
+        self.loss_fn: Callable[..., Tensor] = DISTILLATION_LOSSES[loss_name] if isinstance(loss, str) else loss
         self.temperature = float(temperature)
-        self.gamma = float(gamma)
+        if isinstance(loss, str):
+            self.loss_kwargs: dict[str, Any] = {
+                key: float(given[key]) if given[key] is not None else default  # type: ignore[arg-type]
+                for key, default in _LOSS_PARAMETERS[loss_name].items()
+            }
+        else:
+            self.loss_kwargs = dict(loss_kwargs or {})
+        self.gamma = self.loss_kwargs.get("gamma", gamma)
+        self.standardize = bool(standardize)
+        self.warmup_epochs = float(warmup_epochs)
+        self.chunk_size = chunk_size
         self.teacher_source = teacher
         self.cache_path = cache
         self.checkpoint = checkpoint
@@ -155,9 +261,19 @@ class TeacherDistillation(LossTermCallback):
         self.input_transform = input_transform
         self.teacher: nn.Module | None = None
         self.cache: TeacherLogitCache | None = None
+        # Absolute paths of the given files, recorded beside them: a resume from another directory finds them.
+        self._abspaths = {
+            key: _abspath(value) for key, value in (("teacher", teacher), ("checkpoint", checkpoint), ("cache", cache))
+        }
         self.fingerprint: str | None = None
         self._dtype: torch.dtype | None = None
         self._restored: dict[str, Any] = {}
+        self._validated = False
+        # Teacher accuracy on the training batches: device-side sums, read on the host once (first epoch end).
+        self._teacher_correct: Tensor | None = None
+        self._teacher_seen = 0
+        self._teacher_classes: int | None = None
+        self._teacher_acc_checked = False
 
     @property
     @override
@@ -170,15 +286,21 @@ class TeacherDistillation(LossTermCallback):
         source = self.teacher_source
         return {
             "teacher": source if isinstance(source, str) else None,
+            "teacher_abspath": self._abspaths.get("teacher"),
+            "checkpoint_abspath": self._abspaths.get("checkpoint"),
+            "cache_abspath": self._abspaths.get("cache"),
             "teacher_class": type(source).__qualname__ if isinstance(source, nn.Module) else None,
             "checkpoint": self.checkpoint,
             "num_classes": self.num_classes,
             "teacher_kwargs": self.teacher_kwargs,
             "cache": self.cache_path,
             "fingerprint": self.fingerprint,
-            "loss": self.loss,
+            "loss": self.loss if self.loss != "distill" else getattr(self.loss_fn, "__qualname__", "callable"),
             "temperature": self.temperature,
             "gamma": self.gamma,
+            "loss_kwargs": dict(self.loss_kwargs),
+            "standardize": self.standardize,
+            "warmup_epochs": self.warmup_epochs,
         }
 
     @override
@@ -191,9 +313,10 @@ class TeacherDistillation(LossTermCallback):
         self._restored = dict(state_dict)
         # A callback created without a teacher (or cache) on resume takes the recorded one.
         if self.teacher_source is None and self.cache_path is None:
-            self.teacher_source = state_dict.get("teacher")
-            self.cache_path = state_dict.get("cache")
-            self.checkpoint = state_dict.get("checkpoint")
+            self.teacher_source = _recorded_path(state_dict, "teacher")
+            self.cache_path = _recorded_path(state_dict, "cache")
+            self.checkpoint = _recorded_path(state_dict, "checkpoint")
+            self._abspaths = {key: state_dict.get(f"{key}_abspath") for key in ("teacher", "checkpoint", "cache")}
             self.num_classes = state_dict.get("num_classes")
             self.teacher_kwargs = dict(state_dict.get("teacher_kwargs") or {})
             if self.teacher_source is None and self.cache_path is None:
@@ -261,8 +384,133 @@ class TeacherDistillation(LossTermCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here rather than in setup: the student is on its device and a resumed state is loaded.
+        self._validated = False
         if self.teacher is None and self.cache is None:
             self._prepare_teacher(pl_module)
+            if self.cache is not None:
+                self._check_cache_data(trainer)
+        self._teacher_correct, self._teacher_seen, self._teacher_acc_checked = None, 0, False
+
+    # ------------------------------------------------------------------ teacher accuracy
+    def _track_teacher_accuracy(self, context: StepContext, teacher: Tensor) -> None:
+        """Log ``<name>/teacher_acc`` (epoch mean) and sum the hits on the device, with no host read."""
+        try:
+            target = context.target
+        except (TypeError, KeyError):  # a batch without a target (possible with KD): nothing to score
+            return
+        if target.ndim == 2 and target.shape == teacher.shape:
+            target = target.argmax(dim=1)  # soft (mixup) targets: their dominant class
+        elif target.ndim != 1 or target.shape[0] != teacher.shape[0] or target.is_floating_point():
+            return
+        hits = (teacher.detach().argmax(dim=1) == target).float()
+        context.pl_module.log(
+            f"{self.name}/teacher_acc",
+            hits.mean(),
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=hits.shape[0],
+        )
+        if not self._teacher_acc_checked:
+            total = hits.sum()
+            self._teacher_correct = total if self._teacher_correct is None else self._teacher_correct + total
+            self._teacher_seen += hits.shape[0]
+            self._teacher_classes = teacher.shape[1]
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # One host read, after the first epoch: warn when the teacher is about as good as chance.
+        if self._teacher_acc_checked or self._teacher_correct is None or not self._teacher_seen:
+            return
+        self._teacher_acc_checked = True
+        accuracy = float(self._teacher_correct) / self._teacher_seen
+        classes = self._teacher_classes or 1
+        if accuracy < 1.5 / classes:
+            source = self.cache_path if self.cache_path is not None else self.teacher_source
+            rank_zero_warn(
+                f"the teacher is only {accuracy:.1%} accurate on the training batches of epoch "
+                f"{trainer.current_epoch} (chance with {classes} classes: {1 / classes:.1%}), so distilling from it "
+                f"teaches the student little. Check the teacher ({source if isinstance(source, str) else 'module'}): "
+                "trained long enough, on these labels, with the input transform it expects; for a cache, built on "
+                "this data. Its accuracy is logged as "
+                f"'{self.name}/teacher_acc'."
+            )
+
+    # ------------------------------------------------------------- cache vs. training data
+    def _check_cache_data(self, trainer: pl.Trainer) -> None:
+        """Refuse a cache built on other data than the training set (count and labels by index)."""
+        cache = self.cache
+        assert cache is not None
+        recorded = cache.data_fingerprint
+        if recorded is None:
+            rank_zero_warn(
+                f"the teacher-logit cache '{cache.path}' records no fingerprint of the data it was built on "
+                "(built by an older lightning_logits), so it cannot be checked against the training data; "
+                f"rebuild it to have it checked: {_rebuild_command(cache, trainer)}"
+            )
+            return
+        labels = _training_labels(trainer)
+        if labels is None:
+            rank_zero_warn(
+                f"cannot read the training set's labels by index (no `targets`/`labels` attribute, no "
+                f"TensorDataset), so the teacher-logit cache '{cache.path}' is not checked against them"
+            )
+            return
+        current = label_fingerprint(labels)
+        if (current["num_samples"], current["labels_sha1"]) != (recorded["num_samples"], recorded["labels_sha1"]):
+            built_on = f" from {json.dumps(cache.data)}" if cache.data else ""
+            raise ValueError(
+                f"the teacher-logit cache '{cache.path}' was built on other data than this run trains on: its row i "
+                f"would give the teacher logits of another sample. Cache{built_on}: {_describe(recorded)}; "
+                f"training set: {_describe(current)}. Build the cache on the same split (same fractions and "
+                f"seed): {_rebuild_command(cache, trainer)}"
+            )
+
+    # ----------------------------------------------------------------- dual head
+    def build_dual_head(self, pl_module: pl.LightningModule) -> nn.Linear:
+        """Put ``Linear(D, C)`` (the classifier head's shape) under ``aux_modules(pl_module)["dual_head"]``.
+
+        Reused when it already exists with that shape (a second ``fit`` continues with it).
+        """
+        head_name, head = find_classifier(pl_module, getattr(pl_module, "classifier_head", None))
+        in_features = getattr(head, "in_features", None)
+        out_features = getattr(head, "out_features", None)
+        if not (isinstance(in_features, int) and isinstance(out_features, int)):
+            raise LookupError(
+                f"dual-head KD needs an nn.Linear classifier head to copy its shape; '{head_name}' is a "
+                f"{type(head).__name__}. Set `classifier_head` on your module to the Linear head's dotted path."
+            )
+        aux = aux_modules(pl_module)
+        existing = aux[self.AUX_KEY] if self.AUX_KEY in aux else None  # noqa: SIM401 (ModuleDict has no get)
+        if isinstance(existing, nn.Linear) and (existing.in_features, existing.out_features) == (
+            in_features,
+            out_features,
+        ):
+            return existing
+        reference = next(pl_module.parameters(), None)
+        dual = nn.Linear(in_features, out_features)
+        if reference is not None:
+            dual = dual.to(device=reference.device)
+        aux[self.AUX_KEY] = dual
+        return dual
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            # validate/test with ckpt_path restore the whole state_dict, the dual head included
+            existing = getattr(pl_module, AUX_ATTRIBUTE, None)
+            if self.loss == "dhkd" and not (isinstance(existing, nn.ModuleDict) and self.AUX_KEY in existing):
+                try:
+                    self.build_dual_head(pl_module)
+                except LookupError as err:
+                    rank_zero_warn(f"TeacherDistillation could not rebuild its dual head for '{stage}' ({err})")
+            return
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_hub_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hub: LossTermHub) -> None:
+        if self.loss == "dhkd":
+            self.build_dual_head(pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -272,7 +520,7 @@ class TeacherDistillation(LossTermCallback):
             self.cache = None
 
     def teacher_logits(self, context: StepContext) -> Tensor:
-        """The teacher's ``[N, C]`` logits for this step: from the cache, or a no-grad forward pass.
+        """The teacher's ``[N, C]`` (``[B, T, V]`` for an LM) logits for this step: cache or no-grad forward pass.
 
         Override to change how the teacher is called (e.g. a teacher with several inputs).
         """
@@ -299,15 +547,162 @@ class TeacherDistillation(LossTermCallback):
         with torch.no_grad():
             return first_tensor(teacher(x))
 
+    def student_logits(self, context: StepContext) -> Tensor:
+        """The logits that get the term: the classifier's, or the auxiliary head's for dual-head KD."""
+        if self.loss != "dhkd":
+            return context.logits
+        head = aux_modules(context.pl_module)[self.AUX_KEY]
+        return head(context.features)
+
+    def warmup_factor(self, epoch: int) -> float:
+        """``min((epoch + 1) / warmup_epochs, 1)`` for the 0-based ``epoch`` (1 without a warm-up)."""
+        return dkd_warmup(epoch + 1, self.warmup_epochs)
+
     @override
     def loss_term(self, context: StepContext) -> Tensor:
-        student = context.logits
+        student = self.student_logits(context)
         teacher = self.teacher_logits(context)
         if teacher.shape != student.shape:
             raise ValueError(
                 f"the teacher gave logits of shape {tuple(teacher.shape)} but the student "
                 f"{tuple(student.shape)}: teacher {teacher.shape[-1]} classes, student {student.shape[-1]}"
             )
-        if self.loss == "kd":
-            return kd_loss(student, teacher, temperature=self.temperature)
-        return nkd_loss(student, teacher, context.target, temperature=self.temperature, gamma=self.gamma)
+        target: Tensor | None
+        try:
+            target = context.target
+        except (TypeError, KeyError):
+            if self.loss in ("nkd", "dkd"):
+                raise
+            target = None  # KD, DIST and DHKD only use the target to skip ignored positions
+        self._track_teacher_accuracy(context, teacher)
+        mask = context._from_output("mask")
+        validate = not self._validated
+        self._validated = True
+        kwargs: dict[str, Any] = dict(self.loss_kwargs)
+        if self.loss != "distill":
+            kwargs.update(standardize=self.standardize, chunk_size=self.chunk_size)
+        elif self.standardize:
+            student, teacher = standardize_logits(student), standardize_logits(teacher)
+        value = self.loss_fn(
+            student,
+            teacher,
+            target=target,
+            temperature=self.temperature,
+            mask=mask,
+            validate_args=validate,
+            **kwargs,
+        )
+        factor = self.warmup_factor(context.trainer.current_epoch) if self.warmup_epochs > 0 else 1.0
+        return value * factor if factor != 1.0 else value
+
+
+def _training_labels(trainer: pl.Trainer) -> Tensor | None:
+    """The training set's labels by index: ``datamodule.dataset("train")`` or the train dataloader's dataset."""
+    dataset = None
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and callable(getattr(datamodule, "dataset", None)):
+        try:
+            dataset = datamodule.dataset("train")
+        except Exception:  # a DataModule whose dataset() means something else
+            dataset = None
+    if dataset is None:
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+    return None if dataset is None else dataset_labels(dataset)
+
+
+def _describe(fingerprint: dict[str, Any]) -> str:
+    return (
+        f"{fingerprint['num_samples']} samples, labels by index sha1 {fingerprint['labels_sha1']}, "
+        f"class counts {fingerprint.get('class_counts')}"
+    )
+
+
+def _rebuild_command(cache: TeacherLogitCache, trainer: pl.Trainer) -> str:
+    """The ``lightning-logits-cache`` command that rebuilds ``cache`` on this run's training data."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        class_path = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+        hparams = dict(getattr(datamodule, "hparams", {}) or {})
+        hparams.pop("return_index", None)
+        data = f"--data {class_path} --data-args '{json.dumps(hparams, default=str)}'"
+    else:
+        data = "--data <your DataModule class path> --data-args '<its JSON arguments>'"
+    teacher = f"--teacher {cache.source}"
+    args = cache.teacher_args
+    if args.get("checkpoint"):
+        teacher += f" --checkpoint {args['checkpoint']}"
+    if args.get("num_classes") is not None:
+        teacher += f" --num-classes {args['num_classes']}"
+    if args.get("model_kwargs"):
+        teacher += f" --model-kwargs '{json.dumps(args['model_kwargs'])}'"
+    split = (cache.data or {}).get("split", "train")
+    split_arg = f" --split {split}" if split != "train" else ""
+    return f"`lightning-logits-cache {teacher} {data}{split_arg} --k {cache.k} --out {cache.path} --overwrite`"
+
+
+def _validate_arguments(
+    teacher: Any,
+    temperature: Any,
+    gamma: Any,
+    cache: Any,
+    checkpoint: Any,
+    num_classes: Any,
+    teacher_kwargs: Any,
+    precision: Any,
+) -> None:
+    """TeacherDistillation's argument checks: each error names the argument, the value and the fix."""
+    owner = "TeacherDistillation"
+    check_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False, owner=owner)
+    if gamma is not None:
+        check_hyperparameter(
+            "gamma",
+            gamma,
+            low=0.0,
+            owner=owner,
+            fix="NKD's non-target weight (default 1.5) or DIST's intra-class weight",
+        )
+    if num_classes is not None:
+        check_hyperparameter("num_classes", num_classes, low=2, integer=True, owner=owner)
+    if precision is not None and str(precision) not in _PRECISIONS:
+        raise ValueError(f"{owner}: precision must be one of {sorted(_PRECISIONS)} or None, got {precision!r}")
+    if teacher is not None and not isinstance(teacher, nn.Module | str):
+        raise TypeError(f"teacher must be an nn.Module, a name or a checkpoint path, got {type(teacher).__name__}")
+    if teacher_kwargs is not None and not isinstance(teacher_kwargs, dict):
+        raise ValueError(f"{owner}: teacher_kwargs must be a dict such as {{'in_chans': 1}}, got {teacher_kwargs!r}")
+    if cache is not None and not isinstance(cache, str | os.PathLike):
+        raise ValueError(f"{owner}: cache must be the path of a teacher-logit cache directory, got {cache!r}")
+    if cache is not None and teacher is not None:
+        raise ValueError(
+            f"{owner}: got both teacher={teacher if isinstance(teacher, str) else type(teacher).__name__!r} and "
+            f"cache={cache!r}; a cache replaces the teacher: pass one of them"
+        )
+    if checkpoint is not None and (cache is not None or isinstance(teacher, nn.Module)):
+        given = "cache=" if cache is not None else "an nn.Module teacher"
+        raise ValueError(
+            f"{owner}: checkpoint={checkpoint!r} would be ignored with {given}: it gives the weights of a teacher "
+            "given by model name (teacher='resnet18', checkpoint='weights.pt'); load a module's weights yourself"
+        )
+
+
+def _abspath(value: Any) -> str | None:
+    """The absolute path of an existing file or directory given as a string; ``None`` for anything else."""
+    if not isinstance(value, str | os.PathLike):
+        return None
+    path = Path(value)
+    return str(path.resolve()) if path.exists() else None
+
+
+def _recorded_path(state: dict[str, Any], key: str) -> Any:
+    """A source recorded in the checkpoint: as given when it exists from here, else its recorded absolute path."""
+    given = state.get(key)
+    absolute = state.get(f"{key}_abspath")
+    if not isinstance(given, str) or absolute is None or Path(given).exists():
+        return given
+    if Path(absolute).exists():
+        return absolute
+    raise FileNotFoundError(
+        f"the checkpoint's TeacherDistillation {key} '{given}' is found neither from the working directory "
+        f"'{Path.cwd()}' nor at its recorded absolute path '{absolute}'; pass it when resuming: "
+        f"TeacherDistillation({'teacher' if key == 'teacher' else key}=<its path>)"
+    )

@@ -78,6 +78,10 @@ class USKD(LossTermCallback):
         weight: float = 1.0,
     ) -> None:
         super().__init__(name=name, weight=weight)
+        if feature_layer is not None and not isinstance(feature_layer, str):
+            raise ValueError(
+                f"USKD: feature_layer must be a module's dotted path such as 'layer3' (or None), got {feature_layer!r}"
+            )
         if rank_by not in RANK_BY:
             raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")
         for name, value in (("alpha", alpha), ("beta", beta), ("mu", mu)):
