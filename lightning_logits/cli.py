@@ -1,7 +1,8 @@
 """Every command-line entry point: ``lightning-logits`` (Lightning's CLI) and ``lightning-logits-cache``.
 
 ``lightning-logits fit --config recipes/quickstart.yaml`` trains; ``--print_config`` shows the
-full configuration; dotted overrides such as ``--trainer.max_epochs 3`` change one value.
+full configuration; dotted overrides such as ``--trainer.max_epochs 3`` change one value, and a
+method's parameters are reached through its own section: ``--uskd.alpha 0.2``.
 Any LightningModule / LightningDataModule can be named by ``class_path``, ours or the user's.
 """
 
@@ -14,19 +15,51 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
 import lightning_logits.callbacks
 import lightning_logits.data
 import lightning_logits.modules  # noqa: F401
+from lightning_logits.callbacks import LAWN, USKD, LogitDiagnostics, ReplayCallback, TeacherDistillation
 from lightning_logits.networks.factory import load_teacher
 from lightning_logits.teacher_cache import build_teacher_cache
 
+METHOD_SECTIONS: dict[str, type[Callback]] = {
+    "distillation": TeacherDistillation,
+    "uskd": USKD,
+    "lawn": LAWN,
+    "replay": ReplayCallback,
+    "diagnostics": LogitDiagnostics,
+}
+"""Top-level config sections, one per method key, each holding one callback of that method.
+
+A method in its own section has every parameter reachable with one flag,
+``--<key>.<parameter> VALUE`` (e.g. ``--uskd.alpha 0.2``, ``--replay.buffer_size 500``,
+``--lawn.free_epochs 2``), which ``--trainer.callbacks.<parameter>`` cannot offer: that flag
+reaches only the last callback of the list. Recipes put their method callback here; other
+callbacks (checkpoints, metrics, a second method of the same kind) stay in ``trainer.callbacks``.
+"""
+
+
+class LogitsCLI(LightningCLI):
+    """Lightning's CLI with one optional config section per method key (:data:`METHOD_SECTIONS`)."""
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for key, callback_class in METHOD_SECTIONS.items():
+            parser.add_lightning_class_args(callback_class, key, subclass_mode=True, required=False)
+
+    @override
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # Absent method sections are None: only the sections a config fills become callbacks.
+        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
+
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """The configured ``LightningCLI``; ``args`` defaults to ``sys.argv[1:]``."""
-    return LightningCLI(
+    """The configured CLI (:class:`LogitsCLI`); ``args`` defaults to ``sys.argv[1:]``."""
+    return LogitsCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -87,8 +120,21 @@ def cache_main(argv: list[str] | None = None) -> None:
     else:
         loader = getattr(datamodule, f"{args.split}_dataloader")()
     teacher = load_teacher(args.teacher, args.checkpoint, args.num_classes, json.loads(args.model_kwargs))
+    data = {"class_path": args.data, "init_args": data_args, "split": args.split}
     cache = build_teacher_cache(
-        teacher, loader, args.out, k=args.k, device=args.device, source=args.teacher, overwrite=args.overwrite
+        teacher,
+        loader,
+        args.out,
+        k=args.k,
+        device=args.device,
+        source=args.teacher,
+        overwrite=args.overwrite,
+        data=data,
+        teacher_args={
+            "checkpoint": args.checkpoint,
+            "num_classes": args.num_classes,
+            "model_kwargs": json.loads(args.model_kwargs),
+        },
     )
     print(f"wrote top-{cache.k} logits of {cache.num_samples} samples ({cache.num_classes} classes) to {cache.path}")
 

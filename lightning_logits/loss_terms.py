@@ -33,7 +33,14 @@ from typing_extensions import override
 from lightning_logits.batch import batch_input, batch_target
 from lightning_logits.networks.heads import LogitTap
 
-__all__ = ["LossTermCallback", "LossTermHub", "StepContext", "check_finite_loss", "check_state_version"]
+__all__ = [
+    "LossTermCallback",
+    "LossTermHub",
+    "StepContext",
+    "check_finite_loss",
+    "check_hyperparameter",
+    "check_state_version",
+]
 
 
 def check_finite_loss(name: str, value: Tensor, step: int) -> None:
@@ -44,6 +51,41 @@ def check_finite_loss(name: str, value: Tensor, step: int) -> None:
             f"{step}: training stopped. Lower the learning rate or this term's weight, or train "
             "in float32/bf16 instead of fp16."
         )
+
+
+def check_hyperparameter(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    low_inclusive: bool = True,
+    integer: bool = False,
+    owner: str = "",
+    fix: str = "",
+) -> None:
+    """Refuse a hyperparameter that is not a finite real number (an ``int`` when ``integer``) at least ``low``.
+
+    The ``ValueError`` names the parameter, the value seen and, with ``fix``, what to pass instead.
+    ``bool`` is never taken for a number.
+
+    Example:
+        >>> check_hyperparameter("gamma", 1.5, low=0.0)
+        >>> check_hyperparameter("gamma", -1, low=0.0, owner="TeacherDistillation")
+        Traceback (most recent call last):
+        ...
+        ValueError: TeacherDistillation: gamma must be a finite number >= 0.0, got -1
+    """
+    kind = "an integer" if integer else "a finite number"
+    bound = "" if low is None else f" {'>=' if low_inclusive else '>'} {low}"
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if ok and not integer:
+        ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if not ok:
+        prefix = f"{owner}: " if owner else ""
+        suffix = f"; {fix}" if fix else ""
+        raise ValueError(f"{prefix}{name} must be {kind}{bound}, got {value!r}{suffix}")
 
 
 def check_state_version(state: Mapping[str, Any], current: int, owner: str) -> int:
@@ -101,11 +143,16 @@ class StepContext:
         return None
 
     def _require_tap(self, what: str) -> LogitTap:
-        if self.tap is None or not self.tap.logits:
+        if self.tap is None or (what != "outputs" and not self.tap.logits):
+            found = self.tap is not None and self.tap.head is not None
+            why = (
+                "the classifier head did not run inside training_step"
+                if found
+                else f"no classifier head was found in {type(self.pl_module).__name__}"
+            )
             raise RuntimeError(
-                f"no {what} were captured in this training step: the classifier head did not run "
-                "inside training_step. Return {'loss': loss, 'logits': logits} from training_step, "
-                "or set `classifier_head` on your module to the head's dotted path."
+                f"no {what} were captured in this training step: {why}. Return {{'loss': loss, 'logits': "
+                "logits}} from training_step, or set `self.classifier_head = '<dotted path>'` on your module."
             )
         return self.tap
 
@@ -190,12 +237,29 @@ class LossTermHub:
         """The module's hub, or ``None`` when no loss-term callback is attached."""
         return pl_module.__dict__.get(cls.ATTRIBUTE)
 
-    def ensure_tap(self) -> LogitTap:
-        """The hub's logit tap on the module, created on first use."""
+    def ensure_tap(self, require_head: bool = True) -> LogitTap:
+        """The hub's logit tap on the module, created on first use.
+
+        With ``require_head`` (the default) a module whose classifier head cannot be found is
+        refused with a message that names the two ways to fix it; without it the tap still records
+        intermediate layers, and the logits must come from ``training_step``'s output.
+        """
         if self.tap is None:
             head = getattr(self.pl_module, "classifier_head", None)
-            self.tap = LogitTap(self.pl_module, head=head if isinstance(head, str) else None)
+            self.tap = LogitTap(self.pl_module, head=head if isinstance(head, str) else None, require_head=False)
+        if require_head and self.tap.head is None:
+            raise LookupError(self._no_head_message())
         return self.tap
+
+    def _no_head_message(self) -> str:
+        name = type(self.pl_module).__name__
+        reason = str(self.tap.head_error) if self.tap is not None and self.tap.head_error else "no head found"
+        return (
+            f"{reason}. This method needs {name}'s classifier head (its weights or the features entering it): "
+            f"set `self.classifier_head = '<dotted path of the head>'` in {name}.__init__ (for Classifier, pass "
+            "head='...'). Methods that need only logits also accept them returned from training_step as "
+            "{'loss': loss, 'logits': logits}."
+        )
 
     def register(self, callback: LossTermCallback) -> None:
         names = [c.name for c in self.callbacks]
@@ -206,7 +270,8 @@ class LossTermHub:
         if callback.replaces_task_loss and any(c.replaces_task_loss for c in self.callbacks):
             raise ValueError("two callbacks both replace the task loss; use only one of them")
         if callback.needs_tap:
-            self.ensure_tap()
+            # A head is optional here: terms that need only logits read them from the step's output.
+            self.ensure_tap(require_head=False)
         self.callbacks.append(callback)
 
     def unregister(self, callback: LossTermCallback) -> None:
@@ -299,8 +364,13 @@ class LossTermCallback(Callback):
     def __init__(self, name: str, weight: float = 1.0) -> None:
         if not name.isidentifier():
             raise ValueError(f"loss term name must be an identifier-like string, got {name!r}")
-        if not math.isfinite(weight):
-            raise ValueError(f"weight must be finite, got {weight}")
+        check_hyperparameter(
+            "weight",
+            weight,
+            low=0.0,
+            owner=type(self).__name__,
+            fix="it multiplies the term in the loss that is minimized (0 turns the term off)",
+        )
         self.name = name
         self.weight = float(weight)
         self._hub: LossTermHub | None = None

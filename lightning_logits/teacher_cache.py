@@ -11,14 +11,20 @@ index of the data set (row ``i`` is the sample the dataloader tags with index ``
 - ``indices.npy``: int16 (int32 beyond 32767 classes) ``[M, k]``, their class indices;
 - ``rest.npy``: float32 ``[M]``, the log-sum-exp of the ``C - k`` other logits (``-inf`` when ``k = C``);
 - ``written.npy``: bool ``[M]``, which rows were filled (reading an unfilled row is an error);
-- ``meta.json``: ``num_samples``, ``num_classes``, ``k``, ``positions``, the teacher's source and the
-  format version.
+- ``meta.json``: ``num_samples``, ``num_classes``, ``k``, ``positions``, the teacher's source, the
+  format version, and what the cache was built on: ``data_fingerprint`` (sample count, a SHA-1 of
+  the labels by index, the class histogram; see :func:`label_fingerprint`) and ``data`` (the
+  DataModule class path, its arguments and the split, when the command line built it).
 
 **Sequences.** A teacher that returns per-token logits ``[N, T, C]`` (a language model) gets a
 cache with ``T`` positions per row: ``values``/``indices`` ``[M, T, k]`` and ``rest`` ``[M, T]``
 (``meta["positions"] = T``; every sample must have the same ``T``, pad shorter ones), and
 :meth:`TeacherLogitCache.logits` returns ``[B, T, C]``. With a vocabulary of 32k and ``k = 32``
 this stores about 1/500 of the full logits.
+
+**Checked before training.** ``TeacherDistillation(cache=...)`` compares the training set's labels
+by index with ``data_fingerprint`` before the first step and refuses a cache built on another
+split (another ``train_fraction`` or ``seed``), whose rows would belong to other samples.
 
 **Reconstruction of a full row** (:func:`reconstruct_logits`). The ``k`` stored logits are put
 back in their columns and every other column gets the same fill value
@@ -45,6 +51,7 @@ cache/digits_top5 --k 5 --data-args '{"image_size": 32}'`` (see :func:`main`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -55,12 +62,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_logits.batch import batch_index, batch_input
+from lightning_logits.batch import batch_index, batch_input, batch_target
 from lightning_logits.networks.heads import first_tensor
 
 __all__ = [
     "TeacherLogitCache",
     "build_teacher_cache",
+    "dataset_labels",
+    "label_fingerprint",
     "reconstruct_logits",
 ]
 
@@ -104,6 +113,69 @@ def reconstruct_logits(values: Tensor, indices: Tensor, rest: Tensor, num_classe
     return out.scatter_(-1, indices.long(), values.float())
 
 
+def label_fingerprint(labels: Tensor | np.ndarray | Sequence[int]) -> dict[str, Any]:
+    """What a data split looks like by index: ``num_samples``, ``labels_sha1`` and ``class_counts``.
+
+    ``labels_sha1`` is the first 16 hex digits of the SHA-1 of the int64 labels in index order, so
+    two splits with the same samples in the same order agree, and a split with other samples (or
+    the same samples in another order) almost surely does not. Soft ``[N, C]`` labels use their argmax.
+
+    Example:
+        >>> fp = label_fingerprint([2, 0, 2])
+        >>> fp["num_samples"], fp["class_counts"]
+        (3, [1, 0, 2])
+        >>> fp == label_fingerprint([0, 2, 2])
+        False
+    """
+    array = torch.as_tensor(labels).detach().cpu()
+    if array.ndim > 1:
+        array = array.argmax(dim=-1)
+    values = array.to(torch.int64).reshape(-1).numpy()
+    counts = np.bincount(values[values >= 0]).tolist() if values.size else []
+    return {
+        "num_samples": int(values.size),
+        "labels_sha1": hashlib.sha1(np.ascontiguousarray(values).tobytes()).hexdigest()[:16],
+        "class_counts": [int(c) for c in counts],
+    }
+
+
+def dataset_labels(dataset: Any) -> Tensor | None:
+    """The labels of a map-style data set in index order, read without running its transforms; ``None`` if unknown.
+
+    Reads ``targets`` (torchvision, :class:`~lightning_logits.data.digits.IndexedTensorDataset`),
+    ``labels`` or ``y`` attributes, the second tensor of a ``TensorDataset``, and follows
+    ``torch.utils.data.Subset`` to its parent.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import Subset, TensorDataset
+        >>> data = TensorDataset(torch.zeros(4, 2), torch.tensor([3, 1, 2, 0]))
+        >>> dataset_labels(Subset(data, [2, 0])).tolist()
+        [2, 3]
+    """
+    if isinstance(dataset, torch.utils.data.Subset):
+        parent = dataset_labels(dataset.dataset)
+        return None if parent is None else parent[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    for attribute in ("targets", "labels", "y"):
+        value = getattr(dataset, attribute, None)
+        if isinstance(value, Tensor | np.ndarray | list) and len(value) == _length(dataset):
+            try:
+                return torch.as_tensor(np.asarray(value) if isinstance(value, list) else value)
+            except (TypeError, ValueError):
+                return None
+    tensors = getattr(dataset, "tensors", None)
+    if isinstance(tensors, tuple) and len(tensors) >= 2 and isinstance(tensors[1], Tensor):
+        return tensors[1]
+    return None
+
+
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
 class TeacherLogitCache:
     """Read-only access to a top-k teacher-logit cache on disk (memory-mapped).
 
@@ -138,6 +210,9 @@ class TeacherLogitCache:
         #: tokens per sample of a sequence cache (rows ``[T, k]``), ``None`` for classification rows
         self.positions: int | None = None if positions is None else int(positions)
         self.source: str = str(self.meta.get("teacher", ""))
+        self.data_fingerprint: dict[str, Any] | None = self.meta.get("data_fingerprint")
+        self.data: dict[str, Any] | None = self.meta.get("data")
+        self.teacher_args: dict[str, Any] = dict(self.meta.get("teacher_args") or {})
         self._open()
 
     def _open(self) -> None:
@@ -201,6 +276,8 @@ def build_teacher_cache(
     input_transform: Callable[[Tensor], Tensor] | None = None,
     source: str | None = None,
     overwrite: bool = False,
+    data: dict[str, Any] | None = None,
+    teacher_args: dict[str, Any] | None = None,
 ) -> TeacherLogitCache:
     """Run ``teacher`` once over ``dataloader`` and store its top-k logits by sample index.
 
@@ -217,6 +294,13 @@ def build_teacher_cache(
         input_transform: applied to each input before the teacher (e.g. a resize).
         source: what built the teacher (a name or a path), recorded in ``meta.json``.
         overwrite: replace an existing cache at ``path``.
+        data: how to rebuild the data, recorded in ``meta.json`` (the command line writes
+            ``{"class_path": ..., "init_args": {...}, "split": "train"}``).
+        teacher_args: how to rebuild the teacher (``checkpoint``, ``num_classes``,
+            ``model_kwargs`` of a teacher given by name), recorded in ``meta.json``.
+
+    The labels of the batches (element 1, or ``"target"``) are recorded by index as
+    ``data_fingerprint`` (:func:`label_fingerprint`), so that training on other data is caught.
 
     Returns:
         The cache, opened for reading.
@@ -240,6 +324,8 @@ def build_teacher_cache(
     arrays: dict[str, np.memmap] = {}
     num_classes = -1
     positions: int | None = None
+    labels = np.full(num_samples, -1, dtype=np.int64)
+    labels_known = True
     for batch in dataloader:
         index = batch_index(batch)
         if index is None:
@@ -291,6 +377,7 @@ def build_teacher_cache(
         arrays["indices"][rows] = top.cpu().numpy().astype(arrays["indices"].dtype)
         arrays["rest"][rows] = rest.cpu().numpy()
         arrays["written"][rows] = True
+        labels_known = labels_known and _record_labels(batch, rows, labels)
     if not arrays:
         raise ValueError("the dataloader yielded no batches")
     for array in arrays.values():
@@ -302,8 +389,27 @@ def build_teacher_cache(
         "k": k,
         "positions": positions,
         "teacher": source or type(teacher).__name__,
+        "data_fingerprint": label_fingerprint(labels) if labels_known else None,
+        "data": data,
+        "teacher_args": teacher_args,
         "reconstruction": "non-top-k columns = rest - log(C - k) (keeps their softmax mass at T=1)",
     }
     # meta.json last: its presence marks a complete cache.
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return TeacherLogitCache(out)
+
+
+def _record_labels(batch: Any, rows: np.ndarray, labels: np.ndarray) -> bool:
+    """Write the batch's class labels into ``labels[rows]``; ``False`` when the batch has none."""
+    try:
+        target = batch_target(batch)
+    except (TypeError, KeyError):
+        return False
+    if not isinstance(target, Tensor) or target.shape[:1] != (rows.size,):
+        return False
+    if target.ndim > 1:
+        if not target.is_floating_point():
+            return False  # per-token targets of a sequence: no single label per row to fingerprint
+        target = target.argmax(dim=-1)  # soft targets: their dominant class
+    labels[rows] = target.detach().to("cpu", torch.int64).numpy()
+    return True

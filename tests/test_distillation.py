@@ -541,7 +541,7 @@ def test_digits_recipes_teacher_then_students(tmp_path: Path, monkeypatch: pytes
     assert teacher.is_file()
     for loss in ("kd", "nkd"):
         recipe = ROOT / f"recipes/distillation/digits_student_{loss}.yaml"
-        cli = build_cli(["fit", "--config", str(recipe), *fast, "--trainer.callbacks.teacher", str(teacher)])
+        cli = build_cli(["fit", "--config", str(recipe), *fast, "--distillation.teacher", str(teacher)])
         assert f"train/loss_{loss}_epoch" in cli.trainer.callback_metrics
 
 

@@ -279,6 +279,6 @@ def test_new_digits_recipes_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     teacher = tmp_path / "runs/distillation/teacher/teacher.ckpt"
     for key in NEW_DIGITS_RECIPES:
         recipe = ROOT / f"recipes/distillation/digits_student_{key}.yaml"
-        cli = build_cli(["fit", "--config", str(recipe), *fast, "--trainer.callbacks.teacher", str(teacher)])
+        cli = build_cli(["fit", "--config", str(recipe), *fast, "--distillation.teacher", str(teacher)])
         name = "kd" if key == "kd_ls" else key
         assert f"train/loss_{name}_epoch" in cli.trainer.callback_metrics

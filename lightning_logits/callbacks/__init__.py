@@ -1,5 +1,6 @@
 """Callbacks that attach logit-level training methods to any LightningModule."""
 
+from lightning_logits.callbacks.diagnostics import LogitDiagnostics
 from lightning_logits.callbacks.distillation import ResizeInput, TeacherDistillation
 from lightning_logits.callbacks.lawn import LAWN
 from lightning_logits.callbacks.replay import UER, ExperienceReplay, ReplayCallback
@@ -13,6 +14,7 @@ __all__ = [
     "USKD",
     "ContinualMetrics",
     "ExperienceReplay",
+    "LogitDiagnostics",
     "LossTermCallback",
     "ReplayCallback",
     "ResizeInput",

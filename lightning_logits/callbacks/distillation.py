@@ -5,8 +5,11 @@ Losses: KD, NKD, DKD, DIST, dual-head KD (DHKD), or a user's function.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, get_args
 
 import lightning.pytorch as pl
@@ -24,10 +27,16 @@ from lightning_logits.functional.distillation import (
     dkd_warmup,
     standardize_logits,
 )
-from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext, check_state_version
+from lightning_logits.loss_terms import (
+    LossTermCallback,
+    LossTermHub,
+    StepContext,
+    check_hyperparameter,
+    check_state_version,
+)
 from lightning_logits.networks.factory import load_teacher, teacher_fingerprint
 from lightning_logits.networks.heads import AUX_ATTRIBUTE, aux_modules, count_classes, find_classifier, first_tensor
-from lightning_logits.teacher_cache import TeacherLogitCache
+from lightning_logits.teacher_cache import TeacherLogitCache, dataset_labels, label_fingerprint
 
 __all__ = ["ResizeInput", "TeacherDistillation"]
 
@@ -118,6 +127,9 @@ class TeacherDistillation(LossTermCallback):
     train mode, DDP never wraps it, and it is never written into the student's checkpoint. It is
     frozen (``requires_grad=False``), kept in eval mode (checked before each forward pass), run
     under ``torch.no_grad()`` on the student's device, optionally in bf16/fp16 and channels_last.
+    The teacher's accuracy on the training batches is logged as ``<name>/teacher_acc`` (epoch
+    mean, no host read per step); after the first epoch a warning says when it is near chance
+    (below 1.5 / C): a weak or mismatched teacher (or cache) teaches the student little.
     The checkpoint records where the teacher came from (``teacher``, ``checkpoint``, ``cache``)
     and a fingerprint of its weights, so a resumed run reloads it, and warns if it differs. The
     loss checks that read tensor values (non-finite logits, label range) run on the first step
@@ -217,10 +229,14 @@ class TeacherDistillation(LossTermCallback):
                 f"chunk_size must be None or a positive number of positions (and None for DIST), got {chunk_size} "
                 f"with loss={loss_name!r}"
             )
-        if precision is not None and str(precision) not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)} or None, got {precision!r}")
-        if teacher is not None and not isinstance(teacher, nn.Module | str):
-            raise TypeError(f"teacher must be an nn.Module, a name or a checkpoint path, got {type(teacher).__name__}")
+        _validate_arguments(teacher, temperature, gamma, cache, checkpoint, num_classes, teacher_kwargs, precision)
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"TeacherDistillation: channels_last must be True or False, got {channels_last!r}")
+        if input_transform is not None and not callable(input_transform):
+            raise ValueError(
+                f"TeacherDistillation: input_transform must be a callable on the input tensor (e.g. ResizeInput(224)), "
+                f"got {input_transform!r}"
+            )
         self.loss = loss_name
         self.loss_fn: Callable[..., Tensor] = DISTILLATION_LOSSES[loss_name] if isinstance(loss, str) else loss
         self.temperature = float(temperature)
@@ -245,10 +261,19 @@ class TeacherDistillation(LossTermCallback):
         self.input_transform = input_transform
         self.teacher: nn.Module | None = None
         self.cache: TeacherLogitCache | None = None
+        # Absolute paths of the given files, recorded beside them: a resume from another directory finds them.
+        self._abspaths = {
+            key: _abspath(value) for key, value in (("teacher", teacher), ("checkpoint", checkpoint), ("cache", cache))
+        }
         self.fingerprint: str | None = None
         self._dtype: torch.dtype | None = None
         self._restored: dict[str, Any] = {}
         self._validated = False
+        # Teacher accuracy on the training batches: device-side sums, read on the host once (first epoch end).
+        self._teacher_correct: Tensor | None = None
+        self._teacher_seen = 0
+        self._teacher_classes: int | None = None
+        self._teacher_acc_checked = False
 
     @property
     @override
@@ -261,6 +286,9 @@ class TeacherDistillation(LossTermCallback):
         source = self.teacher_source
         return {
             "teacher": source if isinstance(source, str) else None,
+            "teacher_abspath": self._abspaths.get("teacher"),
+            "checkpoint_abspath": self._abspaths.get("checkpoint"),
+            "cache_abspath": self._abspaths.get("cache"),
             "teacher_class": type(source).__qualname__ if isinstance(source, nn.Module) else None,
             "checkpoint": self.checkpoint,
             "num_classes": self.num_classes,
@@ -285,9 +313,10 @@ class TeacherDistillation(LossTermCallback):
         self._restored = dict(state_dict)
         # A callback created without a teacher (or cache) on resume takes the recorded one.
         if self.teacher_source is None and self.cache_path is None:
-            self.teacher_source = state_dict.get("teacher")
-            self.cache_path = state_dict.get("cache")
-            self.checkpoint = state_dict.get("checkpoint")
+            self.teacher_source = _recorded_path(state_dict, "teacher")
+            self.cache_path = _recorded_path(state_dict, "cache")
+            self.checkpoint = _recorded_path(state_dict, "checkpoint")
+            self._abspaths = {key: state_dict.get(f"{key}_abspath") for key in ("teacher", "checkpoint", "cache")}
             self.num_classes = state_dict.get("num_classes")
             self.teacher_kwargs = dict(state_dict.get("teacher_kwargs") or {})
             if self.teacher_source is None and self.cache_path is None:
@@ -358,6 +387,84 @@ class TeacherDistillation(LossTermCallback):
         self._validated = False
         if self.teacher is None and self.cache is None:
             self._prepare_teacher(pl_module)
+            if self.cache is not None:
+                self._check_cache_data(trainer)
+        self._teacher_correct, self._teacher_seen, self._teacher_acc_checked = None, 0, False
+
+    # ------------------------------------------------------------------ teacher accuracy
+    def _track_teacher_accuracy(self, context: StepContext, teacher: Tensor) -> None:
+        """Log ``<name>/teacher_acc`` (epoch mean) and sum the hits on the device, with no host read."""
+        try:
+            target = context.target
+        except (TypeError, KeyError):  # a batch without a target (possible with KD): nothing to score
+            return
+        if target.ndim == 2 and target.shape == teacher.shape:
+            target = target.argmax(dim=1)  # soft (mixup) targets: their dominant class
+        elif target.ndim != 1 or target.shape[0] != teacher.shape[0] or target.is_floating_point():
+            return
+        hits = (teacher.detach().argmax(dim=1) == target).float()
+        context.pl_module.log(
+            f"{self.name}/teacher_acc",
+            hits.mean(),
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=hits.shape[0],
+        )
+        if not self._teacher_acc_checked:
+            total = hits.sum()
+            self._teacher_correct = total if self._teacher_correct is None else self._teacher_correct + total
+            self._teacher_seen += hits.shape[0]
+            self._teacher_classes = teacher.shape[1]
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # One host read, after the first epoch: warn when the teacher is about as good as chance.
+        if self._teacher_acc_checked or self._teacher_correct is None or not self._teacher_seen:
+            return
+        self._teacher_acc_checked = True
+        accuracy = float(self._teacher_correct) / self._teacher_seen
+        classes = self._teacher_classes or 1
+        if accuracy < 1.5 / classes:
+            source = self.cache_path if self.cache_path is not None else self.teacher_source
+            rank_zero_warn(
+                f"the teacher is only {accuracy:.1%} accurate on the training batches of epoch "
+                f"{trainer.current_epoch} (chance with {classes} classes: {1 / classes:.1%}), so distilling from it "
+                f"teaches the student little. Check the teacher ({source if isinstance(source, str) else 'module'}): "
+                "trained long enough, on these labels, with the input transform it expects; for a cache, built on "
+                "this data. Its accuracy is logged as "
+                f"'{self.name}/teacher_acc'."
+            )
+
+    # ------------------------------------------------------------- cache vs. training data
+    def _check_cache_data(self, trainer: pl.Trainer) -> None:
+        """Refuse a cache built on other data than the training set (count and labels by index)."""
+        cache = self.cache
+        assert cache is not None
+        recorded = cache.data_fingerprint
+        if recorded is None:
+            rank_zero_warn(
+                f"the teacher-logit cache '{cache.path}' records no fingerprint of the data it was built on "
+                "(built by an older lightning_logits), so it cannot be checked against the training data; "
+                f"rebuild it to have it checked: {_rebuild_command(cache, trainer)}"
+            )
+            return
+        labels = _training_labels(trainer)
+        if labels is None:
+            rank_zero_warn(
+                f"cannot read the training set's labels by index (no `targets`/`labels` attribute, no "
+                f"TensorDataset), so the teacher-logit cache '{cache.path}' is not checked against them"
+            )
+            return
+        current = label_fingerprint(labels)
+        if (current["num_samples"], current["labels_sha1"]) != (recorded["num_samples"], recorded["labels_sha1"]):
+            built_on = f" from {json.dumps(cache.data)}" if cache.data else ""
+            raise ValueError(
+                f"the teacher-logit cache '{cache.path}' was built on other data than this run trains on: its row i "
+                f"would give the teacher logits of another sample. Cache{built_on}: {_describe(recorded)}; "
+                f"training set: {_describe(current)}. Build the cache on the same split (same fractions and "
+                f"seed): {_rebuild_command(cache, trainer)}"
+            )
 
     # ----------------------------------------------------------------- dual head
     def build_dual_head(self, pl_module: pl.LightningModule) -> nn.Linear:
@@ -467,6 +574,7 @@ class TeacherDistillation(LossTermCallback):
             if self.loss in ("nkd", "dkd"):
                 raise
             target = None  # KD, DIST and DHKD only use the target to skip ignored positions
+        self._track_teacher_accuracy(context, teacher)
         mask = context._from_output("mask")
         validate = not self._validated
         self._validated = True
@@ -486,3 +594,115 @@ class TeacherDistillation(LossTermCallback):
         )
         factor = self.warmup_factor(context.trainer.current_epoch) if self.warmup_epochs > 0 else 1.0
         return value * factor if factor != 1.0 else value
+
+
+def _training_labels(trainer: pl.Trainer) -> Tensor | None:
+    """The training set's labels by index: ``datamodule.dataset("train")`` or the train dataloader's dataset."""
+    dataset = None
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and callable(getattr(datamodule, "dataset", None)):
+        try:
+            dataset = datamodule.dataset("train")
+        except Exception:  # a DataModule whose dataset() means something else
+            dataset = None
+    if dataset is None:
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+    return None if dataset is None else dataset_labels(dataset)
+
+
+def _describe(fingerprint: dict[str, Any]) -> str:
+    return (
+        f"{fingerprint['num_samples']} samples, labels by index sha1 {fingerprint['labels_sha1']}, "
+        f"class counts {fingerprint.get('class_counts')}"
+    )
+
+
+def _rebuild_command(cache: TeacherLogitCache, trainer: pl.Trainer) -> str:
+    """The ``lightning-logits-cache`` command that rebuilds ``cache`` on this run's training data."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        class_path = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+        hparams = dict(getattr(datamodule, "hparams", {}) or {})
+        hparams.pop("return_index", None)
+        data = f"--data {class_path} --data-args '{json.dumps(hparams, default=str)}'"
+    else:
+        data = "--data <your DataModule class path> --data-args '<its JSON arguments>'"
+    teacher = f"--teacher {cache.source}"
+    args = cache.teacher_args
+    if args.get("checkpoint"):
+        teacher += f" --checkpoint {args['checkpoint']}"
+    if args.get("num_classes") is not None:
+        teacher += f" --num-classes {args['num_classes']}"
+    if args.get("model_kwargs"):
+        teacher += f" --model-kwargs '{json.dumps(args['model_kwargs'])}'"
+    split = (cache.data or {}).get("split", "train")
+    split_arg = f" --split {split}" if split != "train" else ""
+    return f"`lightning-logits-cache {teacher} {data}{split_arg} --k {cache.k} --out {cache.path} --overwrite`"
+
+
+def _validate_arguments(
+    teacher: Any,
+    temperature: Any,
+    gamma: Any,
+    cache: Any,
+    checkpoint: Any,
+    num_classes: Any,
+    teacher_kwargs: Any,
+    precision: Any,
+) -> None:
+    """TeacherDistillation's argument checks: each error names the argument, the value and the fix."""
+    owner = "TeacherDistillation"
+    check_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False, owner=owner)
+    if gamma is not None:
+        check_hyperparameter(
+            "gamma",
+            gamma,
+            low=0.0,
+            owner=owner,
+            fix="NKD's non-target weight (default 1.5) or DIST's intra-class weight",
+        )
+    if num_classes is not None:
+        check_hyperparameter("num_classes", num_classes, low=2, integer=True, owner=owner)
+    if precision is not None and str(precision) not in _PRECISIONS:
+        raise ValueError(f"{owner}: precision must be one of {sorted(_PRECISIONS)} or None, got {precision!r}")
+    if teacher is not None and not isinstance(teacher, nn.Module | str):
+        raise TypeError(f"teacher must be an nn.Module, a name or a checkpoint path, got {type(teacher).__name__}")
+    if teacher_kwargs is not None and not isinstance(teacher_kwargs, dict):
+        raise ValueError(f"{owner}: teacher_kwargs must be a dict such as {{'in_chans': 1}}, got {teacher_kwargs!r}")
+    if cache is not None and not isinstance(cache, str | os.PathLike):
+        raise ValueError(f"{owner}: cache must be the path of a teacher-logit cache directory, got {cache!r}")
+    if cache is not None and teacher is not None:
+        raise ValueError(
+            f"{owner}: got both teacher={teacher if isinstance(teacher, str) else type(teacher).__name__!r} and "
+            f"cache={cache!r}; a cache replaces the teacher: pass one of them"
+        )
+    if checkpoint is not None and (cache is not None or isinstance(teacher, nn.Module)):
+        given = "cache=" if cache is not None else "an nn.Module teacher"
+        raise ValueError(
+            f"{owner}: checkpoint={checkpoint!r} would be ignored with {given}: it gives the weights of a teacher "
+            "given by model name (teacher='resnet18', checkpoint='weights.pt'); load a module's weights yourself"
+        )
+
+
+def _abspath(value: Any) -> str | None:
+    """The absolute path of an existing file or directory given as a string; ``None`` for anything else."""
+    if not isinstance(value, str | os.PathLike):
+        return None
+    path = Path(value)
+    return str(path.resolve()) if path.exists() else None
+
+
+def _recorded_path(state: dict[str, Any], key: str) -> Any:
+    """A source recorded in the checkpoint: as given when it exists from here, else its recorded absolute path."""
+    given = state.get(key)
+    absolute = state.get(f"{key}_abspath")
+    if not isinstance(given, str) or absolute is None or Path(given).exists():
+        return given
+    if Path(absolute).exists():
+        return absolute
+    raise FileNotFoundError(
+        f"the checkpoint's TeacherDistillation {key} '{given}' is found neither from the working directory "
+        f"'{Path.cwd()}' nor at its recorded absolute path '{absolute}'; pass it when resuming: "
+        f"TeacherDistillation({'teacher' if key == 'teacher' else key}=<its path>)"
+    )

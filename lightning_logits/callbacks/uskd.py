@@ -78,6 +78,10 @@ class USKD(LossTermCallback):
         weight: float = 1.0,
     ) -> None:
         super().__init__(name=name, weight=weight)
+        if feature_layer is not None and not isinstance(feature_layer, str):
+            raise ValueError(
+                f"USKD: feature_layer must be a module's dotted path such as 'layer3' (or None), got {feature_layer!r}"
+            )
         if rank_by not in RANK_BY:
             raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")
         for name, value in (("alpha", alpha), ("beta", beta), ("mu", mu)):
@@ -181,7 +185,7 @@ class USKD(LossTermCallback):
     def on_hub_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hub: LossTermHub) -> None:
         self.build_head(trainer, pl_module)
         assert self._layer is not None
-        hub.ensure_tap().add_layer(self._layer.name)
+        hub.ensure_tap(require_head=False).add_layer(self._layer.name)
 
     @override
     def loss_term(self, context: StepContext) -> Tensor:

@@ -1,19 +1,33 @@
-"""DataModules: digits (embedded, no download), CIFAR-10/100, class-incremental streams, graphs."""
+"""DataModules: digits (embedded, no download) with OOD/corrupted variants, CIFAR-10/100, streams, graphs."""
 
 from lightning_logits.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_logits.data.digits import DigitsDataModule, load_digits_tensors
 from lightning_logits.data.graphs import CSBMConfig, GraphDataModule, csbm_graph, edge_homophily, networkx_graph
+from lightning_logits.data.ood import (
+    CIFAR10ShiftDataModule,
+    DigitsShiftDataModule,
+    corrupt_images,
+    shape_images,
+    split_held_out_classes,
+    uniform_noise_images,
+)
 from lightning_logits.data.streams import ClassIncrementalStream
 
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "CIFAR10ShiftDataModule",
     "CSBMConfig",
     "ClassIncrementalStream",
     "DigitsDataModule",
+    "DigitsShiftDataModule",
     "GraphDataModule",
+    "corrupt_images",
     "csbm_graph",
     "edge_homophily",
     "load_digits_tensors",
     "networkx_graph",
+    "shape_images",
+    "split_held_out_classes",
+    "uniform_noise_images",
 ]

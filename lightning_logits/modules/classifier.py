@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from typing_extensions import override
 
 from lightning_logits.batch import batch_input, batch_target
-from lightning_logits.functional import classification_loss
+from lightning_logits.functional import classification_loss, dual_focal_loss
 from lightning_logits.functional._checks import check_target, hard_target
 from lightning_logits.loss_terms import check_finite_loss
 from lightning_logits.networks.factory import build_model
@@ -34,6 +34,10 @@ class Classifier(pl.LightningModule):
         head: dotted path of the classifier head inside ``model`` when it cannot be found
             automatically (see :func:`lightning_logits.networks.heads.find_classifier`).
         label_smoothing: cross-entropy label smoothing.
+        loss: the training loss: ``"cross_entropy"`` (default) or ``"dual_focal"``
+            (:func:`~lightning_logits.functional.dual_focal_loss`, for calibration; hard labels
+            only, so no label smoothing or mixup). Validation and test losses stay cross-entropy.
+        focal_gamma: the dual focal loss's ``gamma`` (default 5.0).
         mixup_alpha: timm ``Mixup`` alpha; ``0`` disables mixup. Needs an even batch size.
         cutmix_alpha: timm ``CutMix`` alpha; ``0`` disables it.
         optimizer: a callable that takes the parameters and returns an optimizer (in a YAML, a
@@ -59,6 +63,8 @@ class Classifier(pl.LightningModule):
         pretrained: bool = False,
         head: str | None = None,
         label_smoothing: float = 0.0,
+        loss: Literal["cross_entropy", "dual_focal"] = "cross_entropy",
+        focal_gamma: float = 5.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         optimizer: OptimizerCallable | None = None,
@@ -66,6 +72,15 @@ class Classifier(pl.LightningModule):
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        if loss not in ("cross_entropy", "dual_focal"):
+            raise ValueError(f"loss must be 'cross_entropy' or 'dual_focal', got {loss!r}")
+        if loss == "dual_focal" and (label_smoothing > 0 or mixup_alpha > 0 or cutmix_alpha > 0):
+            raise ValueError(
+                "loss='dual_focal' trains on hard labels: set label_smoothing, mixup_alpha and cutmix_alpha to 0 "
+                f"(got {label_smoothing}, {mixup_alpha}, {cutmix_alpha})"
+            )
+        if not focal_gamma >= 0:
+            raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}")
         ignored = ["optimizer", "lr_scheduler"] + (["model"] if isinstance(model, nn.Module) else [])
         self.save_hyperparameters(ignore=ignored)
         factory_kwargs = {**(model_kwargs or {}), **kwargs}
@@ -82,6 +97,8 @@ class Classifier(pl.LightningModule):
         self.num_classes = num_classes
         self.head = head
         self.label_smoothing = label_smoothing
+        self.loss = loss
+        self.focal_gamma = focal_gamma
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.mixup = None
@@ -154,8 +171,11 @@ class Classifier(pl.LightningModule):
             x, target = self.mixup(x, target)
             smoothing = 0.0  # already folded into the mixed targets
         logits = self._logits(x)
-        loss = classification_loss(logits, target, label_smoothing=smoothing)
-        check_finite_loss("cross_entropy", loss, self.global_step)
+        if self.loss == "dual_focal":
+            loss = dual_focal_loss(logits, target, gamma=self.focal_gamma, validate_args=self.global_step == 0)
+        else:
+            loss = classification_loss(logits, target, label_smoothing=smoothing)
+        check_finite_loss(self.loss, loss, self.global_step)
         self.train_acc(logits.detach(), hard_target(target))
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)

@@ -126,6 +126,8 @@ def load_teacher(
             f"teacher must be an nn.Module, a model name or a checkpoint path, got {type(teacher).__name__}"
         )
     path = Path(teacher)
+    if path.is_dir():
+        raise IsADirectoryError(_directory_message(path, "teacher"))
     if path.suffix == ".ckpt" or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"teacher checkpoint '{teacher}' does not exist; train the teacher first")
@@ -163,7 +165,7 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
 def _read_checkpoint(path: Path) -> Any:
     """``torch.load`` of a checkpoint file, with errors that name the file and what is wrong with it."""
     if path.is_dir():
-        raise IsADirectoryError(f"'{path}' is a directory, not a checkpoint file: pass the path of the .ckpt/.pt file")
+        raise IsADirectoryError(_directory_message(path, "checkpoint"))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist; train the teacher first or fix the path")
     try:
@@ -174,6 +176,12 @@ def _read_checkpoint(path: Path) -> Any:
             f"'{path}' is not a readable checkpoint ({type(err).__name__}: {reason}); "
             "the file may be truncated or not a torch checkpoint: re-save it or point to another file"
         ) from None
+
+
+def _directory_message(path: Path, what: str) -> str:
+    found = sorted(str(p) for pattern in ("*.ckpt", "*.pt", "*.pth") for p in path.glob(pattern))[:3]
+    hint = f" (it holds {', '.join(found)})" if found else ""
+    return f"{what} '{path}' is a directory, not a checkpoint file: pass the path of a .ckpt/.pt file{hint}"
 
 
 def _network_from_classifier_checkpoint(path: Path) -> nn.Module:

@@ -198,6 +198,8 @@ class LogitTap:
         model: the module to watch (a LightningModule, a timm model, ...).
         head: dotted path of the classifier head; found with :func:`find_classifier` when ``None``.
         layers: dotted paths of intermediate modules whose outputs to record.
+        require_head: raise when no head is found (default); with ``False`` the tap records only
+            the named layers, ``head`` is ``None`` and ``head_error`` says why.
 
     Example:
         >>> import torch
@@ -211,14 +213,26 @@ class LogitTap:
         >>> tap.remove()
     """
 
-    def __init__(self, model: nn.Module, head: str | None = None, layers: Sequence[str] = ()) -> None:
+    def __init__(
+        self, model: nn.Module, head: str | None = None, layers: Sequence[str] = (), require_head: bool = True
+    ) -> None:
         self.model = model
-        self.head_name, self.head = find_classifier(model, head)
+        self.head_name: str | None = None
+        self.head: nn.Module | None = None
+        self.head_error: LookupError | None = None
         self.features: list[Tensor] = []
         self.logits: list[Tensor] = []
         self.outputs: dict[str, list[Any]] = {}
         self._active = False
-        self._handles = [self.head.register_forward_hook(self._head_hook)]
+        self._handles: list[Any] = []
+        try:
+            self.head_name, self.head = find_classifier(model, head)
+        except LookupError as err:
+            if require_head:
+                raise
+            self.head_error = err  # layer outputs can still be recorded; logits must come from elsewhere
+        if self.head is not None:
+            self._handles.append(self.head.register_forward_hook(self._head_hook))
         for layer in layers:
             self.add_layer(layer)
 
