@@ -186,7 +186,7 @@ NAN, INF = float("nan"), float("inf")
         ({"num_classes": 0}, "num_classes must be an integer >= 2, got 0"),
         ({"num_classes": 10.0}, "num_classes must be an integer >= 2, got 10.0"),
         ({"precision": "64"}, "precision must be one of .* got '64'"),
-        ({"loss": "dkd"}, "loss must be one of .* got 'dkd'"),
+        ({"loss": "fitnet"}, "loss must be one of .* got 'fitnet'"),
         ({"teacher_kwargs": "in_chans=1"}, "teacher_kwargs must be a dict .* got 'in_chans=1'"),
         ({"channels_last": "yes"}, "channels_last must be True or False, got 'yes'"),
         ({"input_transform": 224}, "input_transform must be a callable .* got 224"),

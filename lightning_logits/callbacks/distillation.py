@@ -215,7 +215,8 @@ class TeacherDistillation(LossTermCallback):
         if temperature is None:
             temperature = DEFAULT_TEMPERATURE.get(loss_name, 1.0)
         if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+            raise ValueError(f"TeacherDistillation: temperature must be a finite number > 0.0, got {temperature}")
+        _validate_arguments(teacher, temperature, gamma, cache, checkpoint, num_classes, teacher_kwargs, precision)
         given = {"gamma": gamma, "alpha": alpha, "beta": beta}
         for key, value in given.items():
             if value is not None and not math.isfinite(value):
@@ -229,7 +230,6 @@ class TeacherDistillation(LossTermCallback):
                 f"chunk_size must be None or a positive number of positions (and None for DIST), got {chunk_size} "
                 f"with loss={loss_name!r}"
             )
-        _validate_arguments(teacher, temperature, gamma, cache, checkpoint, num_classes, teacher_kwargs, precision)
         if not isinstance(channels_last, bool):
             raise ValueError(f"TeacherDistillation: channels_last must be True or False, got {channels_last!r}")
         if input_transform is not None and not callable(input_transform):
