@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,21 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 
 from lightning_logits.buffers import ReservoirBuffer
-from lightning_logits.callbacks.replay import UER, ExperienceReplay
+from lightning_logits.callbacks.replay import ERACE, UER, ExperienceReplay, ReplayCallback
 from lightning_logits.callbacks.replay_metrics import ContinualMetrics
 from lightning_logits.data.streams import ClassIncrementalStream
-from lightning_logits.functional.replay import average_forgetting, cosine_logits, final_average_accuracy, uer_loss
+from lightning_logits.functional.replay import (
+    average_accuracy,
+    average_forgetting,
+    average_incremental_accuracy,
+    backward_transfer,
+    cosine_logits,
+    er_ace_loss,
+    final_average_accuracy,
+    learning_accuracy,
+    uer_loss,
+)
+from lightning_logits.metrics import AccuracyMatrix
 from lightning_logits.modules.classifier import Classifier
 from tests.helpers import TensorDataModule, TinyMLP, TinyNet, blob_data, fast_trainer
 
@@ -122,6 +135,62 @@ def test_uer_loss_matches_reference(
     got = uer_loss(h, y, w, hm, ym, bias=b, temperature=tau, logit_mask=mask)
     want = ref_uer(h, y, w, hm, ym, b, tau, mask)
     assert math.isclose(float(got), want, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def ref_er_ace(z, y, zm=None, ym=None) -> float:
+    """ER-ACE from the paper's definition: incoming softmax over the classes in the batch, replay over all."""
+    present = torch.zeros(z.shape[1], dtype=torch.bool)
+    for label in y.tolist():
+        present[label] = True
+    loss = ref_ce(z.double(), y, present)
+    if zm is not None and zm.shape[0] > 0:
+        loss += ref_ce(zm.double(), ym)
+    return loss
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    m=st.integers(0, 5),
+    c=st.integers(2, 7),
+    scale=st.sampled_from([0.1, 1.0, 30.0]),
+    validate=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_er_ace_loss_matches_reference(n: int, m: int, c: int, scale: float, validate: bool, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    z, zm = torch.randn(n, c, generator=g) * scale, torch.randn(m, c, generator=g) * scale
+    y, ym = torch.randint(0, c, (n,), generator=g), torch.randint(0, c, (m,), generator=g)
+    got = er_ace_loss(z, y, zm, ym, validate_args=validate)
+    assert got.dtype == torch.float32
+    assert math.isclose(float(got), ref_er_ace(z, y, zm, ym), rel_tol=1e-4, abs_tol=1e-5)
+    assert math.isclose(float(er_ace_loss(z, y)), ref_er_ace(z, y), rel_tol=1e-4, abs_tol=1e-5)
+
+
+def test_er_ace_absent_classes_get_no_gradient_from_incoming_samples() -> None:
+    z = torch.tensor([[1.0, 2.0, 9.0, -3.0], [0.5, 0.0, 9.0, 1.0]], requires_grad=True)
+    loss = er_ace_loss(z, torch.tensor([0, 1]))
+    # two classes present: CE of [1, 2] and [0.5, 0]; class 2's large logit plays no part
+    want = (math.log(math.exp(1) + math.exp(2)) - 1 + math.log(math.exp(0.5) + math.exp(0)) - 0) / 2
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+    loss.backward()
+    assert z.grad is not None and bool((z.grad[:, 2:] == 0).all()) and bool((z.grad[:, :2] != 0).all())
+    # a replayed sample's softmax covers every class: class 2 gets its gradient there
+    zm = torch.tensor([[0.0, 0.0, 3.0, 0.0]], requires_grad=True)
+    er_ace_loss(z.detach(), torch.tensor([0, 1]), zm, torch.tensor([0])).backward()
+    assert zm.grad is not None and bool((zm.grad != 0).all())
+    with pytest.raises(ValueError, match="together"):
+        er_ace_loss(z, torch.tensor([0, 1]), zm)
+    with pytest.raises(ValueError, match="labels must lie"):
+        er_ace_loss(z, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="C=3"):
+        er_ace_loss(z, torch.tensor([0, 1]), torch.zeros(1, 3), torch.tensor([0]))
+    with pytest.raises(ValueError, match="non-finite"):
+        er_ace_loss(torch.full((2, 4), float("nan")), torch.tensor([0, 1]))
+    # validate_args=False skips the value reads (no error for the NaN here), shapes are still checked
+    assert torch.isnan(er_ace_loss(torch.full((2, 4), float("nan")), torch.tensor([0, 1]), validate_args=False))
+    with pytest.raises(ValueError, match="shape"):
+        er_ace_loss(z, torch.tensor([0, 1, 2]), validate_args=False)
 
 
 def test_uer_loss_replay_term_is_plain_cross_entropy_and_zero_without_replay() -> None:
@@ -410,6 +479,73 @@ def test_final_accuracy_and_forgetting_by_hand() -> None:
     assert average_forgetting(torch.tensor([[0.7]])) == 0.0
 
 
+def test_matrix_summaries_by_hand_after_every_task() -> None:
+    nan = float("nan")
+    r = torch.tensor([[0.9, nan, nan], [0.6, 0.8, nan], [0.5, 0.4, 0.7]])
+    # after task 1: row 1 only
+    assert average_accuracy(r, after=1) == pytest.approx((0.6 + 0.8) / 2)
+    assert average_forgetting(r, after=1) == pytest.approx(0.9 - 0.6)
+    assert backward_transfer(r, after=1) == pytest.approx(0.6 - 0.9)
+    assert learning_accuracy(r, after=1) == pytest.approx((0.9 + 0.8) / 2)
+    # after the last task
+    assert average_accuracy(r) == pytest.approx((0.5 + 0.4 + 0.7) / 3)
+    assert backward_transfer(r) == pytest.approx(((0.5 - 0.9) + (0.4 - 0.8)) / 2)
+    assert learning_accuracy(r) == pytest.approx((0.9 + 0.8 + 0.7) / 3)
+    assert average_incremental_accuracy(r) == pytest.approx((0.9 + 0.7 + (0.5 + 0.4 + 0.7) / 3) / 3)
+    # forgetting takes the best earlier row, not the diagonal: task 0 peaks after task 1 here
+    r2 = torch.tensor([[0.5, nan, nan], [0.9, 0.8, nan], [0.2, 0.8, 0.6]])
+    assert average_forgetting(r2) == pytest.approx(((0.9 - 0.2) + (0.8 - 0.8)) / 2)
+    assert backward_transfer(r2) == pytest.approx(((0.2 - 0.5) + (0.8 - 0.8)) / 2)
+    for fn in (average_accuracy, average_forgetting, backward_transfer, learning_accuracy):
+        assert fn(r, after=0) == pytest.approx(0.9 if fn in (average_accuracy, learning_accuracy) else 0.0)
+        with pytest.raises(ValueError, match="after must be"):
+            fn(r, after=3)
+    with pytest.raises(ValueError, match="square"):
+        average_accuracy(torch.zeros(2, 3))
+
+
+def test_accuracy_matrix_metric_counts_per_task_and_masks_unseen_classes() -> None:
+    task_of_class = torch.tensor([1, 0, 0, 1])  # classes 1, 2: task 0; classes 0, 3: task 1
+    logits = torch.tensor([[0.0, 5.0, 0.0, 0.0], [0.0, 1.0, 0.0, 3.0], [0.0, 0.0, 2.0, 0.0]])
+    target = torch.tensor([1, 2, 2])
+    plain = AccuracyMatrix(task_of_class)
+    plain.update(logits, target, after_task=0)
+    got = plain.compute()
+    # sample 2 is predicted as class 3 (task 1) unmasked: 2 of 3 right
+    assert got[0, 0].item() == pytest.approx(2 / 3) and bool(torch.isnan(got[0, 1])) and bool(torch.isnan(got[1]).all())
+    masked = AccuracyMatrix(task_of_class, eval_mask="seen")
+    masked.update(logits, target, after_task=0)
+    # with task 1's classes out of the argmax, sample 2's best class is 1: still wrong (target 2)
+    assert masked.compute()[0, 0].item() == pytest.approx(2 / 3)
+    masked.update(torch.tensor([[9.0, 0.0, 1.0, 0.0]]), torch.tensor([2]), after_task=0)
+    assert masked.compute()[0, 0].item() == pytest.approx(3 / 4)  # class 0 (task 1) was masked out
+    masked.update(torch.tensor([[9.0, 0.0, 1.0, 0.0]]), torch.tensor([2]), after_task=1)
+    assert masked.compute()[1, 0].item() == 0.0  # after task 1, class 0 is seen: predicted, wrong
+    masked.reset_row(0)
+    assert bool(torch.isnan(masked.compute()[0]).all())
+    with pytest.raises(ValueError, match="eval_mask"):
+        AccuracyMatrix(task_of_class, eval_mask="old")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="C = 4"):
+        plain.update(torch.zeros(2, 3), torch.tensor([0, 1]), after_task=0)
+
+
+def test_plot_without_matplotlib_warns_once_and_keeps_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    module = Classifier(TinyMLP(in_features=64, num_classes=10, hidden=8), optimizer=_sgd)
+    metrics = ContinualMetrics(out_dir=str(tmp_path), plot=True)
+    trainer = fast_trainer(
+        max_epochs=3, reload_dataloaders_every_n_epochs=1, limit_train_batches=2, callbacks=[metrics]
+    )
+    with pytest.warns(UserWarning, match=r"matplotlib is not importable.*pip install matplotlib.*plot=False") as caught:
+        trainer.fit(module, datamodule=ClassIncrementalStream("digits", num_tasks=5, flatten=True))
+    assert sum("matplotlib" in str(w.message) for w in caught) == 1  # once, not after every task
+    assert metrics.plot is False and not (tmp_path / "accuracy_matrix.png").exists()
+    saved = torch.load(tmp_path / "accuracy_matrix.pt")
+    assert bool(torch.isfinite(saved[2, :3]).all())  # all three tasks were still measured
+
+
 # ---------------------------------------------------------------------------------------------
 # The callbacks on a real Trainer
 
@@ -421,7 +557,7 @@ def _sgd(params: Any) -> torch.optim.Optimizer:  # module level: picklable for d
 class Snapshot(Callback):
     """Before each step: the parameters and the replay callback's buffer state."""
 
-    def __init__(self, replay: ExperienceReplay | UER) -> None:
+    def __init__(self, replay: ReplayCallback) -> None:
         self.replay = replay
         self.before: list[tuple[dict[str, Tensor], dict[str, Any], Any]] = []
         self.after: list[dict[str, Tensor]] = []
@@ -453,6 +589,10 @@ def _manual_step(method: str, params: dict[str, Tensor], buffer_state: dict[str,
     w = p["model.head.weight"]
     if method == "er":
         loss = ce(z, y)
+    elif method == "er_ace":
+        absent = torch.ones(z.shape[1], dtype=torch.bool)
+        absent[y] = False
+        loss = ce(z.masked_fill(absent, -1e30), y)
     else:
         hn = h / (h.norm(dim=1, keepdim=True) + 1e-6)
         wn = w / (w.norm(dim=1, keepdim=True) + 1e-6)
@@ -464,12 +604,18 @@ def _manual_step(method: str, params: dict[str, Tensor], buffer_state: dict[str,
     return {k: (v - 0.1 * (v.grad if v.grad is not None else torch.zeros_like(v))).detach() for k, v in p.items()}
 
 
-@pytest.mark.parametrize("method", ["er", "uer"])
+_METHODS = {"er": ExperienceReplay, "er_ace": ERACE, "uer": UER}
+
+
+@pytest.mark.parametrize("method", ["er", "er_ace", "uer"])
 def test_callback_step_equals_hand_written_step(method: str) -> None:
     x, y = blob_data(n=48)
+    if method == "er_ace":  # sorted by class: most batches lack some classes, as in a stream
+        order = torch.argsort(y, stable=True)
+        x, y = x[order], y[order]
     torch.manual_seed(0)
     module = Classifier(TinyMLP(), optimizer=_sgd)
-    replay = ExperienceReplay(12, replay_batch_size=4) if method == "er" else UER(12, replay_batch_size=4)
+    replay = _METHODS[method](12, replay_batch_size=4)
     snap = Snapshot(replay)
     fast_trainer(max_epochs=1, limit_val_batches=0, callbacks=[replay, snap]).fit(
         module, datamodule=TensorDataModule(x, y, batch_size=8)
@@ -542,7 +688,7 @@ def test_uer_masks() -> None:
 
 
 def test_uer_replaces_the_task_loss_and_er_keeps_it() -> None:
-    assert UER.replaces_task_loss and not ExperienceReplay.replaces_task_loss
+    assert UER.replaces_task_loss and ERACE.replaces_task_loss and not ExperienceReplay.replaces_task_loss
     with pytest.raises(ValueError, match="mask"):
         UER(10, mask="old")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="buffer_size"):
@@ -629,6 +775,23 @@ class DumpRankState(Callback):
         torch.save(state, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
 
+class RecordWarnings(Callback):
+    """Each rank records every warning raised between setup and teardown into ``warnings<r>.txt``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._context = warnings.catch_warnings(record=True)
+        self._caught = self._context.__enter__()
+        warnings.simplefilter("always")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._context.__exit__(None, None, None)
+        lines = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in self._caught]
+        (Path(self.out_dir) / f"warnings{trainer.global_rank}.txt").write_text("\n".join(lines))
+
+
 @pytest.mark.ddp
 def test_ddp_per_rank_buffers_synced_metrics_and_checkpoint(ddp_env: int, tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -647,9 +810,17 @@ def test_ddp_per_rank_buffers_synced_metrics_and_checkpoint(ddp_env: int, tmp_pa
             ContinualMetrics(plot=False),
             DumpRankState(str(tmp_path)),
             ModelCheckpoint(dirpath=tmp_path, filename="last"),
+            RecordWarnings(str(tmp_path)),
         ],
     )
     trainer.fit(module, datamodule=stream)
+    # no warning of ContinualMetrics' making: no "use sync_dist=True" for a continual/ key (there
+    # were 7 per run) and none raised from lightning_logits (Lightning warns on rank 0 only; both
+    # ranks are read). The hub's train/loss_* keys are outside this callback's scope.
+    for rank in (0, 1):
+        caught = (tmp_path / f"warnings{rank}.txt").read_text().splitlines()
+        assert not [w for w in caught if "sync_dist" in w and "'continual/" in w], caught
+        assert not [w for w in caught if w.startswith(str(Path(__file__).parent.parent / "lightning_logits"))], caught
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     # per-rank buffers: own seeds, own samples (each rank saw 2 tasks x 4 batches x 10)
     assert [s["seed"] for s in ranks] == [10, 11]

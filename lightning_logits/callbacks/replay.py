@@ -1,6 +1,6 @@
-"""Experience replay (ER) and unbiased experience replay (UER) for online continual learning.
+"""Experience replay (ER), ER-ACE and unbiased experience replay (UER) for online continual learning.
 
-Both keep a :class:`~lightning_logits.buffers.ReservoirBuffer` of past samples. For each
+All three keep a :class:`~lightning_logits.buffers.ReservoirBuffer` of past samples. For each
 incoming batch the callback draws a replay batch from the buffer, runs it through the model in a
 *separate* forward pass (concatenating the two batches would mix their BatchNorm statistics),
 adds its loss to the step's loss, and after the optimizer step offers the incoming batch to the
@@ -8,9 +8,15 @@ buffer. One optimizer step per incoming batch covers both.
 
 - :class:`ExperienceReplay`: dot-product cross-entropy on both batches (the module's own task
   loss on the incoming batch, plus the replay term).
+- :class:`ERACE`: ER with the asymmetric cross-entropy of Caccia et al. (2022): the incoming
+  batch's softmax covers only the classes present in that batch, the replayed batch's all classes
+  (:func:`~lightning_logits.functional.replay.er_ace_loss`). It replaces the module's task loss.
 - :class:`UER`: the incoming batch learns only from the angle between features and class
   weights (cosine logits over the temperature τ), the replayed batch from the full dot product
   (:func:`~lightning_logits.functional.replay.uer_loss`). It replaces the module's task loss.
+
+The steady-state step reads no tensor on the host: the functional losses validate their
+inputs' values (finite, labels in range) on the first step only (``validate_args``).
 
 What a custom LightningModule must provide:
 
@@ -46,14 +52,13 @@ from typing_extensions import override
 
 from lightning_logits.batch import batch_input, batch_target
 from lightning_logits.buffers import ReservoirBuffer
-from lightning_logits.functional.classification import classification_loss
-from lightning_logits.functional.replay import uer_loss
+from lightning_logits.functional.replay import er_ace_loss, replay_cross_entropy, uer_loss
 from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext, check_state_version
 
-__all__ = ["UER", "ExperienceReplay", "ReplayCallback"]
+__all__ = ["ERACE", "UER", "ExperienceReplay", "ReplayCallback"]
 
 _CUSTOM_MODULE_HELP = (
-    "A module used with ExperienceReplay/UER must have an nn.Linear classifier head that the logit tap "
+    "A module used with ExperienceReplay/ERACE/UER must have an nn.Linear classifier head that the logit tap "
     "finds (timm get_classifier(), an fc/classifier/head attribute, the last nn.Linear, or a "
     "`classifier_head` attribute with its dotted path), a forward(x) that runs it once, and "
     "(input, target) batches with int class targets."
@@ -80,10 +85,11 @@ def _record_head(head: nn.Module) -> Iterator[list[tuple[Tensor, Tensor]]]:
 
 
 class ReplayCallback(LossTermCallback):
-    """Shared machinery of :class:`ExperienceReplay` and :class:`UER` (subclass to add a method).
+    """Shared machinery of :class:`ExperienceReplay`, :class:`ERACE` and :class:`UER` (subclass to add a method).
 
     Subclasses implement :meth:`replay_loss`, given the step context, the replayed batch's
-    features and logits (``None`` while the buffer is empty) and its targets.
+    features and logits (``None`` while the buffer is empty) and its targets, and read
+    :attr:`validate_args` (``True`` on the first step only) for the functional losses.
 
     Args:
         buffer_size: samples kept in the reservoir (per rank under DDP).
@@ -126,6 +132,12 @@ class ReplayCallback(LossTermCallback):
         self._rank = 0
         self._world_size = 1
         self._pending_states: list[dict[str, Any]] | None = None
+        self._validated = False
+
+    @property
+    def validate_args(self) -> bool:
+        """``True`` until the first step's loss is computed: value checks that sync the device run once."""
+        return not self._validated
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -200,7 +212,9 @@ class ReplayCallback(LossTermCallback):
         logits: Tensor | None = None
         if replay_target.numel() > 0:
             features, logits = self.replay_forward(context.pl_module, replay_input)
-        return self.replay_loss(context, features, logits, replay_target)
+        loss = self.replay_loss(context, features, logits, replay_target)
+        self._validated = True
+        return loss
 
     def replay_loss(
         self, context: StepContext, features: Tensor | None, logits: Tensor | None, replay_target: Tensor
@@ -313,7 +327,7 @@ class ExperienceReplay(ReplayCallback):
     ) -> Tensor:
         if logits is None:
             return context.task_loss.new_zeros(())
-        return classification_loss(logits, replay_target)
+        return replay_cross_entropy(logits, replay_target, validate_args=self.validate_args)
 
 
 class UER(ReplayCallback):
@@ -365,7 +379,6 @@ class UER(ReplayCallback):
         self.temperature = float(temperature)
         self.mask = mask
         self.seen_classes: Tensor | None = None
-        self._warned_zero = False
 
     def _logit_mask(self, target: Tensor, num_classes: int) -> Tensor | None:
         if self.mask == "all":
@@ -376,7 +389,9 @@ class UER(ReplayCallback):
             return present
         if self.seen_classes is None or self.seen_classes.numel() != num_classes:
             self.seen_classes = torch.zeros(num_classes, dtype=torch.bool, device=target.device)
-        self.seen_classes = self.seen_classes.to(target.device) | present
+        elif self.seen_classes.device != target.device:
+            self.seen_classes = self.seen_classes.to(target.device)
+        self.seen_classes |= present
         return self.seen_classes
 
     @override
@@ -390,17 +405,18 @@ class UER(ReplayCallback):
                 f"the head's input has shape {tuple(current.shape)}; UER needs [N, D]. {_CUSTOM_MODULE_HELP}"
             )
         weight = self.head.weight
-        # Checked every 50th batch until it fires once: the check costs a device sync.
-        check = not self._warned_zero and context.batch_idx % 50 == 0
-        if check and bool((current.detach().abs().amax(dim=1) == 0).any()):
-            self._warned_zero = True
+        validate = self.validate_args
+        # Checked on the first step only: reading the features on the host costs a device sync.
+        if validate and bool((current.detach().abs().amax(dim=1) == 0).any()):
             rank_zero_warn(
                 "UER: some incoming samples have all-zero features; their cosine logits are 0 (a uniform "
                 "softmax) and they get no gradient from the cosine term. Check for dead units before the head."
             )
         mask = self._logit_mask(target, weight.shape[0])
         if features is None:
-            loss = uer_loss(current, target, weight, temperature=self.temperature, logit_mask=mask)
+            loss = uer_loss(
+                current, target, weight, temperature=self.temperature, logit_mask=mask, validate_args=validate
+            )
             if self.head.bias is not None:
                 # The bias trains only through the replay term. With an empty buffer, a zero
                 # multiple keeps it in the graph: DDP fails on parameters without a gradient.
@@ -415,6 +431,7 @@ class UER(ReplayCallback):
             bias=self.head.bias,
             temperature=self.temperature,
             logit_mask=mask,
+            validate_args=validate,
         )
 
     @override
@@ -424,3 +441,59 @@ class UER(ReplayCallback):
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.seen_classes = state.get("seen_classes")
+
+
+class ERACE(ReplayCallback):
+    """ER-ACE: experience replay whose incoming samples' softmax covers only the classes in their batch.
+
+    ``L = CE_P(z, y) + CE(z_m, y_m)`` (Caccia et al., "New Insights on Reducing Abrupt
+    Representation Change in Online Continual Learning", ICLR 2022): ``P`` is the set of classes
+    present in the incoming batch, whose logits alone enter the incoming samples' softmax (the
+    asymmetric cross-entropy), so new classes stop pushing the old classes' logits down; the
+    replayed samples use the full softmax. Dot-product logits throughout; inference unchanged.
+    The module's own loss is logged (``train/loss_task``) but not optimized
+    (``replaces_task_loss``). See :func:`~lightning_logits.functional.replay.er_ace_loss` for how
+    it relates to the official code, and the module docstring for what a custom LightningModule
+    must provide.
+
+    Args:
+        buffer_size: samples kept in the buffer (per rank under DDP).
+        replay_batch_size: samples replayed per incoming batch.
+        seed: seed of the buffer's random stream (rank ``r``: ``seed + r``).
+        name: logged as ``train/loss_<name>``.
+        weight: factor on the term (1.0).
+        profile_buffer: time buffer operations into ``buffer_seconds``.
+
+    Example:
+        >>> ace = ERACE(buffer_size=200)
+        >>> ace.name, ace.replay_batch_size, ace.replaces_task_loss
+        ('er_ace', 10, True)
+    """
+
+    replaces_task_loss = True
+
+    def __init__(
+        self,
+        buffer_size: int,
+        replay_batch_size: int = 10,
+        seed: int = 0,
+        name: str = "er_ace",
+        weight: float = 1.0,
+        profile_buffer: bool = False,
+    ) -> None:
+        super().__init__(
+            buffer_size, replay_batch_size, seed=seed, name=name, weight=weight, profile_buffer=profile_buffer
+        )
+
+    @override
+    def replay_loss(
+        self, context: StepContext, features: Tensor | None, logits: Tensor | None, replay_target: Tensor
+    ) -> Tensor:
+        incoming = context.logits
+        if incoming.ndim != 2:
+            raise ValueError(
+                f"the step's logits have shape {tuple(incoming.shape)}; ERACE needs [N, C]. {_CUSTOM_MODULE_HELP}"
+            )
+        if logits is None:
+            return er_ace_loss(incoming, context.target, validate_args=self.validate_args)
+        return er_ace_loss(incoming, context.target, logits, replay_target, validate_args=self.validate_args)
