@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 
-from lightning_logits.buffers import ReservoirBuffer
+from lightning_logits.buffers import ClassBalancedBuffer, ReservoirBuffer, make_buffer
 from lightning_logits.callbacks.replay import ERACE, UER, ExperienceReplay, ReplayCallback
 from lightning_logits.callbacks.replay_metrics import ContinualMetrics
 from lightning_logits.data.streams import ClassIncrementalStream
@@ -865,3 +865,155 @@ def test_uer_warns_once_about_all_zero_features() -> None:
             module, datamodule=TensorDataModule(x, y, batch_size=8)
         )
     assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The class-balanced buffer, the buffer choice, replay-time augmentation
+
+
+def test_balanced_buffer_evens_out_an_imbalanced_stream() -> None:
+    balanced, reservoir = ClassBalancedBuffer(30, seed=1), ReservoirBuffer(30, seed=1)
+    stream = [0] * 100 + [1] * 30 + [2] * 10  # class 0 floods the buffer first
+    for lo in range(0, len(stream), 10):
+        labels = torch.tensor(stream[lo : lo + 10])
+        for buffer in (balanced, reservoir):
+            buffer.add(labels.float().unsqueeze(1) + 0.5, labels)
+    # CBRS by hand: class 1 takes slots from class 0 until both hold 15, class 2 (10 samples) then
+    # always evicts from the largest class: 10 / 10 / 10, every sample of class 2 kept
+    assert balanced.class_counts() == {0: 10, 1: 10, 2: 10}
+    assert balanced.labels is not None and balanced.inputs is not None
+    assert torch.bincount(balanced.labels, minlength=3).tolist() == [10, 10, 10]
+    assert torch.equal(balanced.inputs[:, 0], balanced.labels.float() + 0.5)  # inputs follow labels
+    assert reservoir.labels is not None and int((reservoir.labels == 2).sum()) < 10  # ~2 expected
+    assert balanced.seen == 140 and len(balanced) == 30
+    # the bookkeeping matches the stored labels slot by slot
+    for label, slots in balanced.class_slots.items():
+        assert all(int(balanced.labels[s]) == label for s in slots)
+
+
+def test_balanced_buffer_keeps_a_reservoir_sample_within_a_class() -> None:
+    # one class only: the balanced buffer is a reservoir over it (each of 40 kept w.p. 10/40)
+    counts = torch.zeros(40)
+    for trial in range(600):
+        buffer = ClassBalancedBuffer(10, seed=trial)
+        for lo in range(0, 40, 10):
+            buffer.add(torch.arange(lo, lo + 10).float().unsqueeze(1), torch.zeros(10, dtype=torch.long))
+        assert buffer.inputs is not None
+        counts[buffer.inputs[:, 0].long()] += 1
+    freq = counts / 600
+    assert bool(((freq - 0.25).abs() < 0.08).all()), freq  # 4.5 sigma of a binomial(600, 1/4)
+
+
+def test_balanced_buffer_state_dict_continues_identically() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = ClassBalancedBuffer(12, seed=5)
+    for _ in range(4):
+        a.add(torch.randn(6, 2, generator=g), torch.randint(0, 3, (6,), generator=g))
+    b = make_buffer("balanced", 12, seed=99)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for _ in range(5):
+        x, y = torch.randn(6, 2, generator=g), torch.randint(0, 5, (6,), generator=g)
+        a.add(x, y)
+        b.add(x, y)
+        assert torch.equal(a.sample(4)["input"], b.sample(4)["input"])
+    assert a.labels is not None and b.labels is not None and torch.equal(a.labels, b.labels)
+    assert a.class_slots == b.class_slots and a.offered == b.offered
+    with pytest.raises(ValueError, match="'reservoir' buffer but this one is 'balanced'"):
+        ClassBalancedBuffer(12).load_state_dict(ReservoirBuffer(12).state_dict())
+    with pytest.raises(ValueError, match="buffer must be one of"):
+        make_buffer("fifo", 3)
+    with pytest.raises(ValueError, match="int class labels"):
+        ClassBalancedBuffer(3).add(torch.randn(2, 2), torch.rand(2))
+
+
+class AddHundred:
+    """A picklable replay-time augmentation that records the batch sizes it saw."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.sizes.append(x.shape[0])
+        return x + 100.0
+
+
+class MaxInput(Callback):
+    """Records the largest training input the module's forward received."""
+
+    def __init__(self) -> None:
+        self.largest: list[float] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if torch.is_grad_enabled():
+                self.largest.append(float(args[0].max()))
+
+        pl_module.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("method", ["er", "er_ace", "uer"])
+@pytest.mark.parametrize("kind", ["reservoir", "balanced"])
+def test_augment_runs_on_both_batches_and_the_buffer_stores_clean_samples(method: str, kind: str) -> None:
+    x, y = blob_data(n=40)
+    augment = AddHundred()
+    replay = _METHODS[method](16, replay_batch_size=4, buffer=kind, augment=augment)
+    seen = MaxInput()
+    module = Classifier(TinyMLP(), optimizer=_sgd)
+    fast_trainer(max_epochs=1, limit_val_batches=0, callbacks=[replay, seen]).fit(
+        module, datamodule=TensorDataModule(x, y, batch_size=8)
+    )
+    assert type(replay.buffer) is (ClassBalancedBuffer if kind == "balanced" else ReservoirBuffer)
+    # 5 incoming batches of 8; a replay batch of 4 on every step but the first (empty buffer)
+    assert augment.sizes == [8, 8, 4, 8, 4, 8, 4, 8, 4]
+    assert seen.largest and min(seen.largest) > 50  # the model trained on augmented inputs only
+    stored = replay.buffer.inputs
+    assert stored is not None and float(stored.abs().max()) < 50  # the buffer holds the originals
+    originals = {tuple(row.tolist()) for row in x}
+    assert all(tuple(row.tolist()) in originals for row in stored)
+
+
+def test_augment_and_buffer_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="buffer must be one of"):
+        ExperienceReplay(10, buffer="fifo")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="augment must be a callable"):
+        UER(10, augment=3)  # type: ignore[arg-type]
+    er = ERACE(10, buffer="balanced")
+    assert isinstance(er.buffer, ClassBalancedBuffer) and er.buffer_kind == "balanced"
+    er._rank, er._world_size, er._head = 0, 1, nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="resume with buffer='reservoir'"):
+        er.load_state_dict({"version": 1, "rank_states": [ReservoirBuffer(10).state_dict()]})
+
+
+@pytest.mark.ddp
+def test_ddp_balanced_buffer_with_augmentation_per_rank(ddp_env: int, tmp_path: Path) -> None:
+    module = Classifier(TinyMLP(in_features=64, num_classes=10, hidden=16), optimizer=_sgd)
+    trainer = fast_trainer(
+        strategy="ddp_spawn",
+        devices=2,
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        reload_dataloaders_every_n_epochs=1,
+        enable_checkpointing=True,
+        default_root_dir=str(tmp_path),
+        callbacks=[
+            ERACE(buffer_size=12, replay_batch_size=4, seed=3, buffer="balanced", augment=AddHundred()),
+            ModelCheckpoint(dirpath=tmp_path, filename="last"),
+        ],
+    )
+    trainer.fit(module, datamodule=ClassIncrementalStream("digits", num_tasks=5, flatten=True))
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ERACE"))["rank_states"]
+    assert len(saved) == 2 and [s["kind"] for s in saved] == ["balanced", "balanced"]
+    assert [s["seed"] for s in saved] == [3, 4] and all(s["seen"] == 2 * 3 * 10 for s in saved)
+    assert not torch.equal(saved[0]["inputs"], saved[1]["inputs"])  # each rank buffers its own shard
+    for state in saved:
+        assert float(state["inputs"].abs().max()) < 50  # un-augmented (digits pixels are at most 16)
+        counts = torch.bincount(state["labels"], minlength=10)
+        assert int(counts.max() - counts[counts > 0].min()) <= 1  # 4 classes seen: 3 slots each
+    # each rank gets its own balanced buffer back
+    restored = ERACE(buffer_size=12, replay_batch_size=4, seed=3, buffer="balanced")
+    restored._rank, restored._world_size, restored._head = 1, 2, nn.Linear(2, 2)
+    restored.load_state_dict({"version": 2, "rank_states": saved})
+    assert isinstance(restored.buffer, ClassBalancedBuffer) and restored.buffer.seed == 4
+    assert restored.buffer.labels is not None and torch.equal(restored.buffer.labels, saved[1]["labels"])
