@@ -9,16 +9,21 @@ from pathlib import Path
 import pytest
 
 from lightning_logits.callbacks import ContinualMetrics
-from lightning_logits.callbacks.replay import UER, ExperienceReplay
+from lightning_logits.callbacks.replay import ERACE, UER, ExperienceReplay, ReplayCallback
 from lightning_logits.cli import build_cli
 from lightning_logits.data.streams import ClassIncrementalStream
+from lightning_logits.modules.classifier import Classifier
+from lightning_logits.networks import ReducedResNet18
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes" / "replay"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("recipe", "callback"), [("uer_digits.yaml", UER), ("er_digits.yaml", ExperienceReplay)])
+@pytest.mark.parametrize(
+    ("recipe", "callback"),
+    [("uer_digits.yaml", UER), ("er_digits.yaml", ExperienceReplay), ("er_ace_digits.yaml", ERACE)],
+)
 def test_digits_recipe_trains(recipe: str, callback: type, tmp_path: Path) -> None:
     cli = build_cli(
         [
@@ -47,10 +52,70 @@ def test_digits_recipe_trains(recipe: str, callback: type, tmp_path: Path) -> No
 def test_cifar_recipes_parse(recipe: str, source: str, buffer: int, tasks: int) -> None:
     cli = build_cli(["--config", str(RECIPES / recipe)], run=False)
     uer = next(c for c in cli.trainer.callbacks if isinstance(c, UER))  # type: ignore[attr-defined]
-    assert uer.buffer_size == buffer and uer.replay_batch_size == 10
+    assert uer.buffer_size == buffer and uer.replay_batch_size == 10 and uer.augment is None
     assert isinstance(cli.datamodule, ClassIncrementalStream)
     assert cli.datamodule.source == source and cli.datamodule.num_tasks == tasks
+    assert cli.datamodule.data_augmentation is False  # the ER/UER protocol: no augmentation
     assert cli.trainer.max_epochs == tasks and cli.trainer.reload_dataloaders_every_n_epochs == 1
+    # the literature's reduced ResNet18, 160-d features into the head
+    assert isinstance(cli.model.model, ReducedResNet18)  # type: ignore[attr-defined]
+    assert cli.model.model.fc.in_features == 160  # type: ignore[attr-defined]
+
+
+def test_reduced_resnet18_is_found_by_name_everywhere() -> None:
+    import timm
+    import torch
+
+    net = timm.create_model("reduced_resnet18", num_classes=100, in_chans=1)
+    assert isinstance(net, ReducedResNet18) and net.get_classifier().out_features == 100
+    assert net.forward_head(net.forward_features(torch.randn(2, 1, 32, 32)), pre_logits=True).shape == (2, 160)
+    assert net.layer4[0].conv1.stride == (2, 2) and net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in net.modules())
+    # ~1.1M parameters at nf=20 with 100 classes (the literature reports 1.09M)
+    assert 1.0e6 < sum(p.numel() for p in net.parameters()) < 1.2e6
+    classifier = Classifier("reduced_resnet18", num_classes=10, in_chans=3)
+    assert isinstance(classifier.model, ReducedResNet18) and classifier(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("reduced_resnet18", pretrained=True)
+    # a fresh process: importing only the factory module registers the name before timm.is_model
+    code = "from lightning_logits.networks.factory import build_model; print(type(build_model('reduced_resnet18', 10)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ReducedResNet18" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_builds_the_reduced_resnet18(recipe: str) -> None:
+    in_chans = ['--model.init_args.model_kwargs={"in_chans": 1}', "--data.init_args.flatten=false"]
+    extra = in_chans if "digits" in recipe else []
+    cli = build_cli(["--config", str(RECIPES / recipe), "--model.init_args.model=reduced_resnet18", *extra], run=False)
+    assert isinstance(cli.model.model, ReducedResNet18)  # type: ignore[attr-defined]
+    assert any(isinstance(c, ReplayCallback) for c in cli.trainer.callbacks)  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["uer_digits.yaml", "er_digits.yaml", "er_ace_digits.yaml"])
+def test_digits_recipes_train_the_reduced_resnet18(recipe: str, tmp_path: Path) -> None:
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(RECIPES / recipe),
+            "--model.init_args.model=reduced_resnet18",
+            '--model.init_args.model_kwargs={"in_chans": 1}',
+            "--data.init_args.flatten=false",
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    assert isinstance(cli.model.model, ReducedResNet18)  # type: ignore[attr-defined]
+    replay = next(c for c in cli.trainer.callbacks if isinstance(c, ReplayCallback))  # type: ignore[attr-defined]
+    assert replay.buffer.seen == 2 * 2 * 10 and replay.buffer.inputs is not None
+    assert tuple(replay.buffer.inputs.shape[1:]) == (1, 8, 8)  # images, not flattened vectors
+    assert cli.trainer.global_step == 4
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
