@@ -715,10 +715,16 @@ def test_custom_module_without_linear_head_gets_a_clear_error() -> None:
         trainer.fit(module, datamodule=stream)
 
 
-def _resume_run(tmp_path: Path, ckpt: str | None, method: str) -> tuple[Classifier, ExperienceReplay | UER]:
+def _resume_run(tmp_path: Path, ckpt: str | None, method: str) -> tuple[Classifier, ReplayCallback]:
     torch.manual_seed(0)
     module = Classifier(TinyMLP(in_features=64, num_classes=10, hidden=16), optimizer=_sgd)
-    replay = UER(25, replay_batch_size=5, mask="seen") if method == "uer" else ExperienceReplay(25, replay_batch_size=5)
+    replay: ReplayCallback
+    if method == "uer":
+        replay = UER(25, replay_batch_size=5, mask="seen")
+    elif method == "er_ace-balanced":
+        replay = ERACE(25, replay_batch_size=5, buffer="balanced")
+    else:
+        replay = ExperienceReplay(25, replay_batch_size=5)
     callbacks: list[Callback] = [replay, ContinualMetrics(plot=False)]
     if ckpt is None:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}"))
@@ -735,7 +741,7 @@ def _resume_run(tmp_path: Path, ckpt: str | None, method: str) -> tuple[Classifi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["uer", "er"])
+@pytest.mark.parametrize("method", ["uer", "er", "er_ace-balanced"])
 def test_resume_mid_task_continues_with_the_same_buffer_and_random_state(tmp_path: Path, method: str) -> None:
     full_module, full = _resume_run(tmp_path, None, method)
     # step 15 is inside the second task (12 batches per task)
@@ -749,6 +755,8 @@ def test_resume_mid_task_continues_with_the_same_buffer_and_random_state(tmp_pat
     assert a.labels is not None and b.labels is not None and a.inputs is not None and b.inputs is not None
     assert torch.equal(a.labels, b.labels) and torch.equal(a.inputs, b.inputs)
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    if isinstance(a, ClassBalancedBuffer):
+        assert isinstance(b, ClassBalancedBuffer) and a.class_slots == b.class_slots and a.offered == b.offered
     for got, want in zip(resumed_module.parameters(), full_module.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     if method == "uer":
