@@ -1,13 +1,22 @@
-"""ER vs UER on split digits (5 tasks of 2 classes, online: one pass, batches of 10).
+"""Replay methods on class-incremental streams: fine-tune, ER, ER-ACE and UER, across buffers, models and seeds.
 
-For each method and buffer size, several seeds (the seed sets the class order, the in-task order,
-the model's initialization and the buffer's random stream) each train a small MLP through the
-stream with a real ``Trainer`` and :class:`ContinualMetrics`; the table reports the mean and std
-of the final average accuracy and the average forgetting, and a PNG shows the mean accuracy
-matrices as heatmaps. ``finetune`` (no replay) is the lower bound.
+Streams: split digits (scikit-learn's 8x8 digits, embedded) and split MNIST-1D (the ``mnist1d``
+package's procedurally generated 40-sample signals, made offline and cached), each 5 tasks of 2
+classes, seen once in batches of 10 with a replay batch of 10 (the online continual learning
+protocol). Models: an MLP (in -> 256 -> 256 -> 10) and the reduced ResNet18 of the literature
+(``reduced_resnet18``: width 20, 3x3 stem, no max-pool; digits as 1x8x8 images, MNIST-1D as
+1x1x40). SGD lr 0.1 without momentum. Methods: ``finetune`` (no replay: the lower bound),
+``er``, ``er_ace``, ``uer-all`` / ``uer-seen`` / ``uer-present`` (UER's incoming-softmax mask).
+Evaluation: ``ContinualMetrics`` with ``eval_mask="all"`` (argmax over every class). The seed
+sets the class order, the in-task order, the initialization and the buffer's random stream.
 
-    python -m benchmarks.accuracy_replay            # the real run (5 seeds, buffers 50/100/200)
-    python -m benchmarks.accuracy_replay --smoke    # seconds: checks it runs
+The table reports mean ± std over seeds of the final average accuracy, the average forgetting,
+backward transfer and learning accuracy; one PNG per (stream, model) shows the mean accuracy
+matrices as heatmaps.
+
+    python -m benchmarks.accuracy_replay                     # full: 2 streams x 2 models x 4 buffers x 5 seeds
+    python -m benchmarks.accuracy_replay --streams digits --models mlp --buffers 100 200 --seeds 3   # reduced
+    python -m benchmarks.accuracy_replay --smoke             # seconds: checks it runs
 """
 
 from __future__ import annotations
@@ -18,64 +27,128 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.harness import quiet_trainer
 from lightning_logits.callbacks import ContinualMetrics
-from lightning_logits.callbacks.replay import UER, ExperienceReplay
+from lightning_logits.callbacks.replay import ERACE, UER, ExperienceReplay
 from lightning_logits.data.streams import ClassIncrementalStream
+from lightning_logits.functional.replay import average_forgetting, backward_transfer, learning_accuracy
 from lightning_logits.modules.classifier import Classifier
 
 ROOT = Path(__file__).resolve().parent.parent
+STREAMS = ("digits", "mnist1d")
+MODELS = ("mlp", "reduced_resnet18")
+METHODS = ("finetune", "er", "er_ace", "uer-all", "uer-seen", "uer-present")
 
 
-class DigitsMLP(nn.Module):
-    """64 -> 256 -> 256 -> 10 ReLU MLP on flattened 8x8 digits; ``fc`` is the linear head."""
+class MLP(nn.Module):
+    """``in -> 256 -> 256 -> 10`` ReLU MLP on flattened inputs; ``fc`` is the linear head."""
 
-    def __init__(self, hidden: int = 256, num_classes: int = 10) -> None:
+    def __init__(self, in_features: int, hidden: int = 256, num_classes: int = 10) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.body = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.fc = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x.flatten(1)))
 
 
-def run_one(method: str, buffer_size: int, seed: int, limit_batches: int | None, lr: float = 0.1) -> torch.Tensor:
-    """Train one stream; returns the ``[T, T]`` accuracy matrix.
+class MNIST1DDataModule(pl.LightningDataModule):
+    """MNIST-1D (Greydanus 2020) from the ``mnist1d`` package: 4000 train / 1000 test signals of 40 samples.
 
-    ``method``: ``"finetune"``, ``"er"``, ``"uer"`` (mask "all") or ``"uer-seen"`` (mask "seen").
+    Generated offline with the package's default arguments (its seed) and cached as a ``.pt`` in
+    ``cache_dir``; inputs are ``[1, 1, 40]`` (a one-row image, so 2-D convolutions apply).
     """
-    pl.seed_everything(seed, verbose=False)
-    module = Classifier(DigitsMLP(), num_classes=10, optimizer=lambda p: torch.optim.SGD(p, lr=lr))
-    callbacks: list[pl.Callback] = [ContinualMetrics(plot=False)]
+
+    def __init__(self, cache_dir: str | Path = ROOT / "data") -> None:
+        super().__init__()
+        self.cache = Path(cache_dir) / "mnist1d.pt"
+        self.train: TensorDataset | None = None
+        self.test: TensorDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        if self.cache.exists():
+            data = torch.load(self.cache)
+        else:
+            from mnist1d.data import get_dataset_args, make_dataset
+
+            raw = make_dataset(get_dataset_args())
+            data = {k: torch.as_tensor(raw[k]) for k in ("x", "y", "x_test", "y_test")}
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(data, self.cache)
+        shape = (-1, 1, 1, data["x"].shape[1])
+        self.train = TensorDataset(data["x"].float().reshape(shape), data["y"].long())
+        self.test = TensorDataset(data["x_test"].float().reshape(shape), data["y_test"].long())
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        assert self.train is not None
+        return DataLoader(self.train, batch_size=256)
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        assert self.test is not None
+        return DataLoader(self.test, batch_size=256)
+
+
+_MNIST1D: MNIST1DDataModule | None = None
+
+
+def make_stream(stream: str, seed: int) -> ClassIncrementalStream:
+    if stream == "digits":
+        return ClassIncrementalStream("digits", num_tasks=5, batch_size=10, seed=seed)
+    global _MNIST1D
+    if _MNIST1D is None:  # generated once per process
+        _MNIST1D = MNIST1DDataModule()
+        _MNIST1D.setup()
+    return ClassIncrementalStream(_MNIST1D, num_tasks=5, batch_size=10, seed=seed)
+
+
+def make_module(stream: str, model: str, lr: float = 0.1) -> Classifier:
+    def sgd(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=lr)
+
+    if model == "mlp":
+        return Classifier(MLP(64 if stream == "digits" else 40), num_classes=10, optimizer=sgd)
+    return Classifier("reduced_resnet18", num_classes=10, in_chans=1, optimizer=sgd)
+
+
+def make_replay(method: str, buffer_size: int, seed: int) -> pl.Callback | None:
+    if method == "finetune":
+        return None
     if method == "er":
-        callbacks.append(ExperienceReplay(buffer_size, replay_batch_size=10, seed=seed))
-    elif method in ("uer", "uer-seen"):
-        mask = "seen" if method == "uer-seen" else "all"
-        callbacks.append(UER(buffer_size, replay_batch_size=10, seed=seed, mask=mask))
+        return ExperienceReplay(buffer_size, replay_batch_size=10, seed=seed)
+    if method == "er_ace":
+        return ERACE(buffer_size, replay_batch_size=10, seed=seed)
+    mask = method.split("-", 1)[1]
+    return UER(buffer_size, replay_batch_size=10, seed=seed, mask=mask)  # type: ignore[arg-type]
+
+
+def run_one(stream: str, model: str, method: str, buffer_size: int, seed: int, limit: int | None) -> torch.Tensor:
+    """Train one stream; returns the ``[T, T]`` accuracy matrix."""
+    pl.seed_everything(seed, verbose=False)
+    module = make_module(stream, model)
+    callbacks: list[pl.Callback] = [ContinualMetrics(plot=False)]
+    replay = make_replay(method, buffer_size, seed)
+    if replay is not None:
+        callbacks.append(replay)
     trainer = quiet_trainer(
         max_epochs=5,
         reload_dataloaders_every_n_epochs=1,
-        limit_train_batches=limit_batches,
+        limit_train_batches=limit,
         callbacks=callbacks,
         default_root_dir=tempfile.mkdtemp(prefix="ll_replay_"),  # ContinualMetrics writes its matrix here
     )
-    trainer.fit(
-        module, datamodule=ClassIncrementalStream("digits", num_tasks=5, batch_size=10, seed=seed, flatten=True)
-    )
+    trainer.fit(module, datamodule=make_stream(stream, seed))
     metrics = callbacks[0]
     assert isinstance(metrics, ContinualMetrics) and metrics.accuracy_matrix is not None
     return metrics.accuracy_matrix.clone()
-
-
-def _forgetting(m: torch.Tensor) -> float:
-    from lightning_logits.functional import average_forgetting
-
-    return average_forgetting(m)
 
 
 def _fmt(values: list[float]) -> str:
@@ -84,7 +157,7 @@ def _fmt(values: list[float]) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
-def plot_heatmaps(matrices: dict[str, torch.Tensor], path: Path) -> None:
+def plot_heatmaps(matrices: dict[str, torch.Tensor], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +182,7 @@ def plot_heatmaps(matrices: dict[str, torch.Tensor], path: Path) -> None:
         ax.set_ylabel("after task i", fontsize=8)
         ax.set_xticks(range(t))
         ax.set_yticks(range(t))
-    fig.suptitle("split digits: mean accuracy matrix R[i, j] (%) over seeds", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -117,51 +190,67 @@ def plot_heatmaps(matrices: dict[str, torch.Tensor], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="1 seed, buffer 50, 3 batches per task")
+    parser.add_argument("--smoke", action="store_true", help="digits, MLP, 1 seed, buffer 50, 3 batches per task")
+    parser.add_argument("--streams", nargs="+", choices=STREAMS, default=list(STREAMS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--buffers", type=int, nargs="+", default=[50, 100, 200, 500])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--buffers", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    torch.set_num_threads(1)  # tiny model: one thread is fastest and steadiest
-    seeds = list(range(1 if args.smoke else args.seeds))
-    buffers = [50] if args.smoke else args.buffers
+    torch.set_num_threads(1)  # small models: one thread is fastest and steadiest on a shared CPU
+    if args.smoke:
+        args.streams, args.models, args.buffers, args.seeds = ["digits"], ["mlp"], [50], 1
+        args.methods = ["finetune", "er", "er_ace", "uer-all"]
+    seeds = list(range(args.seeds))
     limit = 3 if args.smoke else None
-    methods = ("er", "uer") if args.smoke else ("er", "uer", "uer-seen")
-    configs = [("finetune", 0)] + [(m, b) for b in buffers for m in methods]
     start = time.time()
     rows = []
-    mean_matrices: dict[str, torch.Tensor] = {}
-    for method, buffer_size in configs:
-        matrices = [run_one(method, buffer_size, seed, limit) for seed in seeds]
-        finals = [float(m[-1].mean()) for m in matrices]
-        forgets = [_forgetting(m) for m in matrices]
-        label = method if method == "finetune" else f"{method} M={buffer_size}"
-        mean_matrices[label] = torch.stack(matrices).mean(dim=0)
-        rows.append(f"| {method} | {buffer_size or '-'} | {_fmt(finals)} | {_fmt(forgets)} | {len(seeds)} |")
-        print(rows[-1], flush=True)
+    for stream in args.streams:
+        for model in args.models:
+            configs = [(m, 0 if m == "finetune" else b) for m in args.methods for b in args.buffers]
+            configs = list(dict.fromkeys(configs))  # finetune once
+            mean_matrices: dict[str, torch.Tensor] = {}
+            for method, buffer_size in configs:
+                matrices = [run_one(stream, model, method, buffer_size, seed, limit) for seed in seeds]
+                finals = [float(m[-1].mean()) for m in matrices]
+                label = method if method == "finetune" else f"{method} M={buffer_size}"
+                mean_matrices[label] = torch.stack(matrices).mean(dim=0)
+                rows.append(
+                    f"| {stream} | {model} | {method} | {buffer_size or '-'} | {_fmt(finals)} | "
+                    f"{_fmt([average_forgetting(m) for m in matrices])} | "
+                    f"{_fmt([backward_transfer(m) for m in matrices])} | "
+                    f"{_fmt([learning_accuracy(m) for m in matrices])} | {len(seeds)} |"
+                )
+                print(rows[-1], flush=True)
+            suffix = "_smoke" if args.smoke else ""
+            args.out.mkdir(parents=True, exist_ok=True)
+            plot_heatmaps(
+                mean_matrices,
+                args.out / f"replay_heatmaps_{stream}_{model}{suffix}.png",
+                f"split {stream}, {model}: mean accuracy matrix R[i, j] (%) over {len(seeds)} seed(s)",
+            )
     elapsed = time.time() - start
     table = "\n".join(
         [
-            "### accuracy: replay (split digits, 5 tasks x 2 classes, online, batch 10, replay batch 10)",
+            "### accuracy: replay (5 tasks x 2 classes, online, batch 10, replay batch 10, SGD lr 0.1)",
             "",
-            "| method | buffer | final avg acc (%) | avg forgetting (%) | seeds |",
-            "|---|---:|---:|---:|---:|",
+            "| stream | model | method | buffer | final avg acc (%) | forgetting (%) | BWT (%) "
+            "| learning acc (%) | seeds |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
             *rows,
             "",
-            "MLP 64-256-256-10, SGD lr 0.1, UER temperature 0.09 (uer: mask 'all', uer-seen: mask 'seen'); "
-            f"mean ± std over seeds; {elapsed:.0f} s on the CPU"
-            + (" (smoke: 3 batches per task)" if args.smoke else ""),
+            "UER temperature 0.09; eval mask 'all'; mean ± std over seeds; "
+            f"{elapsed:.0f} s on the CPU" + (" (smoke: 3 batches per task)" if args.smoke else ""),
         ]
     )
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_smoke" if args.smoke else ""
     (args.out / f"replay_accuracy{suffix}.md").write_text(table + "\n")
-    plot_heatmaps(mean_matrices, args.out / f"replay_heatmaps{suffix}.png")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Continual suite: a UER step against an ER step with the same replay batch, and the buffer's share.
 
-``er`` (the baseline) and ``uer`` both draw a replay batch of 10 from a reservoir of 200 and run
-it in a second forward pass; they differ only in the loss (UER: cosine logits on the incoming
-batch). ``uer+profiled`` is ``uer`` with ``profile_buffer=True``: it times every buffer operation
+``er`` (the baseline), ``er_ace`` and ``uer`` all draw a replay batch of 10 from a reservoir
+of 200 and run it in a second forward pass; they differ only in the loss (ER-ACE: the incoming
+softmax over the classes in the batch; UER: cosine logits on the incoming batch).
+``uer+profiled`` is ``uer`` with ``profile_buffer=True``: it times every buffer operation
 (retrieval and reservoir update) and, at the end of each run, prints the share of the step time
 spent in them (target <= 2%). Its ratio to ``uer`` shows what the timing itself costs. On the
 CPU every case trains on one thread (restored afterwards): steadier on a shared machine.
@@ -24,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from benchmarks.harness import SpeedCase
-from lightning_logits.callbacks.replay import UER, ExperienceReplay, ReplayCallback
+from lightning_logits.callbacks.replay import ERACE, UER, ExperienceReplay, ReplayCallback
 from lightning_logits.data.digits import DigitsDataModule
 from lightning_logits.modules.classifier import Classifier
 
@@ -121,6 +122,14 @@ def speed_cases(smoke: bool) -> list[SpeedCase]:
             make_module,
             make_data,
             lambda: [UER(BUFFER, replay_batch_size=REPLAY), OneThread()],
+            baseline="er",
+            target=1.05,
+        ),
+        SpeedCase(
+            "er_ace",
+            make_module,
+            make_data,
+            lambda: [ERACE(BUFFER, replay_batch_size=REPLAY), OneThread()],
             baseline="er",
             target=1.05,
         ),

@@ -1,10 +1,13 @@
 """Replay buffers for online continual learning.
 
-:class:`ReservoirBuffer` keeps a uniform sample of everything it was offered, in tensors
+:class:`ReservoirBuffer` keeps a uniform sample of everything it was offered;
+:class:`ClassBalancedBuffer` keeps the classes as equal in number as it can. Both keep tensors
 preallocated once on the training device. Offering a batch and drawing a replay batch each cost
 O(batch): a few random numbers from the buffer's own CPU ``torch.Generator`` and one indexed copy
 on the device. Nothing rebuilds a data set or a loader (the slowness Avalanche users report), and
-no device-to-host synchronization is needed (the random decisions are made on the CPU).
+no device-to-host synchronization is needed for the reservoir (the random decisions are made on
+the CPU). The balanced buffer's decisions depend on the labels: it copies each batch's labels to
+the host (one small copy per step).
 
 Under DDP the replay callbacks keep one buffer *per rank*, seeded ``seed + rank``: each rank
 samples from the shard of the stream it sees, so the union of the buffers is a stratified
@@ -18,8 +21,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-__all__ = ["ReservoirBuffer"]
+__all__ = ["BUFFER_KINDS", "ClassBalancedBuffer", "ReservoirBuffer", "make_buffer"]
+
+BUFFER_KINDS = ("reservoir", "balanced")
 
 _FIELDS = ("inputs", "labels", "logits", "task_ids")
 
@@ -57,6 +63,8 @@ class ReservoirBuffer:
         >>> batch["input"].shape, batch["target"].shape
         (torch.Size([3, 3]), torch.Size([3]))
     """
+
+    kind = "reservoir"
 
     def __init__(self, capacity: int, seed: int = 0, store_logits: bool = False, store_task_ids: bool = False) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
@@ -142,6 +150,10 @@ class ReservoirBuffer:
         self.seen += batch_size
         return slots, positions
 
+    def _decide(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Where the samples of a batch go: ``(slots, positions)`` (see :meth:`slots_for`)."""
+        return self.slots_for(labels.shape[0])
+
     @torch.no_grad()
     def add(
         self,
@@ -165,7 +177,7 @@ class ReservoirBuffer:
         if self.inputs is None:
             self._allocate(inputs, labels, logits)
         assert self.inputs is not None and self.labels is not None
-        slots, positions = self.slots_for(batch_size)
+        slots, positions = self._decide(labels)
         if slots.numel() == 0:
             return
         device = self.inputs.device
@@ -220,6 +232,7 @@ class ReservoirBuffer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: settings, ``seen``, the generator state and the filled rows."""
         state: dict[str, Any] = {
+            "kind": self.kind,
             "capacity": self.capacity,
             "seed": self.seed,
             "store_logits": self.store_logits,
@@ -239,6 +252,11 @@ class ReservoirBuffer:
             raise ValueError(
                 f"the saved buffer has capacity {state['capacity']} but this one {self.capacity}; "
                 "resume with the same buffer_size"
+            )
+        kind = state.get("kind", "reservoir")
+        if kind != self.kind:
+            raise ValueError(
+                f"the saved buffer is a {kind!r} buffer but this one is {self.kind!r}; resume with the same kind"
             )
         device = self.device
         self.seed = int(state["seed"])
@@ -269,3 +287,139 @@ class ReservoirBuffer:
             if value is not None:
                 setattr(self, name, value.to(device))
         return self
+
+
+class ClassBalancedBuffer(ReservoirBuffer):
+    """A fixed-size buffer that keeps the classes as balanced as the stream allows (class-balanced reservoir).
+
+    While it is not full, every sample is stored. Once full, sample ``x`` of class ``c``
+    (Chrysakis & Moens, "Online Continual Learning from Imbalanced Data", ICML 2020, CBRS):
+
+    - if ``c`` is not among the largest classes in the buffer, it replaces a uniformly drawn
+      stored sample of a largest class (one of them, drawn uniformly when several tie);
+    - otherwise it replaces a uniformly drawn stored sample of its own class with probability
+      ``m_c / n_c`` (``m_c``: stored samples of ``c``, ``n_c``: samples of ``c`` offered so far),
+      a reservoir sample within the class.
+
+    The decisions are made per sample, in order, on the CPU from the buffer's own generator (two
+    uniforms per sample, so the random stream advances the same way whatever is decided); the
+    tensors are preallocated on the first :meth:`add` like :class:`ReservoirBuffer`'s, and a
+    batch costs O(batch x classes) host work plus one indexed copy on the device. The labels of
+    each batch are copied to the host. Retrieval is uniform over the stored samples, as in the
+    reservoir. The whole state (per-class slot lists included) is in :meth:`state_dict`.
+
+    Args:
+        capacity: number of samples kept.
+        seed: seed of the buffer's own ``torch.Generator``.
+        store_logits: also keep logits (see :class:`ReservoirBuffer`).
+        store_task_ids: also keep task ids.
+
+    Example:
+        >>> import torch
+        >>> buffer = ClassBalancedBuffer(capacity=6, seed=0)
+        >>> buffer.add(torch.randn(12, 3), torch.zeros(12, dtype=torch.long))  # class 0 fills it
+        >>> buffer.add(torch.randn(6, 3), torch.tensor([1, 1, 1, 2, 2, 2]))
+        >>> sorted(buffer.class_counts().items())
+        [(0, 2), (1, 2), (2, 2)]
+    """
+
+    kind = "balanced"
+
+    def __init__(self, capacity: int, seed: int = 0, store_logits: bool = False, store_task_ids: bool = False) -> None:
+        super().__init__(capacity, seed=seed, store_logits=store_logits, store_task_ids=store_task_ids)
+        self.class_slots: dict[int, list[int]] = {}  # class -> its slots (unordered; swap-removed)
+        self.slot_class: list[int] = []  # the class stored in each filled slot
+        self.slot_position: list[int] = []  # where each slot sits in its class's list
+        self.offered: dict[int, int] = {}  # class -> samples offered so far (n_c)
+
+    def class_counts(self) -> dict[int, int]:
+        """Stored samples per class (``m_c``)."""
+        return {c: len(slots) for c, slots in self.class_slots.items() if slots}
+
+    def _move(self, slot: int, new_class: int) -> None:
+        old = self.slot_class[slot]
+        slots = self.class_slots[old]
+        position = self.slot_position[slot]
+        last = slots.pop()
+        if last != slot:  # swap-remove: the last slot of the list takes the freed position
+            slots[position] = last
+            self.slot_position[last] = position
+        self._append(slot, new_class)
+
+    def _append(self, slot: int, label: int) -> None:
+        slots = self.class_slots.setdefault(label, [])
+        self.slot_class[slot] = label
+        self.slot_position[slot] = len(slots)
+        slots.append(slot)
+
+    @override
+    def _decide(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if labels.ndim != 1 or labels.is_floating_point():
+            raise ValueError(
+                f"ClassBalancedBuffer needs int class labels of shape [B], got dtype {labels.dtype} and shape "
+                f"{tuple(labels.shape)}"
+            )
+        values = labels.detach().cpu().tolist()
+        uniforms = torch.rand(2 * len(values), generator=self.generator, dtype=torch.float64).tolist()
+        written: dict[int, int] = {}  # slot -> position of the last sample written there
+        for position, label in enumerate(values):
+            u_choose, u_slot = uniforms[2 * position], uniforms[2 * position + 1]
+            self.offered[label] = self.offered.get(label, 0) + 1
+            filled = len(self.slot_class)
+            if filled < self.capacity:
+                self.slot_class.append(label)
+                self.slot_position.append(0)
+                self._append(filled, label)
+                written[filled] = position
+                continue
+            counts = {c: len(s) for c, s in self.class_slots.items() if s}
+            largest = max(counts.values())
+            own = counts.get(label, 0)
+            if own < largest:
+                candidates = sorted(c for c, m in counts.items() if m == largest)
+                victim_class = candidates[min(int(u_choose * len(candidates)), len(candidates) - 1)]
+            elif u_choose * self.offered[label] < own:  # keep with probability m_c / n_c
+                victim_class = label
+            else:
+                continue
+            victims = self.class_slots[victim_class]
+            slot = victims[min(int(u_slot * len(victims)), len(victims) - 1)]
+            self._move(slot, label)
+            written[slot] = position
+        self.seen += len(values)
+        slots = torch.tensor(sorted(written), dtype=torch.int64)
+        positions = torch.tensor([written[k] for k in sorted(written)], dtype=torch.int64)
+        return slots, positions
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["class_slots"] = {c: list(v) for c, v in self.class_slots.items()}
+        state["slot_class"] = list(self.slot_class)
+        state["slot_position"] = list(self.slot_position)
+        state["offered"] = dict(self.offered)
+        return state
+
+    @override
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.class_slots = {int(c): list(v) for c, v in state["class_slots"].items()}
+        self.slot_class = list(state["slot_class"])
+        self.slot_position = list(state["slot_position"])
+        self.offered = {int(c): int(n) for c, n in state["offered"].items()}
+
+
+def make_buffer(
+    kind: str, capacity: int, seed: int = 0, store_logits: bool = False, store_task_ids: bool = False
+) -> ReservoirBuffer:
+    """A buffer by name: ``"reservoir"`` (:class:`ReservoirBuffer`) or ``"balanced"`` (:class:`ClassBalancedBuffer`).
+
+    Example:
+        >>> type(make_buffer("balanced", 10)).__name__
+        'ClassBalancedBuffer'
+    """
+    if kind == "reservoir":
+        return ReservoirBuffer(capacity, seed=seed, store_logits=store_logits, store_task_ids=store_task_ids)
+    if kind == "balanced":
+        return ClassBalancedBuffer(capacity, seed=seed, store_logits=store_logits, store_task_ids=store_task_ids)
+    raise ValueError(f"buffer must be one of {BUFFER_KINDS}, got {kind!r}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,22 @@ from hypothesis import strategies as st
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 
-from lightning_logits.buffers import ReservoirBuffer
-from lightning_logits.callbacks.replay import UER, ExperienceReplay
+from lightning_logits.buffers import ClassBalancedBuffer, ReservoirBuffer, make_buffer
+from lightning_logits.callbacks.replay import ERACE, UER, ExperienceReplay, ReplayCallback
 from lightning_logits.callbacks.replay_metrics import ContinualMetrics
 from lightning_logits.data.streams import ClassIncrementalStream
-from lightning_logits.functional.replay import average_forgetting, cosine_logits, final_average_accuracy, uer_loss
+from lightning_logits.functional.replay import (
+    average_accuracy,
+    average_forgetting,
+    average_incremental_accuracy,
+    backward_transfer,
+    cosine_logits,
+    er_ace_loss,
+    final_average_accuracy,
+    learning_accuracy,
+    uer_loss,
+)
+from lightning_logits.metrics import AccuracyMatrix
 from lightning_logits.modules.classifier import Classifier
 from tests.helpers import TensorDataModule, TinyMLP, TinyNet, blob_data, fast_trainer
 
@@ -122,6 +135,62 @@ def test_uer_loss_matches_reference(
     got = uer_loss(h, y, w, hm, ym, bias=b, temperature=tau, logit_mask=mask)
     want = ref_uer(h, y, w, hm, ym, b, tau, mask)
     assert math.isclose(float(got), want, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def ref_er_ace(z, y, zm=None, ym=None) -> float:
+    """ER-ACE from the paper's definition: incoming softmax over the classes in the batch, replay over all."""
+    present = torch.zeros(z.shape[1], dtype=torch.bool)
+    for label in y.tolist():
+        present[label] = True
+    loss = ref_ce(z.double(), y, present)
+    if zm is not None and zm.shape[0] > 0:
+        loss += ref_ce(zm.double(), ym)
+    return loss
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    m=st.integers(0, 5),
+    c=st.integers(2, 7),
+    scale=st.sampled_from([0.1, 1.0, 30.0]),
+    validate=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_er_ace_loss_matches_reference(n: int, m: int, c: int, scale: float, validate: bool, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    z, zm = torch.randn(n, c, generator=g) * scale, torch.randn(m, c, generator=g) * scale
+    y, ym = torch.randint(0, c, (n,), generator=g), torch.randint(0, c, (m,), generator=g)
+    got = er_ace_loss(z, y, zm, ym, validate_args=validate)
+    assert got.dtype == torch.float32
+    assert math.isclose(float(got), ref_er_ace(z, y, zm, ym), rel_tol=1e-4, abs_tol=1e-5)
+    assert math.isclose(float(er_ace_loss(z, y)), ref_er_ace(z, y), rel_tol=1e-4, abs_tol=1e-5)
+
+
+def test_er_ace_absent_classes_get_no_gradient_from_incoming_samples() -> None:
+    z = torch.tensor([[1.0, 2.0, 9.0, -3.0], [0.5, 0.0, 9.0, 1.0]], requires_grad=True)
+    loss = er_ace_loss(z, torch.tensor([0, 1]))
+    # two classes present: CE of [1, 2] and [0.5, 0]; class 2's large logit plays no part
+    want = (math.log(math.exp(1) + math.exp(2)) - 1 + math.log(math.exp(0.5) + math.exp(0)) - 0) / 2
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+    loss.backward()
+    assert z.grad is not None and bool((z.grad[:, 2:] == 0).all()) and bool((z.grad[:, :2] != 0).all())
+    # a replayed sample's softmax covers every class: class 2 gets its gradient there
+    zm = torch.tensor([[0.0, 0.0, 3.0, 0.0]], requires_grad=True)
+    er_ace_loss(z.detach(), torch.tensor([0, 1]), zm, torch.tensor([0])).backward()
+    assert zm.grad is not None and bool((zm.grad != 0).all())
+    with pytest.raises(ValueError, match="together"):
+        er_ace_loss(z, torch.tensor([0, 1]), zm)
+    with pytest.raises(ValueError, match="labels must lie"):
+        er_ace_loss(z, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="C=3"):
+        er_ace_loss(z, torch.tensor([0, 1]), torch.zeros(1, 3), torch.tensor([0]))
+    with pytest.raises(ValueError, match="non-finite"):
+        er_ace_loss(torch.full((2, 4), float("nan")), torch.tensor([0, 1]))
+    # validate_args=False skips the value reads (no error for the NaN here), shapes are still checked
+    assert torch.isnan(er_ace_loss(torch.full((2, 4), float("nan")), torch.tensor([0, 1]), validate_args=False))
+    with pytest.raises(ValueError, match="shape"):
+        er_ace_loss(z, torch.tensor([0, 1, 2]), validate_args=False)
 
 
 def test_uer_loss_replay_term_is_plain_cross_entropy_and_zero_without_replay() -> None:
@@ -410,6 +479,73 @@ def test_final_accuracy_and_forgetting_by_hand() -> None:
     assert average_forgetting(torch.tensor([[0.7]])) == 0.0
 
 
+def test_matrix_summaries_by_hand_after_every_task() -> None:
+    nan = float("nan")
+    r = torch.tensor([[0.9, nan, nan], [0.6, 0.8, nan], [0.5, 0.4, 0.7]])
+    # after task 1: row 1 only
+    assert average_accuracy(r, after=1) == pytest.approx((0.6 + 0.8) / 2)
+    assert average_forgetting(r, after=1) == pytest.approx(0.9 - 0.6)
+    assert backward_transfer(r, after=1) == pytest.approx(0.6 - 0.9)
+    assert learning_accuracy(r, after=1) == pytest.approx((0.9 + 0.8) / 2)
+    # after the last task
+    assert average_accuracy(r) == pytest.approx((0.5 + 0.4 + 0.7) / 3)
+    assert backward_transfer(r) == pytest.approx(((0.5 - 0.9) + (0.4 - 0.8)) / 2)
+    assert learning_accuracy(r) == pytest.approx((0.9 + 0.8 + 0.7) / 3)
+    assert average_incremental_accuracy(r) == pytest.approx((0.9 + 0.7 + (0.5 + 0.4 + 0.7) / 3) / 3)
+    # forgetting takes the best earlier row, not the diagonal: task 0 peaks after task 1 here
+    r2 = torch.tensor([[0.5, nan, nan], [0.9, 0.8, nan], [0.2, 0.8, 0.6]])
+    assert average_forgetting(r2) == pytest.approx(((0.9 - 0.2) + (0.8 - 0.8)) / 2)
+    assert backward_transfer(r2) == pytest.approx(((0.2 - 0.5) + (0.8 - 0.8)) / 2)
+    for fn in (average_accuracy, average_forgetting, backward_transfer, learning_accuracy):
+        assert fn(r, after=0) == pytest.approx(0.9 if fn in (average_accuracy, learning_accuracy) else 0.0)
+        with pytest.raises(ValueError, match="after must be"):
+            fn(r, after=3)
+    with pytest.raises(ValueError, match="square"):
+        average_accuracy(torch.zeros(2, 3))
+
+
+def test_accuracy_matrix_metric_counts_per_task_and_masks_unseen_classes() -> None:
+    task_of_class = torch.tensor([1, 0, 0, 1])  # classes 1, 2: task 0; classes 0, 3: task 1
+    logits = torch.tensor([[0.0, 5.0, 0.0, 0.0], [0.0, 1.0, 0.0, 3.0], [0.0, 0.0, 2.0, 0.0]])
+    target = torch.tensor([1, 2, 2])
+    plain = AccuracyMatrix(task_of_class)
+    plain.update(logits, target, after_task=0)
+    got = plain.compute()
+    # sample 2 is predicted as class 3 (task 1) unmasked: 2 of 3 right
+    assert got[0, 0].item() == pytest.approx(2 / 3) and bool(torch.isnan(got[0, 1])) and bool(torch.isnan(got[1]).all())
+    masked = AccuracyMatrix(task_of_class, eval_mask="seen")
+    masked.update(logits, target, after_task=0)
+    # with task 1's classes out of the argmax, sample 2's best class is 1: still wrong (target 2)
+    assert masked.compute()[0, 0].item() == pytest.approx(2 / 3)
+    masked.update(torch.tensor([[9.0, 0.0, 1.0, 0.0]]), torch.tensor([2]), after_task=0)
+    assert masked.compute()[0, 0].item() == pytest.approx(3 / 4)  # class 0 (task 1) was masked out
+    masked.update(torch.tensor([[9.0, 0.0, 1.0, 0.0]]), torch.tensor([2]), after_task=1)
+    assert masked.compute()[1, 0].item() == 0.0  # after task 1, class 0 is seen: predicted, wrong
+    masked.reset_row(0)
+    assert bool(torch.isnan(masked.compute()[0]).all())
+    with pytest.raises(ValueError, match="eval_mask"):
+        AccuracyMatrix(task_of_class, eval_mask="old")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="C = 4"):
+        plain.update(torch.zeros(2, 3), torch.tensor([0, 1]), after_task=0)
+
+
+def test_plot_without_matplotlib_warns_once_and_keeps_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    module = Classifier(TinyMLP(in_features=64, num_classes=10, hidden=8), optimizer=_sgd)
+    metrics = ContinualMetrics(out_dir=str(tmp_path), plot=True)
+    trainer = fast_trainer(
+        max_epochs=3, reload_dataloaders_every_n_epochs=1, limit_train_batches=2, callbacks=[metrics]
+    )
+    with pytest.warns(UserWarning, match=r"matplotlib is not importable.*pip install matplotlib.*plot=False") as caught:
+        trainer.fit(module, datamodule=ClassIncrementalStream("digits", num_tasks=5, flatten=True))
+    assert sum("matplotlib" in str(w.message) for w in caught) == 1  # once, not after every task
+    assert metrics.plot is False and not (tmp_path / "accuracy_matrix.png").exists()
+    saved = torch.load(tmp_path / "accuracy_matrix.pt")
+    assert bool(torch.isfinite(saved[2, :3]).all())  # all three tasks were still measured
+
+
 # ---------------------------------------------------------------------------------------------
 # The callbacks on a real Trainer
 
@@ -421,7 +557,7 @@ def _sgd(params: Any) -> torch.optim.Optimizer:  # module level: picklable for d
 class Snapshot(Callback):
     """Before each step: the parameters and the replay callback's buffer state."""
 
-    def __init__(self, replay: ExperienceReplay | UER) -> None:
+    def __init__(self, replay: ReplayCallback) -> None:
         self.replay = replay
         self.before: list[tuple[dict[str, Tensor], dict[str, Any], Any]] = []
         self.after: list[dict[str, Tensor]] = []
@@ -453,6 +589,10 @@ def _manual_step(method: str, params: dict[str, Tensor], buffer_state: dict[str,
     w = p["model.head.weight"]
     if method == "er":
         loss = ce(z, y)
+    elif method == "er_ace":
+        absent = torch.ones(z.shape[1], dtype=torch.bool)
+        absent[y] = False
+        loss = ce(z.masked_fill(absent, -1e30), y)
     else:
         hn = h / (h.norm(dim=1, keepdim=True) + 1e-6)
         wn = w / (w.norm(dim=1, keepdim=True) + 1e-6)
@@ -464,12 +604,18 @@ def _manual_step(method: str, params: dict[str, Tensor], buffer_state: dict[str,
     return {k: (v - 0.1 * (v.grad if v.grad is not None else torch.zeros_like(v))).detach() for k, v in p.items()}
 
 
-@pytest.mark.parametrize("method", ["er", "uer"])
+_METHODS = {"er": ExperienceReplay, "er_ace": ERACE, "uer": UER}
+
+
+@pytest.mark.parametrize("method", ["er", "er_ace", "uer"])
 def test_callback_step_equals_hand_written_step(method: str) -> None:
     x, y = blob_data(n=48)
+    if method == "er_ace":  # sorted by class: most batches lack some classes, as in a stream
+        order = torch.argsort(y, stable=True)
+        x, y = x[order], y[order]
     torch.manual_seed(0)
     module = Classifier(TinyMLP(), optimizer=_sgd)
-    replay = ExperienceReplay(12, replay_batch_size=4) if method == "er" else UER(12, replay_batch_size=4)
+    replay = _METHODS[method](12, replay_batch_size=4)
     snap = Snapshot(replay)
     fast_trainer(max_epochs=1, limit_val_batches=0, callbacks=[replay, snap]).fit(
         module, datamodule=TensorDataModule(x, y, batch_size=8)
@@ -542,7 +688,7 @@ def test_uer_masks() -> None:
 
 
 def test_uer_replaces_the_task_loss_and_er_keeps_it() -> None:
-    assert UER.replaces_task_loss and not ExperienceReplay.replaces_task_loss
+    assert UER.replaces_task_loss and ERACE.replaces_task_loss and not ExperienceReplay.replaces_task_loss
     with pytest.raises(ValueError, match="mask"):
         UER(10, mask="old")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="buffer_size"):
@@ -569,10 +715,16 @@ def test_custom_module_without_linear_head_gets_a_clear_error() -> None:
         trainer.fit(module, datamodule=stream)
 
 
-def _resume_run(tmp_path: Path, ckpt: str | None, method: str) -> tuple[Classifier, ExperienceReplay | UER]:
+def _resume_run(tmp_path: Path, ckpt: str | None, method: str) -> tuple[Classifier, ReplayCallback]:
     torch.manual_seed(0)
     module = Classifier(TinyMLP(in_features=64, num_classes=10, hidden=16), optimizer=_sgd)
-    replay = UER(25, replay_batch_size=5, mask="seen") if method == "uer" else ExperienceReplay(25, replay_batch_size=5)
+    replay: ReplayCallback
+    if method == "uer":
+        replay = UER(25, replay_batch_size=5, mask="seen")
+    elif method == "er_ace-balanced":
+        replay = ERACE(25, replay_batch_size=5, buffer="balanced")
+    else:
+        replay = ExperienceReplay(25, replay_batch_size=5)
     callbacks: list[Callback] = [replay, ContinualMetrics(plot=False)]
     if ckpt is None:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}"))
@@ -589,7 +741,7 @@ def _resume_run(tmp_path: Path, ckpt: str | None, method: str) -> tuple[Classifi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["uer", "er"])
+@pytest.mark.parametrize("method", ["uer", "er", "er_ace-balanced"])
 def test_resume_mid_task_continues_with_the_same_buffer_and_random_state(tmp_path: Path, method: str) -> None:
     full_module, full = _resume_run(tmp_path, None, method)
     # step 15 is inside the second task (12 batches per task)
@@ -603,6 +755,8 @@ def test_resume_mid_task_continues_with_the_same_buffer_and_random_state(tmp_pat
     assert a.labels is not None and b.labels is not None and a.inputs is not None and b.inputs is not None
     assert torch.equal(a.labels, b.labels) and torch.equal(a.inputs, b.inputs)
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    if isinstance(a, ClassBalancedBuffer):
+        assert isinstance(b, ClassBalancedBuffer) and a.class_slots == b.class_slots and a.offered == b.offered
     for got, want in zip(resumed_module.parameters(), full_module.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     if method == "uer":
@@ -629,6 +783,23 @@ class DumpRankState(Callback):
         torch.save(state, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
 
+class RecordWarnings(Callback):
+    """Each rank records every warning raised between setup and teardown into ``warnings<r>.txt``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._context = warnings.catch_warnings(record=True)
+        self._caught = self._context.__enter__()
+        warnings.simplefilter("always")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._context.__exit__(None, None, None)
+        lines = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in self._caught]
+        (Path(self.out_dir) / f"warnings{trainer.global_rank}.txt").write_text("\n".join(lines))
+
+
 @pytest.mark.ddp
 def test_ddp_per_rank_buffers_synced_metrics_and_checkpoint(ddp_env: int, tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -647,9 +818,17 @@ def test_ddp_per_rank_buffers_synced_metrics_and_checkpoint(ddp_env: int, tmp_pa
             ContinualMetrics(plot=False),
             DumpRankState(str(tmp_path)),
             ModelCheckpoint(dirpath=tmp_path, filename="last"),
+            RecordWarnings(str(tmp_path)),
         ],
     )
     trainer.fit(module, datamodule=stream)
+    # no warning of ContinualMetrics' making: no "use sync_dist=True" for a continual/ key (there
+    # were 7 per run) and none raised from lightning_logits (Lightning warns on rank 0 only; both
+    # ranks are read). The hub's train/loss_* keys are outside this callback's scope.
+    for rank in (0, 1):
+        caught = (tmp_path / f"warnings{rank}.txt").read_text().splitlines()
+        assert not [w for w in caught if "sync_dist" in w and "'continual/" in w], caught
+        assert not [w for w in caught if w.startswith(str(Path(__file__).parent.parent / "lightning_logits"))], caught
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     # per-rank buffers: own seeds, own samples (each rank saw 2 tasks x 4 batches x 10)
     assert [s["seed"] for s in ranks] == [10, 11]
@@ -694,3 +873,155 @@ def test_uer_warns_once_about_all_zero_features() -> None:
             module, datamodule=TensorDataModule(x, y, batch_size=8)
         )
     assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The class-balanced buffer, the buffer choice, replay-time augmentation
+
+
+def test_balanced_buffer_evens_out_an_imbalanced_stream() -> None:
+    balanced, reservoir = ClassBalancedBuffer(30, seed=1), ReservoirBuffer(30, seed=1)
+    stream = [0] * 100 + [1] * 30 + [2] * 10  # class 0 floods the buffer first
+    for lo in range(0, len(stream), 10):
+        labels = torch.tensor(stream[lo : lo + 10])
+        for buffer in (balanced, reservoir):
+            buffer.add(labels.float().unsqueeze(1) + 0.5, labels)
+    # CBRS by hand: class 1 takes slots from class 0 until both hold 15, class 2 (10 samples) then
+    # always evicts from the largest class: 10 / 10 / 10, every sample of class 2 kept
+    assert balanced.class_counts() == {0: 10, 1: 10, 2: 10}
+    assert balanced.labels is not None and balanced.inputs is not None
+    assert torch.bincount(balanced.labels, minlength=3).tolist() == [10, 10, 10]
+    assert torch.equal(balanced.inputs[:, 0], balanced.labels.float() + 0.5)  # inputs follow labels
+    assert reservoir.labels is not None and int((reservoir.labels == 2).sum()) < 10  # ~2 expected
+    assert balanced.seen == 140 and len(balanced) == 30
+    # the bookkeeping matches the stored labels slot by slot
+    for label, slots in balanced.class_slots.items():
+        assert all(int(balanced.labels[s]) == label for s in slots)
+
+
+def test_balanced_buffer_keeps_a_reservoir_sample_within_a_class() -> None:
+    # one class only: the balanced buffer is a reservoir over it (each of 40 kept w.p. 10/40)
+    counts = torch.zeros(40)
+    for trial in range(600):
+        buffer = ClassBalancedBuffer(10, seed=trial)
+        for lo in range(0, 40, 10):
+            buffer.add(torch.arange(lo, lo + 10).float().unsqueeze(1), torch.zeros(10, dtype=torch.long))
+        assert buffer.inputs is not None
+        counts[buffer.inputs[:, 0].long()] += 1
+    freq = counts / 600
+    assert bool(((freq - 0.25).abs() < 0.08).all()), freq  # 4.5 sigma of a binomial(600, 1/4)
+
+
+def test_balanced_buffer_state_dict_continues_identically() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = ClassBalancedBuffer(12, seed=5)
+    for _ in range(4):
+        a.add(torch.randn(6, 2, generator=g), torch.randint(0, 3, (6,), generator=g))
+    b = make_buffer("balanced", 12, seed=99)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for _ in range(5):
+        x, y = torch.randn(6, 2, generator=g), torch.randint(0, 5, (6,), generator=g)
+        a.add(x, y)
+        b.add(x, y)
+        assert torch.equal(a.sample(4)["input"], b.sample(4)["input"])
+    assert a.labels is not None and b.labels is not None and torch.equal(a.labels, b.labels)
+    assert a.class_slots == b.class_slots and a.offered == b.offered
+    with pytest.raises(ValueError, match="'reservoir' buffer but this one is 'balanced'"):
+        ClassBalancedBuffer(12).load_state_dict(ReservoirBuffer(12).state_dict())
+    with pytest.raises(ValueError, match="buffer must be one of"):
+        make_buffer("fifo", 3)
+    with pytest.raises(ValueError, match="int class labels"):
+        ClassBalancedBuffer(3).add(torch.randn(2, 2), torch.rand(2))
+
+
+class AddHundred:
+    """A picklable replay-time augmentation that records the batch sizes it saw."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.sizes.append(x.shape[0])
+        return x + 100.0
+
+
+class MaxInput(Callback):
+    """Records the largest training input the module's forward received."""
+
+    def __init__(self) -> None:
+        self.largest: list[float] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if torch.is_grad_enabled():
+                self.largest.append(float(args[0].max()))
+
+        pl_module.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("method", ["er", "er_ace", "uer"])
+@pytest.mark.parametrize("kind", ["reservoir", "balanced"])
+def test_augment_runs_on_both_batches_and_the_buffer_stores_clean_samples(method: str, kind: str) -> None:
+    x, y = blob_data(n=40)
+    augment = AddHundred()
+    replay = _METHODS[method](16, replay_batch_size=4, buffer=kind, augment=augment)
+    seen = MaxInput()
+    module = Classifier(TinyMLP(), optimizer=_sgd)
+    fast_trainer(max_epochs=1, limit_val_batches=0, callbacks=[replay, seen]).fit(
+        module, datamodule=TensorDataModule(x, y, batch_size=8)
+    )
+    assert type(replay.buffer) is (ClassBalancedBuffer if kind == "balanced" else ReservoirBuffer)
+    # 5 incoming batches of 8; a replay batch of 4 on every step but the first (empty buffer)
+    assert augment.sizes == [8, 8, 4, 8, 4, 8, 4, 8, 4]
+    assert seen.largest and min(seen.largest) > 50  # the model trained on augmented inputs only
+    stored = replay.buffer.inputs
+    assert stored is not None and float(stored.abs().max()) < 50  # the buffer holds the originals
+    originals = {tuple(row.tolist()) for row in x}
+    assert all(tuple(row.tolist()) in originals for row in stored)
+
+
+def test_augment_and_buffer_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="buffer must be one of"):
+        ExperienceReplay(10, buffer="fifo")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="augment must be a callable"):
+        UER(10, augment=3)  # type: ignore[arg-type]
+    er = ERACE(10, buffer="balanced")
+    assert isinstance(er.buffer, ClassBalancedBuffer) and er.buffer_kind == "balanced"
+    er._rank, er._world_size, er._head = 0, 1, nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="resume with buffer='reservoir'"):
+        er.load_state_dict({"version": 1, "rank_states": [ReservoirBuffer(10).state_dict()]})
+
+
+@pytest.mark.ddp
+def test_ddp_balanced_buffer_with_augmentation_per_rank(ddp_env: int, tmp_path: Path) -> None:
+    module = Classifier(TinyMLP(in_features=64, num_classes=10, hidden=16), optimizer=_sgd)
+    trainer = fast_trainer(
+        strategy="ddp_spawn",
+        devices=2,
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        reload_dataloaders_every_n_epochs=1,
+        enable_checkpointing=True,
+        default_root_dir=str(tmp_path),
+        callbacks=[
+            ERACE(buffer_size=12, replay_batch_size=4, seed=3, buffer="balanced", augment=AddHundred()),
+            ModelCheckpoint(dirpath=tmp_path, filename="last"),
+        ],
+    )
+    trainer.fit(module, datamodule=ClassIncrementalStream("digits", num_tasks=5, flatten=True))
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ERACE"))["rank_states"]
+    assert len(saved) == 2 and [s["kind"] for s in saved] == ["balanced", "balanced"]
+    assert [s["seed"] for s in saved] == [3, 4] and all(s["seen"] == 2 * 3 * 10 for s in saved)
+    assert not torch.equal(saved[0]["inputs"], saved[1]["inputs"])  # each rank buffers its own shard
+    for state in saved:
+        assert float(state["inputs"].abs().max()) < 50  # un-augmented (digits pixels are at most 16)
+        counts = torch.bincount(state["labels"], minlength=10)
+        assert int(counts.max() - counts[counts > 0].min()) <= 1  # 4 classes seen: 3 slots each
+    # each rank gets its own balanced buffer back
+    restored = ERACE(buffer_size=12, replay_batch_size=4, seed=3, buffer="balanced")
+    restored._rank, restored._world_size, restored._head = 1, 2, nn.Linear(2, 2)
+    restored.load_state_dict({"version": 2, "rank_states": saved})
+    assert isinstance(restored.buffer, ClassBalancedBuffer) and restored.buffer.seed == 4
+    assert restored.buffer.labels is not None and torch.equal(restored.buffer.labels, saved[1]["labels"])

@@ -7,18 +7,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_logits.callbacks import ContinualMetrics
-from lightning_logits.callbacks.replay import UER, ExperienceReplay
+from lightning_logits.callbacks.replay import ERACE, UER, ExperienceReplay, ReplayCallback
 from lightning_logits.cli import build_cli
 from lightning_logits.data.streams import ClassIncrementalStream
+from lightning_logits.modules.classifier import Classifier
+from lightning_logits.networks import ReducedResNet18
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes" / "replay"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("recipe", "callback"), [("uer_digits.yaml", UER), ("er_digits.yaml", ExperienceReplay)])
+@pytest.mark.parametrize(
+    ("recipe", "callback"),
+    [("uer_digits.yaml", UER), ("er_digits.yaml", ExperienceReplay), ("er_ace_digits.yaml", ERACE)],
+)
 def test_digits_recipe_trains(recipe: str, callback: type, tmp_path: Path) -> None:
     cli = build_cli(
         [
@@ -47,10 +53,70 @@ def test_digits_recipe_trains(recipe: str, callback: type, tmp_path: Path) -> No
 def test_cifar_recipes_parse(recipe: str, source: str, buffer: int, tasks: int) -> None:
     cli = build_cli(["--config", str(RECIPES / recipe)], run=False)
     uer = next(c for c in cli.trainer.callbacks if isinstance(c, UER))  # type: ignore[attr-defined]
-    assert uer.buffer_size == buffer and uer.replay_batch_size == 10
+    assert uer.buffer_size == buffer and uer.replay_batch_size == 10 and uer.augment is None
     assert isinstance(cli.datamodule, ClassIncrementalStream)
     assert cli.datamodule.source == source and cli.datamodule.num_tasks == tasks
+    assert cli.datamodule.data_augmentation is False  # the ER/UER protocol: no augmentation
     assert cli.trainer.max_epochs == tasks and cli.trainer.reload_dataloaders_every_n_epochs == 1
+    # the literature's reduced ResNet18, 160-d features into the head
+    assert isinstance(cli.model.model, ReducedResNet18)  # type: ignore[attr-defined]
+    assert cli.model.model.fc.in_features == 160  # type: ignore[attr-defined]
+
+
+def test_reduced_resnet18_is_found_by_name_everywhere() -> None:
+    import timm
+    import torch
+
+    net = timm.create_model("reduced_resnet18", num_classes=100, in_chans=1)
+    assert isinstance(net, ReducedResNet18) and net.get_classifier().out_features == 100
+    assert net.forward_head(net.forward_features(torch.randn(2, 1, 32, 32)), pre_logits=True).shape == (2, 160)
+    assert net.layer4[0].conv1.stride == (2, 2) and net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in net.modules())
+    # ~1.1M parameters at nf=20 with 100 classes (the literature reports 1.09M)
+    assert 1.0e6 < sum(p.numel() for p in net.parameters()) < 1.2e6
+    classifier = Classifier("reduced_resnet18", num_classes=10, in_chans=3)
+    assert isinstance(classifier.model, ReducedResNet18) and classifier(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("reduced_resnet18", pretrained=True)
+    # a fresh process: importing only the factory module registers the name before timm.is_model
+    code = "from lightning_logits.networks.factory import build_model; print(type(build_model('reduced_resnet18', 10)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ReducedResNet18" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_builds_the_reduced_resnet18(recipe: str) -> None:
+    in_chans = ['--model.init_args.model_kwargs={"in_chans": 1}', "--data.init_args.flatten=false"]
+    extra = in_chans if "digits" in recipe else []
+    cli = build_cli(["--config", str(RECIPES / recipe), "--model.init_args.model=reduced_resnet18", *extra], run=False)
+    assert isinstance(cli.model.model, ReducedResNet18)  # type: ignore[attr-defined]
+    assert any(isinstance(c, ReplayCallback) for c in cli.trainer.callbacks)  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["uer_digits.yaml", "er_digits.yaml", "er_ace_digits.yaml"])
+def test_digits_recipes_train_the_reduced_resnet18(recipe: str, tmp_path: Path) -> None:
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(RECIPES / recipe),
+            "--model.init_args.model=reduced_resnet18",
+            '--model.init_args.model_kwargs={"in_chans": 1}',
+            "--data.init_args.flatten=false",
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    assert isinstance(cli.model.model, ReducedResNet18)  # type: ignore[attr-defined]
+    replay = next(c for c in cli.trainer.callbacks if isinstance(c, ReplayCallback))  # type: ignore[attr-defined]
+    assert replay.buffer.seen == 2 * 2 * 10 and replay.buffer.inputs is not None
+    assert tuple(replay.buffer.inputs.shape[1:]) == (1, 8, 8)  # images, not flattened vectors
+    assert cli.trainer.global_step == 4
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -61,9 +127,26 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
 def test_accuracy_benchmark_smoke(tmp_path: Path) -> None:
     proc = _run(["-m", "benchmarks.accuracy_replay", "--smoke", "--out", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| method | buffer | final avg acc (%) | avg forgetting (%) | seeds |" in proc.stdout
-    assert "| uer | 50 |" in proc.stdout and "| er | 50 |" in proc.stdout
-    assert (tmp_path / "replay_accuracy_smoke.md").exists() and (tmp_path / "replay_heatmaps_smoke.png").exists()
+    header = (
+        "| stream | model | method | buffer | final avg acc (%) | forgetting (%) | BWT (%) | learning acc (%) | seeds |"
+    )
+    assert header in proc.stdout
+    for method in ("finetune | -", "er | 50", "er_ace | 50", "uer-all | 50"):
+        assert f"| digits | mlp | {method} |" in proc.stdout, proc.stdout
+    assert (tmp_path / "replay_accuracy_smoke.md").exists()
+    assert (tmp_path / "replay_heatmaps_digits_mlp_smoke.png").exists()
+
+
+def test_mnist1d_stream_is_class_incremental(tmp_path: Path) -> None:
+    from benchmarks.accuracy_replay import MNIST1DDataModule
+
+    # a tiny stand-in cache (the real one is generated by the mnist1d package on first use)
+    x, y = torch.randn(60, 40), torch.arange(60) % 10
+    torch.save({"x": x, "y": y, "x_test": x[:20], "y_test": y[:20]}, tmp_path / "mnist1d.pt")
+    stream = ClassIncrementalStream(MNIST1DDataModule(tmp_path), num_tasks=5, batch_size=10, seed=0)
+    stream.setup("fit")
+    inputs, labels = next(iter(stream.train_dataloader()))
+    assert tuple(inputs.shape[1:]) == (1, 1, 40) and set(labels.tolist()) <= set(stream.tasks[0])
 
 
 @pytest.mark.slow
@@ -72,3 +155,20 @@ def test_speed_benchmark_smoke() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "### speed: replay" in proc.stdout and "| uer | er |" in proc.stdout
     assert "buffer share:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_peers_benchmark_smoke(tmp_path: Path) -> None:
+    # The optional `peers` extra (avalanche-lib): never needed by the main suite.
+    pytest.importorskip("avalanche", reason="the peer benchmark needs the optional 'peers' extra (avalanche-lib)")
+    proc = _run(["-m", "benchmarks.peers_replay", "--smoke", "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in (
+        "| er | 50 | ours |",
+        "| er | 50 | avalanche |",
+        "| er_ace | 50 | ours |",
+        "| er_ace | 50 | avalanche |",
+    ):
+        assert row in proc.stdout, proc.stdout
+    assert "throughput ratio ours / Avalanche per task" in proc.stdout
+    assert (tmp_path / "replay_peers_smoke.md").exists()

@@ -3,12 +3,13 @@
 from lightning_logits.callbacks.diagnostics import LogitDiagnostics
 from lightning_logits.callbacks.distillation import ResizeInput, TeacherDistillation
 from lightning_logits.callbacks.lawn import LAWN
-from lightning_logits.callbacks.replay import UER, ExperienceReplay, ReplayCallback
+from lightning_logits.callbacks.replay import ERACE, UER, ExperienceReplay, ReplayCallback
 from lightning_logits.callbacks.replay_metrics import ContinualMetrics, plot_accuracy_matrix
 from lightning_logits.callbacks.uskd import USKD
 from lightning_logits.loss_terms import LossTermCallback
 
 __all__ = [
+    "ERACE",
     "LAWN",
     "UER",
     "USKD",

@@ -1,6 +1,6 @@
-"""Experience replay (ER) and unbiased experience replay (UER) for online continual learning.
+"""Experience replay (ER), ER-ACE and unbiased experience replay (UER) for online continual learning.
 
-Both keep a :class:`~lightning_logits.buffers.ReservoirBuffer` of past samples. For each
+All three keep a :class:`~lightning_logits.buffers.ReservoirBuffer` of past samples. For each
 incoming batch the callback draws a replay batch from the buffer, runs it through the model in a
 *separate* forward pass (concatenating the two batches would mix their BatchNorm statistics),
 adds its loss to the step's loss, and after the optimizer step offers the incoming batch to the
@@ -8,9 +8,15 @@ buffer. One optimizer step per incoming batch covers both.
 
 - :class:`ExperienceReplay`: dot-product cross-entropy on both batches (the module's own task
   loss on the incoming batch, plus the replay term).
+- :class:`ERACE`: ER with the asymmetric cross-entropy of Caccia et al. (2022): the incoming
+  batch's softmax covers only the classes present in that batch, the replayed batch's all classes
+  (:func:`~lightning_logits.functional.replay.er_ace_loss`). It replaces the module's task loss.
 - :class:`UER`: the incoming batch learns only from the angle between features and class
   weights (cosine logits over the temperature τ), the replayed batch from the full dot product
   (:func:`~lightning_logits.functional.replay.uer_loss`). It replaces the module's task loss.
+
+The steady-state step reads no tensor on the host: the functional losses validate their
+inputs' values (finite, labels in range) on the first step only (``validate_args``).
 
 What a custom LightningModule must provide:
 
@@ -23,6 +29,17 @@ What a custom LightningModule must provide:
 3. batches ``(input, target)`` with int class targets (or ``{"input": ..., "target": ...}``, or
    ``batch_input``/``batch_target`` methods on the module), and automatic optimization.
 
+Buffers (``buffer=``): ``"reservoir"`` (:class:`~lightning_logits.buffers.ReservoirBuffer`, a
+uniform sample of the stream, the default) or ``"balanced"``
+(:class:`~lightning_logits.buffers.ClassBalancedBuffer`, classes kept equal in number).
+
+Replay-time augmentation (``augment=``): a callable on a batch of input tensors, applied on the
+device at every step to the incoming batch (before the module's ``training_step`` sees it) and to
+the replayed batch; the buffer stores the un-augmented inputs. Without it (the default) the
+inputs are used as the data module gives them, and a data module that augments stores augmented
+samples. Under ``ddp_spawn`` the callable must be picklable (a module-level function or an
+``nn.Module``).
+
 DDP: every rank keeps its own buffer of the samples it was given, seeded ``seed + rank``, so the
 ranks replay different samples and no step pays for a collective; the gradients of both terms are
 averaged by DDP as usual. Checkpoints hold every rank's buffer (gathered when the checkpoint is
@@ -34,7 +51,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -45,15 +62,14 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_logits.batch import batch_input, batch_target
-from lightning_logits.buffers import ReservoirBuffer
-from lightning_logits.functional.classification import classification_loss
-from lightning_logits.functional.replay import uer_loss
+from lightning_logits.buffers import BUFFER_KINDS, ReservoirBuffer, make_buffer
+from lightning_logits.functional.replay import er_ace_loss, replay_cross_entropy, uer_loss
 from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext, check_state_version
 
-__all__ = ["UER", "ExperienceReplay", "ReplayCallback"]
+__all__ = ["ERACE", "UER", "ExperienceReplay", "ReplayCallback"]
 
 _CUSTOM_MODULE_HELP = (
-    "A module used with ExperienceReplay/UER must have an nn.Linear classifier head that the logit tap "
+    "A module used with ExperienceReplay/ERACE/UER must have an nn.Linear classifier head that the logit tap "
     "finds (timm get_classifier(), an fc/classifier/head attribute, the last nn.Linear, or a "
     "`classifier_head` attribute with its dotted path), a forward(x) that runs it once, and "
     "(input, target) batches with int class targets."
@@ -80,27 +96,32 @@ def _record_head(head: nn.Module) -> Iterator[list[tuple[Tensor, Tensor]]]:
 
 
 class ReplayCallback(LossTermCallback):
-    """Shared machinery of :class:`ExperienceReplay` and :class:`UER` (subclass to add a method).
+    """Shared machinery of :class:`ExperienceReplay`, :class:`ERACE` and :class:`UER` (subclass to add a method).
 
     Subclasses implement :meth:`replay_loss`, given the step context, the replayed batch's
-    features and logits (``None`` while the buffer is empty) and its targets.
+    features and logits (``None`` while the buffer is empty) and its targets, and read
+    :attr:`validate_args` (``True`` on the first step only) for the functional losses.
 
     Args:
-        buffer_size: samples kept in the reservoir (per rank under DDP).
+        buffer_size: samples kept in the buffer (per rank under DDP).
         replay_batch_size: samples drawn from it per incoming batch.
         seed: seed of the buffer's random stream; rank ``r`` uses ``seed + r``.
         name: the loss term's name (logged as ``train/loss_<name>``).
         weight: factor on the term (1.0).
         profile_buffer: measure the wall time of buffer operations (retrieval and update) in
             ``buffer_seconds`` (synchronizing CUDA around them; off by default).
+        buffer: ``"reservoir"`` (default) or ``"balanced"`` (class-balanced).
+        augment: a transform of input batches applied to the incoming and the replayed batch at
+            every step (the buffer keeps un-augmented samples); ``None``: no replay-time augmentation.
 
     Attributes:
-        buffer: the rank's :class:`~lightning_logits.buffers.ReservoirBuffer`.
+        buffer: the rank's buffer (:class:`~lightning_logits.buffers.ReservoirBuffer` or
+            :class:`~lightning_logits.buffers.ClassBalancedBuffer`).
         buffer_seconds: time spent in buffer operations when ``profile_buffer`` is on.
     """
 
     needs_tap = True
-    STATE_VERSION = 1
+    STATE_VERSION = 2  # 2: each rank's buffer state names its kind (1: always a reservoir)
 
     def __init__(
         self,
@@ -110,22 +131,37 @@ class ReplayCallback(LossTermCallback):
         name: str = "replay",
         weight: float = 1.0,
         profile_buffer: bool = False,
+        buffer: Literal["reservoir", "balanced"] = "reservoir",
+        augment: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(name=name, weight=weight)
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
             raise ValueError(f"buffer_size must be a positive int, got {buffer_size!r}")
         if isinstance(replay_batch_size, bool) or not isinstance(replay_batch_size, int) or replay_batch_size < 1:
             raise ValueError(f"replay_batch_size must be a positive int, got {replay_batch_size!r}")
+        if buffer not in BUFFER_KINDS:
+            raise ValueError(f"buffer must be one of {BUFFER_KINDS}, got {buffer!r}")
+        if augment is not None and not callable(augment):
+            raise TypeError(f"augment must be a callable on a batch of inputs (or None), got {type(augment).__name__}")
         self.buffer_size = buffer_size
         self.replay_batch_size = replay_batch_size
         self.seed = seed
         self.profile_buffer = profile_buffer
+        self.buffer_kind = buffer
+        self.augment = augment
         self.buffer_seconds = 0.0
-        self.buffer = ReservoirBuffer(buffer_size, seed=seed)
+        self.buffer: ReservoirBuffer = make_buffer(buffer, buffer_size, seed=seed)
+        self._clean_input: Tensor | None = None
         self._head: nn.Linear | None = None
         self._rank = 0
         self._world_size = 1
         self._pending_states: list[dict[str, Any]] | None = None
+        self._validated = False
+
+    @property
+    def validate_args(self) -> bool:
+        """``True`` until the first step's loss is computed: value checks that sync the device run once."""
+        return not self._validated
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -143,7 +179,7 @@ class ReplayCallback(LossTermCallback):
             self._restore()
         elif self.buffer.seen == 0:
             # Per-rank random streams: the same seed on every rank would replay the same slots.
-            self.buffer = ReservoirBuffer(self.buffer_size, seed=self.seed + self._rank)
+            self.buffer = make_buffer(self.buffer_kind, self.buffer_size, seed=self.seed + self._rank)
 
     @property
     def head(self) -> nn.Linear:
@@ -199,8 +235,13 @@ class ReplayCallback(LossTermCallback):
         features: Tensor | None = None
         logits: Tensor | None = None
         if replay_target.numel() > 0:
+            if self.augment is not None:
+                with torch.no_grad():
+                    replay_input = self.augment(replay_input)
             features, logits = self.replay_forward(context.pl_module, replay_input)
-        return self.replay_loss(context, features, logits, replay_target)
+        loss = self.replay_loss(context, features, logits, replay_target)
+        self._validated = True
+        return loss
 
     def replay_loss(
         self, context: StepContext, features: Tensor | None, logits: Tensor | None, replay_target: Tensor
@@ -209,14 +250,45 @@ class ReplayCallback(LossTermCallback):
         raise NotImplementedError(f"{type(self).__name__} must implement replay_loss")
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._clean_input = None
+        if self.augment is None:
+            return
+        if callable(getattr(pl_module, "batch_input", None)):
+            raise TypeError(
+                f"{type(self).__name__}(augment=...) replaces the input inside the batch, but "
+                f"{type(pl_module).__name__} reads it with its own batch_input(); use (input, target) list "
+                "batches or {'input': ..., 'target': ...} dicts, or augment in the module"
+            )
+        clean = batch_input(batch)
+        with torch.no_grad():
+            augmented = self.augment(clean)
+        if isinstance(batch, list) and batch and batch[0] is clean:
+            batch[0] = augmented
+        elif isinstance(batch, dict):
+            key = next(k for k, v in batch.items() if v is clean)
+            batch[key] = augmented
+        else:
+            raise TypeError(
+                f"{type(self).__name__}(augment=...) needs a mutable batch (a list [input, target, ...] as "
+                f"the default collate gives, or a dict) to put the augmented input in; got a {type(batch).__name__}"
+            )
+        self._clean_input = clean
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        clean, self._clean_input = self._clean_input, None
         if outputs is None:  # the module skipped this batch
             return
         custom_input = getattr(pl_module, "batch_input", None)
         custom_target = getattr(pl_module, "batch_target", None)
         inputs = custom_input(batch) if callable(custom_input) else batch_input(batch)
+        if clean is not None:  # the batch holds the augmented input: store the original
+            inputs = clean
         target = custom_target(batch) if callable(custom_target) else batch_target(batch)
         with self._timed(pl_module):
             self.buffer.add(inputs, target)
@@ -238,7 +310,7 @@ class ReplayCallback(LossTermCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        check_state_version(state_dict, self.STATE_VERSION, type(self).__name__)
+        check_state_version(state_dict, self.STATE_VERSION, type(self).__name__)  # v1 states hold reservoirs
         self._pending_states = list(state_dict["rank_states"])
         if self._head is not None:  # already set up (Lightning restores callbacks after setup)
             self._restore()
@@ -253,8 +325,14 @@ class ReplayCallback(LossTermCallback):
                 f"{self._world_size} rank(s); rank r resumes from saved buffer r mod {len(states)}"
             )
         state = dict(states[self._rank % len(states)])
+        kind = state.get("kind", "reservoir")
+        if kind != self.buffer_kind:
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint holds a {kind!r} buffer but this callback has "
+                f"buffer={self.buffer_kind!r}; resume with buffer={kind!r}"
+            )
         self.load_extra_state(state.pop("extra", {}))
-        self.buffer = ReservoirBuffer(self.buffer_size, seed=int(state["seed"]))
+        self.buffer = make_buffer(kind, self.buffer_size, seed=int(state["seed"]))
         self.buffer.load_state_dict(state)
         self._pending_states = None
 
@@ -285,6 +363,8 @@ class ExperienceReplay(ReplayCallback):
         name: logged as ``train/loss_<name>``.
         weight: factor on the term (1.0).
         profile_buffer: time buffer operations into ``buffer_seconds``.
+        buffer: ``"reservoir"`` (default) or ``"balanced"`` (class-balanced buffer).
+        augment: replay-time augmentation of the incoming and replayed batches (``None``: off).
 
     Example:
         >>> er = ExperienceReplay(buffer_size=200)
@@ -302,9 +382,18 @@ class ExperienceReplay(ReplayCallback):
         name: str = "replay",
         weight: float = 1.0,
         profile_buffer: bool = False,
+        buffer: Literal["reservoir", "balanced"] = "reservoir",
+        augment: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(
-            buffer_size, replay_batch_size, seed=seed, name=name, weight=weight, profile_buffer=profile_buffer
+            buffer_size,
+            replay_batch_size,
+            seed=seed,
+            name=name,
+            weight=weight,
+            profile_buffer=profile_buffer,
+            buffer=buffer,
+            augment=augment,
         )
 
     @override
@@ -313,7 +402,7 @@ class ExperienceReplay(ReplayCallback):
     ) -> Tensor:
         if logits is None:
             return context.task_loss.new_zeros(())
-        return classification_loss(logits, replay_target)
+        return replay_cross_entropy(logits, replay_target, validate_args=self.validate_args)
 
 
 class UER(ReplayCallback):
@@ -335,6 +424,8 @@ class UER(ReplayCallback):
         name: logged as ``train/loss_<name>``.
         weight: factor on the term (1.0).
         profile_buffer: time buffer operations into ``buffer_seconds``.
+        buffer: ``"reservoir"`` (default) or ``"balanced"`` (class-balanced buffer).
+        augment: replay-time augmentation of the incoming and replayed batches (``None``: off).
 
     Example:
         >>> uer = UER(buffer_size=200, mask="seen")
@@ -354,9 +445,18 @@ class UER(ReplayCallback):
         name: str = "uer",
         weight: float = 1.0,
         profile_buffer: bool = False,
+        buffer: Literal["reservoir", "balanced"] = "reservoir",
+        augment: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(
-            buffer_size, replay_batch_size, seed=seed, name=name, weight=weight, profile_buffer=profile_buffer
+            buffer_size,
+            replay_batch_size,
+            seed=seed,
+            name=name,
+            weight=weight,
+            profile_buffer=profile_buffer,
+            buffer=buffer,
+            augment=augment,
         )
         if mask not in ("all", "seen", "present"):
             raise ValueError(f"mask must be 'all', 'seen' or 'present', got {mask!r}")
@@ -365,7 +465,6 @@ class UER(ReplayCallback):
         self.temperature = float(temperature)
         self.mask = mask
         self.seen_classes: Tensor | None = None
-        self._warned_zero = False
 
     def _logit_mask(self, target: Tensor, num_classes: int) -> Tensor | None:
         if self.mask == "all":
@@ -376,7 +475,9 @@ class UER(ReplayCallback):
             return present
         if self.seen_classes is None or self.seen_classes.numel() != num_classes:
             self.seen_classes = torch.zeros(num_classes, dtype=torch.bool, device=target.device)
-        self.seen_classes = self.seen_classes.to(target.device) | present
+        elif self.seen_classes.device != target.device:
+            self.seen_classes = self.seen_classes.to(target.device)
+        self.seen_classes |= present
         return self.seen_classes
 
     @override
@@ -390,17 +491,18 @@ class UER(ReplayCallback):
                 f"the head's input has shape {tuple(current.shape)}; UER needs [N, D]. {_CUSTOM_MODULE_HELP}"
             )
         weight = self.head.weight
-        # Checked every 50th batch until it fires once: the check costs a device sync.
-        check = not self._warned_zero and context.batch_idx % 50 == 0
-        if check and bool((current.detach().abs().amax(dim=1) == 0).any()):
-            self._warned_zero = True
+        validate = self.validate_args
+        # Checked on the first step only: reading the features on the host costs a device sync.
+        if validate and bool((current.detach().abs().amax(dim=1) == 0).any()):
             rank_zero_warn(
                 "UER: some incoming samples have all-zero features; their cosine logits are 0 (a uniform "
                 "softmax) and they get no gradient from the cosine term. Check for dead units before the head."
             )
         mask = self._logit_mask(target, weight.shape[0])
         if features is None:
-            loss = uer_loss(current, target, weight, temperature=self.temperature, logit_mask=mask)
+            loss = uer_loss(
+                current, target, weight, temperature=self.temperature, logit_mask=mask, validate_args=validate
+            )
             if self.head.bias is not None:
                 # The bias trains only through the replay term. With an empty buffer, a zero
                 # multiple keeps it in the graph: DDP fails on parameters without a gradient.
@@ -415,6 +517,7 @@ class UER(ReplayCallback):
             bias=self.head.bias,
             temperature=self.temperature,
             logit_mask=mask,
+            validate_args=validate,
         )
 
     @override
@@ -424,3 +527,70 @@ class UER(ReplayCallback):
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.seen_classes = state.get("seen_classes")
+
+
+class ERACE(ReplayCallback):
+    """ER-ACE: experience replay whose incoming samples' softmax covers only the classes in their batch.
+
+    ``L = CE_P(z, y) + CE(z_m, y_m)`` (Caccia et al., "New Insights on Reducing Abrupt
+    Representation Change in Online Continual Learning", ICLR 2022): ``P`` is the set of classes
+    present in the incoming batch, whose logits alone enter the incoming samples' softmax (the
+    asymmetric cross-entropy), so new classes stop pushing the old classes' logits down; the
+    replayed samples use the full softmax. Dot-product logits throughout; inference unchanged.
+    The module's own loss is logged (``train/loss_task``) but not optimized
+    (``replaces_task_loss``). See :func:`~lightning_logits.functional.replay.er_ace_loss` for how
+    it relates to the official code, and the module docstring for what a custom LightningModule
+    must provide.
+
+    Args:
+        buffer_size: samples kept in the buffer (per rank under DDP).
+        replay_batch_size: samples replayed per incoming batch.
+        seed: seed of the buffer's random stream (rank ``r``: ``seed + r``).
+        name: logged as ``train/loss_<name>``.
+        weight: factor on the term (1.0).
+        profile_buffer: time buffer operations into ``buffer_seconds``.
+        buffer: ``"reservoir"`` (default) or ``"balanced"`` (class-balanced buffer).
+        augment: replay-time augmentation of the incoming and replayed batches (``None``: off).
+
+    Example:
+        >>> ace = ERACE(buffer_size=200)
+        >>> ace.name, ace.replay_batch_size, ace.replaces_task_loss
+        ('er_ace', 10, True)
+    """
+
+    replaces_task_loss = True
+
+    def __init__(
+        self,
+        buffer_size: int,
+        replay_batch_size: int = 10,
+        seed: int = 0,
+        name: str = "er_ace",
+        weight: float = 1.0,
+        profile_buffer: bool = False,
+        buffer: Literal["reservoir", "balanced"] = "reservoir",
+        augment: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        super().__init__(
+            buffer_size,
+            replay_batch_size,
+            seed=seed,
+            name=name,
+            weight=weight,
+            profile_buffer=profile_buffer,
+            buffer=buffer,
+            augment=augment,
+        )
+
+    @override
+    def replay_loss(
+        self, context: StepContext, features: Tensor | None, logits: Tensor | None, replay_target: Tensor
+    ) -> Tensor:
+        incoming = context.logits
+        if incoming.ndim != 2:
+            raise ValueError(
+                f"the step's logits have shape {tuple(incoming.shape)}; ERACE needs [N, C]. {_CUSTOM_MODULE_HELP}"
+            )
+        if logits is None:
+            return er_ace_loss(incoming, context.target, validate_args=self.validate_args)
+        return er_ace_loss(incoming, context.target, logits, replay_target, validate_args=self.validate_args)

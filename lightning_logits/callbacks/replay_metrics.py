@@ -1,57 +1,88 @@
-"""Continual-learning metrics as a Callback: the accuracy matrix of a class-incremental stream, and its plot."""
+"""Continual-learning metrics as a Callback: the accuracy matrix of a class-incremental stream, and its plot.
+
+The counting lives in :class:`~lightning_logits.metrics.AccuracyMatrix` (a torchmetrics
+``Metric`` whose counts DDP reduces by sum); this callback feeds it the validation predictions
+after each task, keeps the matrix, logs its summaries and draws it.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_logits.batch import batch_input, batch_target
 from lightning_logits.data.streams import ClassIncrementalStream
-from lightning_logits.functional.replay import average_forgetting, final_average_accuracy
+from lightning_logits.functional.replay import (
+    average_accuracy,
+    average_forgetting,
+    backward_transfer,
+    final_average_accuracy,
+    learning_accuracy,
+)
 from lightning_logits.loss_terms import check_state_version
+from lightning_logits.metrics.replay import AccuracyMatrix
 
 __all__ = ["ContinualMetrics", "plot_accuracy_matrix"]
 
+_NO_MATPLOTLIB = (
+    "ContinualMetrics(plot=True) cannot draw accuracy_matrix.png: matplotlib is not importable ({error}). "
+    "Install it (`pip install matplotlib`, a dependency of lightning-logits) or pass plot=False; "
+    "the matrix is still written to accuracy_matrix.pt and logged."
+)
+
 
 class ContinualMetrics(Callback):
-    """Accuracy matrix, final average accuracy and average forgetting of a :class:`ClassIncrementalStream`.
+    """Accuracy matrix, average accuracy, forgetting, backward transfer and learning accuracy of a stream.
 
-    After training task ``i`` (the validation at the end of epoch ``i``), it counts correct
-    predictions per task on the test samples seen so far, sums the counts over DDP ranks, and
-    fills row ``i`` of ``accuracy_matrix`` (``[T, T]``, NaN above the diagonal). It logs
-    ``continual/acc_task<j>`` and ``continual/avg_acc`` after every task; after the last one
-    ``continual/final_avg_acc`` and ``continual/forgetting``. After every task, rank 0 (re)writes
-    ``accuracy_matrix.png`` (a heatmap) and ``accuracy_matrix.pt`` (the tensor, NaN where not yet
-    measured) to the logger's directory (or ``out_dir``).
+    After training task ``i`` (the validation at the end of epoch ``i``) it counts correct
+    predictions per task on the test samples of the tasks seen so far in an
+    :class:`~lightning_logits.metrics.AccuracyMatrix` (counts summed over DDP ranks) and fills row
+    ``i`` of ``accuracy_matrix`` (``[T, T]``, NaN above the diagonal). It logs after every task
+    ``continual/acc_task<j>``, ``continual/avg_acc`` (mean of row ``i``),
+    ``continual/learning_acc`` (mean of the diagonal so far), and from the second task on
+    ``continual/forgetting`` and ``continual/bwt`` (backward transfer); after the last task also
+    ``continual/final_avg_acc``. The functions are in :mod:`lightning_logits.functional.replay`.
+    After every task, rank 0 (re)writes ``accuracy_matrix.png`` (a heatmap) and
+    ``accuracy_matrix.pt`` (the tensor) to the logger's directory (or ``out_dir``).
 
     The predictions are the argmax of what the module's ``forward`` returns during validation
     (recorded with a forward hook), so any module whose forward gives ``[N, C]`` logits works.
 
     Args:
         out_dir: where to write the heatmap and tensor; default the trainer's ``log_dir``.
-        plot: write the PNG (needs matplotlib).
+        plot: write the PNG (matplotlib, a dependency of the package; when it cannot be
+            imported, a warning says so once and only the tensor is written).
+        eval_mask: ``"all"`` (default) predicts over all classes, as the UER author's framework
+            (``FelixHuiweiLin/PCR``, ``agents/base.py``) evaluates ER and every method but PCR;
+            ``"seen"`` leaves the classes of tasks not trained yet out of the argmax, as that
+            framework evaluates PCR/HPCR. Compare numbers only under the same choice.
 
     Example:
-        >>> metrics = ContinualMetrics(plot=False)
+        >>> metrics = ContinualMetrics(plot=False, eval_mask="seen")
         >>> metrics.accuracy_matrix is None  # [T, T] once fit starts
         True
     """
 
     STATE_VERSION = 1
 
-    def __init__(self, out_dir: str | None = None, plot: bool = True) -> None:
+    def __init__(
+        self, out_dir: str | None = None, plot: bool = True, eval_mask: Literal["all", "seen"] = "all"
+    ) -> None:
+        if eval_mask not in ("all", "seen"):
+            raise ValueError(f"eval_mask must be 'all' or 'seen', got {eval_mask!r}")
         self.out_dir = out_dir
         self.plot = plot
+        self.eval_mask = eval_mask
         self.accuracy_matrix: Tensor | None = None
-        self._correct: Tensor | None = None
-        self._total: Tensor | None = None
+        self.metric: AccuracyMatrix | None = None
         self._outputs: list[Tensor] = []
         self._hook: Any = None
 
@@ -68,6 +99,7 @@ class ContinualMetrics(Callback):
         stream = self._stream(trainer)
         if self.accuracy_matrix is None or self.accuracy_matrix.shape[0] != stream.num_tasks:
             self.accuracy_matrix = torch.full((stream.num_tasks, stream.num_tasks), float("nan"))
+        self.metric = AccuracyMatrix(stream.task_of_class, eval_mask=self.eval_mask)
 
         def record(_module: Any, _args: Any, output: Any) -> None:
             if isinstance(output, Tensor) and not torch.is_grad_enabled():
@@ -81,11 +113,16 @@ class ContinualMetrics(Callback):
             self._hook.remove()
             self._hook = None
 
+    def _active(self, trainer: pl.Trainer) -> bool:
+        return self.metric is not None and not trainer.sanity_checking
+
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        t = self._stream(trainer).num_tasks
-        self._correct = torch.zeros(t, dtype=torch.float64, device=pl_module.device)
-        self._total = torch.zeros(t, dtype=torch.float64, device=pl_module.device)
+        if not self._active(trainer):
+            return
+        assert self.metric is not None
+        self.metric.to(pl_module.device)
+        self.metric.reset_row(self._stream(trainer).current_task)  # a repeated validation counts afresh
 
     @override
     def on_validation_batch_start(
@@ -103,37 +140,40 @@ class ContinualMetrics(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if not self._active(trainer):
+            self._outputs.clear()
+            return
         target = batch_target(batch)
         logits = next((o for o in reversed(self._outputs) if o.ndim == 2 and o.shape[0] == target.shape[0]), None)
         if logits is None:  # the module's validation_step did not call forward: run it ourselves
             with torch.no_grad():
                 logits = pl_module(batch_input(batch))
         self._outputs.clear()
-        assert self._correct is not None and self._total is not None
-        stream = self._stream(trainer)
-        task = stream.task_of_class.to(target.device)[target.long()]
-        hit = (logits.argmax(dim=1) == target).double()
-        self._correct.index_add_(0, task, hit)
-        self._total.index_add_(0, task, torch.ones_like(hit))
+        assert self.metric is not None
+        self.metric.update(logits, target, after_task=self._stream(trainer).current_task)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self._correct is None or self._total is None:
+        if not self._active(trainer):
             return
-        correct = trainer.strategy.reduce(self._correct, reduce_op="sum")
-        total = trainer.strategy.reduce(self._total, reduce_op="sum")
+        assert self.metric is not None and self.accuracy_matrix is not None
         stream = self._stream(trainer)
         row = stream.current_task
-        seen = row + 1
-        accuracy = (correct / total.clamp(min=1)).float().cpu()
-        assert self.accuracy_matrix is not None
-        self.accuracy_matrix[row, :seen] = accuracy[:seen]
-        for j in range(seen):
-            pl_module.log(f"continual/acc_task{j}", float(accuracy[j]))
-        pl_module.log("continual/avg_acc", float(accuracy[:seen].mean()))
+        matrix = self.metric.compute().float().cpu()  # counts summed over ranks by torchmetrics
+        self.accuracy_matrix[row, : row + 1] = matrix[row, : row + 1]
+        values = {f"continual/acc_task{j}": float(self.accuracy_matrix[row, j]) for j in range(row + 1)}
+        values["continual/avg_acc"] = average_accuracy(self.accuracy_matrix, row)
+        values["continual/learning_acc"] = learning_accuracy(self.accuracy_matrix, row)
+        if row >= 1:
+            values["continual/forgetting"] = average_forgetting(self.accuracy_matrix, row)
+            values["continual/bwt"] = backward_transfer(self.accuracy_matrix, row)
         if row == stream.num_tasks - 1:
-            pl_module.log("continual/final_avg_acc", self.final_average_accuracy)
-            pl_module.log("continual/forgetting", self.average_forgetting)
+            values["continual/final_avg_acc"] = self.final_average_accuracy
+        for name, value in values.items():
+            if not math.isnan(value):
+                # The values are identical on every rank (computed from counts summed over ranks):
+                # sync_dist averages equal numbers (a no-op) and tells Lightning they are reduced.
+                pl_module.log(name, value, sync_dist=True)
         # On every rank: trainer.log_dir broadcasts under DDP, so it must not run on rank 0 alone.
         out = self.out_dir or trainer.log_dir or trainer.default_root_dir
         self._save(out)  # after every task: a stopped run still leaves its partial matrix
@@ -148,6 +188,16 @@ class ContinualMetrics(Callback):
         """Mean drop from each old task's best accuracy to its final one (NaN before the end)."""
         return average_forgetting(self.accuracy_matrix) if self.accuracy_matrix is not None else float("nan")
 
+    @property
+    def backward_transfer(self) -> float:
+        """Mean of ``R[T-1, j] - R[j, j]`` over the old tasks (NaN before the end)."""
+        return backward_transfer(self.accuracy_matrix) if self.accuracy_matrix is not None else float("nan")
+
+    @property
+    def learning_accuracy(self) -> float:
+        """Mean of the diagonal ``R[j, j]`` (NaN before the end)."""
+        return learning_accuracy(self.accuracy_matrix) if self.accuracy_matrix is not None else float("nan")
+
     @rank_zero_only
     def _save(self, out: str) -> None:
         path = Path(out)
@@ -155,7 +205,11 @@ class ContinualMetrics(Callback):
         assert self.accuracy_matrix is not None
         torch.save(self.accuracy_matrix.clone(), path / "accuracy_matrix.pt")
         if self.plot:
-            plot_accuracy_matrix(self.accuracy_matrix, path / "accuracy_matrix.png")
+            try:
+                plot_accuracy_matrix(self.accuracy_matrix, path / "accuracy_matrix.png")
+            except ImportError as error:
+                self.plot = False  # say it once, keep training
+                rank_zero_warn(_NO_MATPLOTLIB.format(error=error))
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -170,7 +224,10 @@ class ContinualMetrics(Callback):
 
 
 def plot_accuracy_matrix(matrix: Tensor, path: str | Path, title: str | None = None) -> None:
-    """Draw ``R[i, j]`` (rows: after task i; columns: task j) as an annotated heatmap PNG."""
+    """Draw ``R[i, j]`` (rows: after task i; columns: task j) as an annotated heatmap PNG.
+
+    Raises ``ImportError`` when matplotlib cannot be imported.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -13,6 +13,7 @@ matrix ``R[i, j]`` (accuracy on task ``j`` after training task ``i``).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -127,6 +128,11 @@ class ClassIncrementalStream(pl.LightningDataModule):
         test_fraction: digits only, the share of each class held out for testing.
         data_dir: CIFAR only, where the data set lives.
         download: CIFAR only, download it when missing.
+        data_augmentation: CIFAR only, keep the CIFAR data module's training augmentation (random
+            crop and flip, applied when a sample is loaded, so the replay buffer stores augmented
+            samples). Off by default: training samples get the test transform (``ToTensor`` and
+            normalization), the protocol of the ER/UER papers; add augmentation at replay time
+            with the replay callbacks' ``augment=`` instead.
         num_workers: dataloader workers.
 
     Attributes:
@@ -158,6 +164,7 @@ class ClassIncrementalStream(pl.LightningDataModule):
         data_dir: str = "data",
         download: bool = False,
         num_workers: int = 0,
+        data_augmentation: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(source, str) and source not in _SOURCES:
@@ -179,6 +186,7 @@ class ClassIncrementalStream(pl.LightningDataModule):
         self.data_dir = data_dir
         self.download = download
         self.num_workers = num_workers
+        self.data_augmentation = data_augmentation
         self.num_classes = 0
         # Filled in setup. (No empty tensors before that: ddp_spawn cannot share 0-size storage.)
         self.class_order = torch.zeros(1, dtype=torch.int64)
@@ -229,6 +237,9 @@ class ClassIncrementalStream(pl.LightningDataModule):
         module.setup("fit")
         train = module.train_dataloader().dataset
         test = module.test_dataloader().dataset
+        if self.source in ("cifar10", "cifar100") and not self.data_augmentation:
+            train = copy.copy(train)  # shares the arrays; only the transform differs
+            train.transform = test.transform
         train_labels, test_labels = _dataset_labels(train), _dataset_labels(test)
         self.num_classes = int(max(int(train_labels.max()), int(test_labels.max()))) + 1
         if self.num_classes % self.num_tasks:

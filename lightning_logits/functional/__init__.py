@@ -58,7 +58,18 @@ from lightning_logits.functional.mowst import (
     mowst_route,
     mowst_star_loss,
 )
-from lightning_logits.functional.replay import average_forgetting, cosine_logits, final_average_accuracy, uer_loss
+from lightning_logits.functional.replay import (
+    average_accuracy,
+    average_forgetting,
+    average_incremental_accuracy,
+    backward_transfer,
+    cosine_logits,
+    er_ace_loss,
+    final_average_accuracy,
+    learning_accuracy,
+    replay_cross_entropy,
+    uer_loss,
+)
 from lightning_logits.functional.uskd import uskd_loss, uskd_soft_target_weight, uskd_target_classes, uskd_zipf_labels
 
 __all__ = [
@@ -87,17 +98,22 @@ __all__ = [
     "select_logit_gap_top_n",
     "vim_score",
     "DISTILLATION_LOSSES",
+    "average_accuracy",
     "average_forgetting",
+    "average_incremental_accuracy",
+    "backward_transfer",
     "classification_loss",
     "cosine_logits",
     "dhkd_loss",
     "dist_loss",
     "dkd_loss",
     "dkd_warmup",
+    "er_ace_loss",
     "final_average_accuracy",
     "frobenius_norm",
     "get_distillation_loss",
     "kd_loss",
+    "learning_accuracy",
     "mowst_dispersion",
     "mowst_expected_accuracy",
     "mowst_loss",
@@ -106,6 +122,7 @@ __all__ = [
     "mowst_star_loss",
     "nkd_loss",
     "project_to_tangent",
+    "replay_cross_entropy",
     "project_to_tangent_",
     "rescale_to_norm",
     "rescale_to_norm_",

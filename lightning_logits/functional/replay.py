@@ -1,9 +1,17 @@
-"""Losses of online continual learning: cosine logits and the UER loss.
+"""Losses and summaries of online continual learning: cosine logits, UER, ER-ACE, accuracy-matrix metrics.
 
 UER (unbiased experience replay) splits a bias-free linear head's logit
 ``z_c = <W_c, h> = ||W_c|| ||h|| cos(theta_c)`` in two: the incoming samples learn only from the
 angle factor (cosine logits over a temperature), the replayed samples from the full dot product.
 The norm factor, trained only by replay, then keeps remembering old classes.
+
+ER-ACE (Caccia et al., "New Insights on Reducing Abrupt Representation Change in Online Continual
+Learning", ICLR 2022) keeps the dot-product logits but restricts the incoming samples' softmax to
+the classes present in the incoming batch (the asymmetric cross-entropy); replayed samples use the
+full softmax.
+
+The summaries read an accuracy matrix ``R`` (``[T, T]``, ``R[i, j]`` = accuracy on task ``j``
+after training task ``i``, NaN where not measured) up to a row ``after`` (default: the last row).
 """
 
 from __future__ import annotations
@@ -16,19 +24,47 @@ from torch import Tensor
 
 from lightning_logits.functional._checks import check_target
 
-__all__ = ["average_forgetting", "cosine_logits", "final_average_accuracy", "uer_loss"]
+__all__ = [
+    "average_accuracy",
+    "average_forgetting",
+    "average_incremental_accuracy",
+    "backward_transfer",
+    "cosine_logits",
+    "er_ace_loss",
+    "final_average_accuracy",
+    "learning_accuracy",
+    "replay_cross_entropy",
+    "uer_loss",
+]
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def _check_matrix(value: Tensor, name: str, shape_hint: str) -> None:
+def _check_matrix(value: Tensor, name: str, shape_hint: str, validate_args: bool = True) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.ndim != 2:
         raise ValueError(f"{name} must have shape {shape_hint}, got shape {tuple(value.shape)}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got dtype {value.dtype}")
-    if not bool(torch.isfinite(value).all()):
+    if validate_args and not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).sum())
         raise ValueError(f"{name} contain {bad} non-finite value(s) (NaN or inf); check the model's forward pass")
+
+
+def _check_labels(target: Tensor, num_samples: int, num_classes: int, name: str, validate_args: bool) -> None:
+    """Int class indices ``[N]``: shape and dtype always, the values in ``[0, C)`` only with ``validate_args``."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point():
+        raise TypeError(f"{name} must hold int class indices, got dtype {target.dtype}")
+    if validate_args:
+        check_target(target, num_samples, num_classes)
+        return
+    if target.ndim != 1 or target.shape[0] != num_samples:
+        raise ValueError(f"{name} must be class indices of shape [N] = [{num_samples}], got {tuple(target.shape)}")
+    if target.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {target.dtype}")
 
 
 def _unit_rows(x: Tensor, eps: float) -> Tensor:
@@ -44,7 +80,7 @@ def _unit_rows(x: Tensor, eps: float) -> Tensor:
     return torch.where(norm > 0, unit, torch.zeros_like(unit))
 
 
-def cosine_logits(features: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+def cosine_logits(features: Tensor, weight: Tensor, eps: float = 1e-6, validate_args: bool = True) -> Tensor:
     """Cosine similarity of every feature row with every class weight row.
 
     ``out[n, c] = <h_n / (||h_n|| + eps), W_c / (||W_c|| + eps)>``, computed in float32 (or the
@@ -54,6 +90,7 @@ def cosine_logits(features: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor
         features: ``[N, D]`` features entering the classifier head.
         weight: ``[C, D]`` weight of a linear head (``nn.Linear.weight``).
         eps: added to each norm; keeps the division finite.
+        validate_args: check the inputs are finite (reads values on the host: a device sync).
 
     Returns:
         ``[N, C]`` values in ``[-1, 1]``.
@@ -70,8 +107,8 @@ def cosine_logits(features: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor
         tensor([[0.6000, 0.8000],
                 [0.0000, 0.0000]])
     """
-    _check_matrix(features, "features", "[N, D]")
-    _check_matrix(weight, "weight", "[C, D]")
+    _check_matrix(features, "features", "[N, D]", validate_args)
+    _check_matrix(weight, "weight", "[C, D]", validate_args)
     if features.shape[1] != weight.shape[1]:
         raise ValueError(
             f"features have D={features.shape[1]} but the head weight expects D={weight.shape[1]} "
@@ -93,6 +130,7 @@ def uer_loss(
     bias: Tensor | None = None,
     temperature: float = 0.09,
     logit_mask: Tensor | None = None,
+    validate_args: bool = True,
 ) -> Tensor:
     """The UER loss: angle-only cross-entropy on incoming samples, full cross-entropy on replayed ones.
 
@@ -110,6 +148,9 @@ def uer_loss(
         logit_mask: bool ``[C]``; when given, classes where it is ``False`` are left out of the
             incoming batch's softmax (e.g. classes not seen yet). Every incoming label must be
             in the mask. The replay term always uses all classes.
+        validate_args: check values on the host (finite inputs, labels in range, labels inside
+            the mask); a device sync. Shapes and dtypes are always checked. Callbacks pass
+            ``True`` on their first step only.
 
     Returns:
         A float32 scalar.
@@ -122,8 +163,8 @@ def uer_loss(
         >>> round(uer_loss(h, torch.tensor([0]), w, h, torch.tensor([1]), temperature=1.0).item(), 4)
         1.6265
     """
-    _check_matrix(features, "features", "[N, D] (incoming batch, feature dimension)")
-    _check_matrix(weight, "weight", "[C, D] (classes, feature dimension)")
+    _check_matrix(features, "features", "[N, D] (incoming batch, feature dimension)", validate_args)
+    _check_matrix(weight, "weight", "[C, D] (classes, feature dimension)", validate_args)
     num_classes, dim = weight.shape
     if num_classes < 2:
         raise ValueError(
@@ -134,43 +175,149 @@ def uer_loss(
         raise ValueError("features hold no incoming samples (N=0); the incoming batch must not be empty")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be positive and finite, got {temperature}")
-    if target.is_floating_point():
-        raise TypeError(f"target must hold int class indices, got dtype {target.dtype}")
-    check_target(target, features.shape[0], num_classes)
+    _check_labels(target, features.shape[0], num_classes, "target", validate_args)
     if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (num_classes,)):
         shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
         raise ValueError(f"bias must have shape [C] = [{num_classes}], got {shape}")
 
-    logits = cosine_logits(features, weight).float() / temperature
+    logits = cosine_logits(features, weight, validate_args=False).float() / temperature
     if logit_mask is not None:
         if logit_mask.dtype != torch.bool or logit_mask.shape != (num_classes,):
             raise ValueError(
                 f"logit_mask must be a bool tensor of shape [C] = [{num_classes}], got dtype "
                 f"{logit_mask.dtype} and shape {tuple(logit_mask.shape)}"
             )
-        outside = ~logit_mask[target]
-        if bool(outside.any()):
-            labels = sorted({int(v) for v in target[outside].tolist()})
-            raise ValueError(
-                f"incoming labels {labels} are excluded by logit_mask; the mask must keep every "
-                "class present in the batch"
-            )
+        if validate_args:
+            outside = ~logit_mask[target]
+            if bool(outside.any()):
+                labels = sorted({int(v) for v in target[outside].tolist()})
+                raise ValueError(
+                    f"incoming labels {labels} are excluded by logit_mask; the mask must keep every "
+                    "class present in the batch"
+                )
         logits = logits.masked_fill(~logit_mask, float("-inf"))
     loss = F.cross_entropy(logits, target.long())
 
     if (replay_features is None) != (replay_target is None):
         raise ValueError("pass replay_features and replay_target together (or neither)")
     if replay_features is not None and replay_target is not None:
-        _check_matrix(replay_features, "replay_features", "[M, D] (replayed batch, feature dimension)")
+        _check_matrix(replay_features, "replay_features", "[M, D] (replayed batch, feature dimension)", validate_args)
         if replay_features.shape[1] != dim:
             raise ValueError(f"replay_features have D={replay_features.shape[1]} but the head weight expects D={dim}")
-        if replay_target.is_floating_point():
-            raise TypeError(f"replay_target must hold int class indices, got dtype {replay_target.dtype}")
-        check_target(replay_target, replay_features.shape[0], num_classes)
+        _check_labels(replay_target, replay_features.shape[0], num_classes, "replay_target", validate_args)
         if replay_features.shape[0] > 0:
             replay_logits = F.linear(replay_features.float(), weight.float(), None if bias is None else bias.float())
             loss = loss + F.cross_entropy(replay_logits, replay_target.long())
     return loss
+
+
+def replay_cross_entropy(logits: Tensor, target: Tensor, validate_args: bool = True) -> Tensor:
+    """Mean cross-entropy of a replayed batch over all classes (plain ER's replay term), in float32.
+
+    Args:
+        logits: ``[M, C]`` logits of the replayed samples (``M = 0`` gives 0).
+        target: ``[M]`` int class indices.
+        validate_args: check values on the host (finite logits, labels in range); a device sync.
+
+    Example:
+        >>> import torch
+        >>> round(replay_cross_entropy(torch.tensor([[2.0, 0.0]]), torch.tensor([0])).item(), 4)
+        0.1269
+    """
+    _check_matrix(logits, "replay logits", "[M, C]", validate_args)
+    _check_labels(target, logits.shape[0], logits.shape[1], "replay target", validate_args)
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    return F.cross_entropy(logits.float(), target.long())
+
+
+def er_ace_loss(
+    logits: Tensor,
+    target: Tensor,
+    replay_logits: Tensor | None = None,
+    replay_target: Tensor | None = None,
+    validate_args: bool = True,
+) -> Tensor:
+    """The ER-ACE loss: asymmetric cross-entropy on incoming samples, full cross-entropy on replayed ones.
+
+    ``L = CE_{P}(z, y) + CE(z_m, y_m)``, where ``CE_P`` is the cross-entropy whose softmax covers only
+    the classes ``P`` present in the incoming batch (the other logits are set to ``-inf``), each
+    term a mean over its own batch; the replay term is 0 without replayed samples.
+
+    This is the loss as the paper states it (Caccia et al. 2022, eq. for ``L_ACE``). The official
+    code (``pclucas14/AML``, ``methods/er_ace.py``) also keeps the logits of classes above the
+    largest label seen so far (it assumes classes arrive in label order) and applies no mask on
+    the first task; mammoth (``models/er_ace.py``) does the same. Neither is done here: with a
+    shuffled class order those rules mask arbitrary classes.
+
+    Args:
+        logits: ``[N, C]`` dot-product logits of the incoming batch.
+        target: ``[N]`` int class indices of the incoming batch.
+        replay_logits: ``[M, C]`` logits of the replayed batch, or ``None``/``M = 0``.
+        replay_target: ``[M]`` its class indices (with ``replay_logits``).
+        validate_args: check values on the host (finite logits, labels in range); a device sync.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+        >>> import torch
+        >>> z = torch.tensor([[2.0, 0.0, 5.0], [0.0, 2.0, 5.0]])
+        >>> y = torch.tensor([0, 1])  # class 2 is absent from the batch: left out of its softmax
+        >>> round(er_ace_loss(z, y).item(), 4)
+        0.1269
+        >>> round(er_ace_loss(z, y, replay_logits=z, replay_target=y).item(), 4)  # + the full CE
+        3.1819
+    """
+    _check_matrix(logits, "logits", "[N, C] (incoming batch, classes)", validate_args)
+    num_classes = logits.shape[1]
+    if num_classes < 2:
+        raise ValueError(f"logits have {num_classes} class(es); a classification head needs at least 2")
+    if logits.shape[0] == 0:
+        raise ValueError("logits hold no incoming samples (N=0); the incoming batch must not be empty")
+    _check_labels(target, logits.shape[0], num_classes, "target", validate_args)
+    present = torch.zeros(num_classes, dtype=torch.bool, device=logits.device)
+    present[target.long()] = True
+    loss = F.cross_entropy(logits.float().masked_fill(~present, float("-inf")), target.long())
+    if (replay_logits is None) != (replay_target is None):
+        raise ValueError("pass replay_logits and replay_target together (or neither)")
+    if replay_logits is not None and replay_target is not None:
+        _check_matrix(replay_logits, "replay_logits", "[M, C] (replayed batch, classes)", validate_args)
+        if replay_logits.shape[1] != num_classes:
+            raise ValueError(
+                f"replay_logits have C={replay_logits.shape[1]} classes but the incoming logits C={num_classes}"
+            )
+        _check_labels(replay_target, replay_logits.shape[0], num_classes, "replay_target", validate_args)
+        if replay_logits.shape[0] > 0:
+            loss = loss + F.cross_entropy(replay_logits.float(), replay_target.long())
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries of an accuracy matrix
+
+
+def _row(matrix: Tensor, after: int | None) -> int:
+    if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+        raise ValueError(f"the accuracy matrix must be a square [T, T] tensor, got {shape}")
+    t = matrix.shape[0]
+    i = t - 1 if after is None else int(after)
+    if not 0 <= i < t:
+        raise ValueError(f"after must be a task index in [0, {t - 1}], got {after}")
+    return i
+
+
+def average_accuracy(matrix: Tensor, after: int | None = None) -> float:
+    """Mean accuracy over the tasks seen after task ``i``: ``mean_{j <= i} R[i, j]`` (``i`` = ``after``, default last).
+
+    Example:
+        >>> nan = float("nan")
+        >>> average_accuracy(torch.tensor([[0.9, nan], [0.5, 0.8]]), after=0)
+        0.9
+    """
+    i = _row(matrix, after)
+    return round(float(matrix[i, : i + 1].double().mean()), 6)
 
 
 def final_average_accuracy(matrix: Tensor) -> float:
@@ -180,18 +327,56 @@ def final_average_accuracy(matrix: Tensor) -> float:
         >>> final_average_accuracy(torch.tensor([[0.9, float("nan")], [0.5, 0.8]]))
         0.65
     """
-    return round(float(matrix[-1].double().mean()), 6)
+    return average_accuracy(matrix)
 
 
-def average_forgetting(matrix: Tensor) -> float:
-    """Mean over the first ``T-1`` tasks of ``max_{l < T-1} R[l, j] - R[T-1, j]`` (0 when ``T = 1``).
+def average_incremental_accuracy(matrix: Tensor, after: int | None = None) -> float:
+    """Mean of :func:`average_accuracy` over the rows ``0..i`` (Rebuffi et al.'s average incremental accuracy).
+
+    Example:
+        >>> average_incremental_accuracy(torch.tensor([[0.9, float("nan")], [0.5, 0.8]]))
+        0.775
+    """
+    i = _row(matrix, after)
+    return round(sum(average_accuracy(matrix, k) for k in range(i + 1)) / (i + 1), 6)
+
+
+def average_forgetting(matrix: Tensor, after: int | None = None) -> float:
+    """Mean over the tasks ``j < i`` of ``max_{l < i} R[l, j] - R[i, j]`` (Chaudhry et al.; 0 when ``i = 0``).
 
     Example:
         >>> average_forgetting(torch.tensor([[0.9, float("nan")], [0.5, 0.8]]))
         0.4
     """
-    t = matrix.shape[0]
-    if t < 2:
+    i = _row(matrix, after)
+    if i < 1:
         return 0.0
-    best = matrix[: t - 1, : t - 1].nan_to_num(float("-inf")).amax(dim=0)
-    return round(float((best.double() - matrix[t - 1, : t - 1].double()).mean()), 6)
+    best = matrix[:i, :i].nan_to_num(float("-inf")).amax(dim=0)
+    return round(float((best.double() - matrix[i, :i].double()).mean()), 6)
+
+
+def backward_transfer(matrix: Tensor, after: int | None = None) -> float:
+    """Mean over the tasks ``j < i`` of ``R[i, j] - R[j, j]`` (Lopez-Paz & Ranzato's BWT; 0 when ``i = 0``).
+
+    Negative values are forgetting measured against the accuracy just after learning each task.
+
+    Example:
+        >>> backward_transfer(torch.tensor([[0.9, float("nan")], [0.5, 0.8]]))
+        -0.4
+    """
+    i = _row(matrix, after)
+    if i < 1:
+        return 0.0
+    diagonal = torch.diagonal(matrix)[:i].double()
+    return round(float((matrix[i, :i].double() - diagonal).mean()), 6)
+
+
+def learning_accuracy(matrix: Tensor, after: int | None = None) -> float:
+    """Mean accuracy on each task just after learning it: ``mean_{j <= i} R[j, j]`` (Riemer et al.'s LA).
+
+    Example:
+        >>> learning_accuracy(torch.tensor([[0.9, float("nan")], [0.5, 0.8]]))
+        0.85
+    """
+    i = _row(matrix, after)
+    return round(float(torch.diagonal(matrix)[: i + 1].double().mean()), 6)

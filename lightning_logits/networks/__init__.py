@@ -1,6 +1,8 @@
 """Read or build a user's network: head search and the logit tap, class count, intermediate features,
 LAWN's layer tracer, and the model/teacher factory. Pure PyTorch: nothing here imports Lightning."""
 
+# First: registers "reduced_resnet18" with timm before anything can ask timm for a model name.
+from lightning_logits.networks.reduced_resnet import ReducedResNet18, reduced_resnet18  # isort: skip
 from lightning_logits.networks.factory import build_expert, build_model, load_teacher, teacher_fingerprint
 from lightning_logits.networks.features import (
     FeatureLayer,
@@ -25,6 +27,7 @@ __all__ = [
     "AUX_ATTRIBUTE",
     "FeatureLayer",
     "LogitTap",
+    "ReducedResNet18",
     "aux_modules",
     "build_expert",
     "build_model",
@@ -38,6 +41,7 @@ __all__ = [
     "count_classes",
     "pool_feature",
     "probe_feature_width",
+    "reduced_resnet18",
     "resolve_feature_layer",
     "teacher_fingerprint",
 ]
