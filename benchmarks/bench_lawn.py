@@ -5,8 +5,9 @@ step projects and rescales; ``log_norms`` stays on (its default), as a user woul
 
 - ``resnet`` / ``resnet+lawn``: timm resnet on digits at 32x32, Adam; LAWN constrains the classifier
   (the layer after the last BatchNorm) - the common case.
-- ``resnet+lawn_all``: the same, with every conv and linear weight constrained (``layers=["*"]``):
-  the worst case, a projection and a rescale per weight tensor of the network.
+- ``resnet+lawn_all`` (``lawn_all``): the same with ``scope="all"``: every conv and linear weight is
+  constrained (the weights that feed BatchNorm included), a fused projection and rescale over all
+  weight tensors of the network; target <= 1.05x the plain step.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def speed_cases(smoke: bool) -> list[SpeedCase]:
             "resnet+lawn_all",
             make_module,
             make_data,
-            lambda: [LAWN(free_steps=0, layers=["*"])],
+            lambda: [LAWN(free_steps=0, scope="all")],
             baseline="resnet",
+            target=1.05,
         ),
     ]
