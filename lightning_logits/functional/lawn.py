@@ -145,7 +145,7 @@ def project_to_tangent_(grads: Sequence[Tensor], weights: Sequence[Tensor], eps:
 
     What the LAWN callback calls on ``param.grad`` before each constrained optimizer step. The
     norms are one ``torch._foreach_norm``, the inner products one ``torch.dot`` each, and the
-    update one ``torch._foreach_mul`` + ``torch._foreach_sub_`` per device, with no host-device
+    update one ``torch._foreach_addcmul_`` per device, with no host-device
     synchronization, so constraining every layer of a network stays cheap.
 
     Example:
@@ -169,7 +169,8 @@ def project_to_tangent_(grads: Sequence[Tensor], weights: Sequence[Tensor], eps:
         # Branch-free (no host sync on accelerators): a zero weight gets coefficient 0.
         nonzero = w_dot_w > 0
         coefficient = torch.where(nonzero, g_dot_w / torch.where(nonzero, w_dot_w, 1.0), 0.0)
-        torch._foreach_sub_(g_list, torch._foreach_mul(w_list, list(coefficient.unbind())))
+        # g -= c * W without a temporary the size of the weights.
+        torch._foreach_addcmul_(g_list, w_list, list(coefficient.unbind()), value=-1)
         if copied_g:
             for i, g in zip(indices, g_list, strict=True):
                 grads[i].copy_(g)
