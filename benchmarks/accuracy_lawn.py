@@ -1,30 +1,46 @@
-"""Accuracy of Adam, AdamW, Adam-LAWN, SGD and SGD-LAWN at a small and a large batch size.
+"""The LAWN study: tuned baselines against Adam-LAWN and SGD-LAWN, both scopes, small and large batch.
 
-The data set is MNIST-1D (4000 training and 1000 test sequences of length 40, 10 classes), generated
-offline by the ``mnist1d`` package from its default arguments (about 10 s the first time; cached in
-the temporary folder). The network is an MLP with one BatchNorm,
-``Linear(40, 256) - BatchNorm - ReLU - Linear(256, 256) - ReLU - Linear(256, 10)``, so LAWN's default
-layer search constrains the last two Linear layers (the homogeneous part after the last norm).
+What it compares (issue 15, item 3), on MNIST-1D (4000 training and 1000 test sequences of length
+40, 10 classes; generated offline by the ``mnist1d`` package from its default arguments and cached in
+the temporary folder). The last 20 % of the training sequences are a validation split: every
+learning rate and weight decay is chosen on it, never on the test set; the reported runs train on
+the other 80 % and are scored on the test set.
 
-Each configuration trains for a fixed number of epochs at a constant learning rate, with every
-seed changing the initialization and the shuffling; the table reports the test accuracy at the end
-of training (no early stopping, no model selection), mean and standard deviation over the seeds.
-A second table gives the head's weight norm and the mean logit norm at the end, and the PNG plots
-both over training (one panel per batch size), measured each epoch on a fixed probe of 512
-training samples in eval mode.
+Networks (``--models``):
 
-    python -m benchmarks.accuracy_lawn            # the real run: 5 seeds, MNIST-1D (10-20 min)
-    python -m benchmarks.accuracy_lawn --smoke    # seconds: 1 seed, digits, 2 epochs
-    python -m benchmarks.accuracy_lawn --free-fraction 0.5 --out benchmarks/results/lawn_accuracy_free50.md \
-        --plot benchmarks/results/lawn_norms_free50.png   # a longer free phase
+- ``cnn``: a 1-D CNN with BatchNorm, ``(Conv1d-BN-ReLU) x3 - global average pooling - Linear``;
+  LAWN ``scope="final"`` constrains the Linear, ``scope="all"`` the three convolutions too.
+- ``mlp``: ``Linear(40, 256) - BN - ReLU - Linear(256, 256) - ReLU - Linear(256, 10)``; ``final``
+  constrains the last two Linears, ``all`` the first one too.
 
-Writes ``benchmarks/results/lawn_accuracy.md`` and ``benchmarks/results/lawn_norms.png``.
+Arms (``--arms``): ``Adam`` (no weight decay), ``Adam+L2`` (Adam's coupled ``weight_decay``, tuned),
+``AdamW`` (decoupled, tuned), ``SGD`` (momentum 0.9, weight decay tuned), and ``Adam-LAWN`` /
+``SGD-LAWN`` with ``scope`` ``final`` and ``all`` and each free phase of ``--free-fractions`` (no
+weight decay anywhere, as the ICLR 2022 text describes it). Every arm: linear warm-up over the first
+5 % of the steps, then cosine decay to zero, ``--epochs`` epochs, batch sizes ``--batch-sizes``.
+Each arm's learning rate (and weight decay, where it has one) is the best point of a small grid by
+final validation accuracy with seed 0; then ``--seeds`` seeds (1000, 1001, ...) train with it.
+
+Reported (Markdown, ``--out``): test accuracy (mean ± std over seeds), final training loss (the
+cross-entropy on the training split in eval mode), the chosen hyperparameters, LAWN's gain over its
+base optimizer; and plots (``--plot``) of the mean logit norm and each layer's weight norm over the
+epochs, measured on a fixed probe of 512 training sequences in eval mode.
+
+    python -m benchmarks.accuracy_lawn          # the full study (hours on a CPU: 2 models x 2 batch
+                                                # sizes x 20 arms x grid, 100 epochs, 5 seeds)
+    python -m benchmarks.accuracy_lawn --smoke  # seconds: digits, 2 epochs, 1 seed, one grid point
+
+A reduced run (fewer epochs, seeds, grid points, free phases) is one command line, for example
+``--models mlp --epochs 30 --seeds 2 --grid-points 2 --free-fractions 0.1``; the report states
+every setting it ran with.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -45,6 +61,7 @@ from lightning_logits.callbacks.lawn import LAWN
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
+Data = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # train x/y, validation x/y, test x/y
 
 # ----------------------------------------------------------------------------- data
 
@@ -78,6 +95,12 @@ def load_digits_flat() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x[order[:split]], y[order[:split]], x[order[split:]], y[order[split:]]
 
 
+def with_validation(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, fraction: float = 0.2) -> Data:
+    """Hold out the last ``fraction`` of the training data for tuning (the test set is never used for it)."""
+    split = len(y) - int(fraction * len(y))
+    return x[:split], y[:split], x[split:], y[split:], x_test, y_test
+
+
 class ShuffledBatches:
     """Seeded shuffled mini-batches of in-memory tensors (no per-sample collation: fast at any batch size)."""
 
@@ -95,7 +118,7 @@ class ShuffledBatches:
             yield self.x[index], self.y[index]
 
 
-# ----------------------------------------------------------------------------- model
+# ----------------------------------------------------------------------------- networks
 
 
 def make_mlp(in_features: int, num_classes: int, hidden: int = 256) -> nn.Sequential:
@@ -109,13 +132,87 @@ def make_mlp(in_features: int, num_classes: int, hidden: int = 256) -> nn.Sequen
     )
 
 
-class MLPClassifier(pl.LightningModule):
-    """Cross-entropy on an MLP; the optimizer is named, so runs differ only where they should."""
+def make_cnn(in_features: int, num_classes: int, width: int = 32) -> nn.Sequential:
+    """``[N, L] -> [N, C]``: three Conv1d-BN-ReLU blocks (the last two with stride 2), mean over time, Linear."""
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, in_features))]
+    channels = 1
+    for stride in (1, 2, 2):
+        layers += [nn.Conv1d(channels, width, 5, stride=stride, padding=2), nn.BatchNorm1d(width), nn.ReLU()]
+        channels = width
+    layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
 
-    def __init__(self, in_features: int, num_classes: int, optimizer: str, lr: float, weight_decay: float) -> None:
+
+MODELS = {"cnn": make_cnn, "mlp": make_mlp}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training recipe: optimizer family, weight-decay kind, and LAWN's scope/free phase (if any)."""
+
+    name: str
+    family: str  # "adam" | "sgd"
+    decay: str = "none"  # "none" | "l2" (coupled) | "decoupled"
+    scope: str | None = None  # LAWN scope, None: no LAWN
+    free_fraction: float = 0.0
+
+    @property
+    def label(self) -> str:
+        if self.scope is None:
+            return self.name
+        return f"{self.name} ({self.scope}, free {100 * self.free_fraction:g}%)"
+
+
+def make_arms(names: list[str], free_fractions: list[float]) -> list[Arm]:
+    arms: list[Arm] = []
+    for name in names:
+        if name == "Adam":
+            arms.append(Arm("Adam", "adam"))
+        elif name == "Adam+L2":
+            arms.append(Arm("Adam+L2", "adam", "l2"))
+        elif name == "AdamW":
+            arms.append(Arm("AdamW", "adam", "decoupled"))
+        elif name == "SGD":
+            arms.append(Arm("SGD", "sgd", "l2"))
+        elif name in ("Adam-LAWN", "SGD-LAWN"):
+            family = "adam" if name.startswith("Adam") else "sgd"
+            for scope, free in itertools.product(("final", "all"), free_fractions):
+                arms.append(Arm(name, family, "none", scope, free))
+        else:
+            raise ValueError(f"unknown arm '{name}': choose from Adam, Adam+L2, AdamW, SGD, Adam-LAWN, SGD-LAWN")
+    return arms
+
+
+# Small grids; --grid-points k keeps k points of each, spread evenly (the middle ones first for k=1).
+LR_GRID = {"adam": [3e-4, 1e-3, 3e-3, 1e-2], "sgd": [0.01, 0.03, 0.1, 0.3]}
+WD_GRID = {"l2": [1e-5, 1e-4, 1e-3], "decoupled": [1e-3, 1e-2, 1e-1], "none": [0.0]}
+SGD_WD_GRID = [1e-5, 1e-4, 5e-4]
+
+
+def thin(grid: list[float], points: int) -> list[float]:
+    if points >= len(grid):
+        return list(grid)
+    if points == 1:
+        return [grid[len(grid) // 2]]
+    step = (len(grid) - 1) / (points - 1)
+    return [grid[round(i * step)] for i in range(points)]
+
+
+def grid_for(arm: Arm, points: int) -> list[tuple[float, float]]:
+    lrs = thin(LR_GRID[arm.family], points)
+    decays = thin(SGD_WD_GRID if arm.family == "sgd" and arm.decay == "l2" else WD_GRID[arm.decay], points)
+    return list(itertools.product(lrs, decays))
+
+
+class StudyModule(pl.LightningModule):
+    """Cross-entropy on one of :data:`MODELS`; the optimizer and its warm-up + cosine schedule from ``arm``."""
+
+    def __init__(
+        self, model: str, in_features: int, num_classes: int, arm: Arm, lr: float, wd: float, total_steps: int
+    ) -> None:
         super().__init__()
-        self.net = make_mlp(in_features, num_classes)
-        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.net = MODELS[model](in_features, num_classes)
+        self.arm, self.lr, self.wd, self.total_steps = arm, lr, wd, total_steps
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -124,22 +221,36 @@ class MLPClassifier(pl.LightningModule):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        raise ValueError(f"unknown optimizer '{self.optimizer_name}'")
+    def configure_optimizers(self) -> object:
+        optimizer: torch.optim.Optimizer
+        if self.arm.family == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.wd)
+        elif self.arm.decay == "decoupled":
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.wd)
+        else:
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.wd)
+        warmup = max(1, round(0.05 * self.total_steps))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, self.total_steps - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def weight_names(net: nn.Module) -> list[str]:
+    return [n for n, p in net.named_parameters() if p.ndim >= 2]
 
 
 class NormRecorder(Callback):
-    """Each epoch: the head's weight norm and the mean L2 norm of the logits on a fixed probe set."""
+    """Each epoch: every weight matrix's norm and the mean L2 norm of the logits on a fixed probe set."""
 
     def __init__(self, probe: Tensor) -> None:
         self.probe = probe
-        self.head_norm: list[float] = []
+        self.weight_norm: dict[str, list[float]] = {}
         self.logit_norm: list[float] = []
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -148,198 +259,233 @@ class NormRecorder(Callback):
         with torch.no_grad():
             logits = pl_module(self.probe)
         pl_module.train(was_training)
-        self.head_norm.append(pl_module.net[-1].weight.norm().item())  # type: ignore[index]
+        for name, param in pl_module.net.named_parameters():  # type: ignore[union-attr]
+            if param.ndim >= 2:
+                self.weight_norm.setdefault(name, []).append(param.detach().norm().item())
         self.logit_norm.append(logits.norm(dim=1).mean().item())
-
-
-# ----------------------------------------------------------------------------- runs
-
-
-@dataclass
-class Setting:
-    """One batch-size regime: learning rates per optimizer family, epochs and LAWN's free epochs."""
-
-    name: str
-    batch_size: int
-    epochs: int
-    free_epochs: int
-    adam_lr: float
-    sgd_lr: float
-    adamw_weight_decay: float
 
 
 @dataclass
 class RunResult:
-    accuracy: float
-    head_norm: list[float] = field(default_factory=list)
+    val_accuracy: float
+    test_accuracy: float
+    train_loss: float
+    weight_norm: dict[str, list[float]] = field(default_factory=dict)
     logit_norm: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
 
-METHODS = ("Adam", "AdamW", "Adam-LAWN", "SGD", "SGD-LAWN")
+def accuracy(module: nn.Module, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * (module(x).argmax(1) == y).float().mean().item()
 
 
-def run_one(method: str, setting: Setting, data: tuple[Tensor, Tensor, Tensor, Tensor], seed: int) -> RunResult:
-    x, y, x_test, y_test = data
+def run_one(
+    model: str, arm: Arm, lr: float, wd: float, batch_size: int, epochs: int, data: Data, seed: int
+) -> RunResult:
+    x, y, x_val, y_val, x_test, y_test = data
     pl.seed_everything(seed, verbose=False)
-    family = "sgd" if method.startswith("SGD") else ("adamw" if method == "AdamW" else "adam")
-    lr = setting.sgd_lr if family == "sgd" else setting.adam_lr
-    module = MLPClassifier(x.shape[1], int(y.max()) + 1, family, lr, setting.adamw_weight_decay)
+    loader = ShuffledBatches(x, y, batch_size, seed)
+    module = StudyModule(model, x.shape[1], int(y.max()) + 1, arm, lr, wd, epochs * len(loader))
     recorder = NormRecorder(x[:512])
     callbacks: list[Callback] = [recorder]
-    if method.endswith("LAWN"):
-        callbacks.append(LAWN(free_epochs=setting.free_epochs, log_norms=False))
-    trainer = quiet_trainer(
-        max_epochs=setting.epochs,
-        limit_val_batches=0,
-        callbacks=callbacks,
-    )
+    if arm.scope is not None:
+        free = max(1, round(arm.free_fraction * epochs))
+        callbacks.append(LAWN(free_epochs=free, scope=arm.scope, log_norms=False))  # type: ignore[arg-type]
+    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=callbacks)
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=ShuffledBatches(x, y, setting.batch_size, seed))
+    trainer.fit(module, train_dataloaders=loader)
     seconds = time.perf_counter() - start
     module.eval()
     with torch.no_grad():
-        accuracy = (module(x_test).argmax(1) == y_test).float().mean().item()
-    return RunResult(100.0 * accuracy, recorder.head_norm, recorder.logit_norm, seconds)
+        train_loss = F.cross_entropy(module(x), y).item()
+    return RunResult(
+        accuracy(module, x_val, y_val),
+        accuracy(module, x_test, y_test),
+        train_loss,
+        recorder.weight_norm,
+        recorder.logit_norm,
+        seconds,
+    )
 
 
-def _mean_std(values: list[float]) -> str:
+# ----------------------------------------------------------------------------- the study
+
+
+@dataclass
+class Cell:
+    """One (model, batch size, arm): the chosen hyperparameters, the tuning scores and the seeds' runs."""
+
+    lr: float
+    wd: float
+    tuning: list[tuple[float, float, float]]  # (lr, wd, validation accuracy)
+    runs: list[RunResult]
+
+
+def _mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def write_report(
-    results: dict[tuple[str, str], list[RunResult]], settings: list[Setting], dataset: str, seeds: int, path: Path
+    cells: dict[tuple[str, int, Arm], Cell],
+    columns: list[tuple[str, int]],
+    arms: list[Arm],
+    header: str,
+    settings: list[str],
+    path: Path,
 ) -> str:
-    lines = [
-        f"# LAWN accuracy: {dataset}, {seeds} seed(s), test accuracy (%) at the end of training, mean ± std",
-        "",
-        "| method | " + " | ".join(f"{s.name} (batch {s.batch_size}, {s.epochs} epochs)" for s in settings) + " |",
-        "|---|" + "---|" * len(settings),
-    ]
-    for method in METHODS:
-        cells = [_mean_std([r.accuracy for r in results[(method, s.name)]]) for s in settings]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    head = "| arm | " + " | ".join(f"{m}, batch {b}" for m, b in columns) + " |"
+    rule = "|---|" + "---|" * len(columns)
+    lines = [header, "", "Test accuracy (%), mean ± std over seeds:", "", head, rule]
+    for arm in arms:
+        cells_row = [_mean_std([r.test_accuracy for r in cells[(m, b, arm)].runs]) for m, b in columns]
+        lines.append(f"| {arm.label} | " + " | ".join(cells_row) + " |")
+    lines += ["", "LAWN minus its base optimizer (difference of the mean test accuracies, points):", "", head, rule]
+    for arm in arms:
+        if arm.scope is None:
+            continue
+        base = next((a for a in arms if a.name == arm.family.replace("adam", "Adam").replace("sgd", "SGD")), None)
+        if base is None:
+            continue
+        diffs = []
+        for m, b in columns:
+            lawn = statistics.mean(r.test_accuracy for r in cells[(m, b, arm)].runs)
+            plain = statistics.mean(r.test_accuracy for r in cells[(m, b, base)].runs)
+            diffs.append(f"{lawn - plain:+.2f}")
+        lines.append(f"| {arm.label} minus {base.label} | " + " | ".join(diffs) + " |")
+    lines += ["", "Final training loss (cross-entropy on the training split, eval mode), mean ± std:", "", head, rule]
+    for arm in arms:
+        cells_row = [_mean_std([r.train_loss for r in cells[(m, b, arm)].runs], 4) for m, b in columns]
+        lines.append(f"| {arm.label} | " + " | ".join(cells_row) + " |")
+    lines += ["", "Mean logit norm on the probe at the end (mean over seeds):", "", head, rule]
+    for arm in arms:
+        cells_row = [f"{statistics.mean(r.logit_norm[-1] for r in cells[(m, b, arm)].runs):.1f}" for m, b in columns]
+        lines.append(f"| {arm.label} | " + " | ".join(cells_row) + " |")
     lines += [
         "",
-        "Gain of LAWN over its base optimizer (difference of the means, percentage points):",
+        "Chosen on the validation split, seed 0 (lr / weight decay; best validation accuracy):",
         "",
-        "| | " + " | ".join(s.name for s in settings) + " |",
-        "|---|" + "---|" * len(settings),
+        head,
+        rule,
     ]
-    for base in ("Adam", "SGD"):
-        cells = []
-        for s in settings:
-            lawn = statistics.mean(r.accuracy for r in results[(f"{base}-LAWN", s.name)])
-            plain = statistics.mean(r.accuracy for r in results[(base, s.name)])
-            cells.append(f"{lawn - plain:+.2f}")
-        lines.append(f"| {base}-LAWN minus {base} | " + " | ".join(cells) + " |")
+    for arm in arms:
+        cells_row = []
+        for m, b in columns:
+            cell = cells[(m, b, arm)]
+            best = max(score for _, _, score in cell.tuning)
+            cells_row.append(f"{cell.lr:g} / {cell.wd:g} ({best:.1f})")
+        lines.append(f"| {arm.label} | " + " | ".join(cells_row) + " |")
+    total = sum(r.seconds for cell in cells.values() for r in cell.runs)
     lines += [
         "",
-        "Head weight norm / mean logit norm on the probe set at the end of training (mean over seeds):",
+        "Settings:",
         "",
-        "| method | " + " | ".join(s.name for s in settings) + " |",
-        "|---|" + "---|" * len(settings),
+        *[f"- {s}" for s in settings],
+        f"- training time of the reported runs: {total:.0f} s",
     ]
-    for method in METHODS:
-        cells = []
-        for s in settings:
-            runs = results[(method, s.name)]
-            head = statistics.mean(r.head_norm[-1] for r in runs)
-            logit = statistics.mean(r.logit_norm[-1] for r in runs)
-            cells.append(f"{head:.2f} / {logit:.1f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "Settings:", ""]
-    for s in settings:
-        lines.append(
-            f"- {s.name}: batch {s.batch_size}, {s.epochs} epochs, constant lr (Adam/AdamW {s.adam_lr}, "
-            f"SGD {s.sgd_lr} with momentum 0.9), AdamW weight_decay {s.adamw_weight_decay}, "
-            f"LAWN free_epochs {s.free_epochs}"
-        )
-    total = sum(r.seconds for runs in results.values() for r in runs)
-    lines += ["", f"Total training time: {total:.0f} s on the CPU."]
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
 
 
-def plot(results: dict[tuple[str, str], list[RunResult]], settings: list[Setting], path: Path) -> None:
+def plot(
+    cells: dict[tuple[str, int, Arm], Cell], columns: list[tuple[str, int]], arms: list[Arm], epochs: int, path: Path
+) -> None:
+    """One row per (model, batch size): the logit norm, then each layer's weight norm, over the epochs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(settings), figsize=(6 * len(settings), 7), squeeze=False)
-    colors = {"Adam": "C0", "AdamW": "C2", "Adam-LAWN": "C1", "SGD": "C4", "SGD-LAWN": "C3"}
-    styles = {"Adam": "-", "AdamW": "-", "Adam-LAWN": "--", "SGD": "-", "SGD-LAWN": "--"}
-    for column, s in enumerate(settings):
-        for row, attr, label in ((0, "logit_norm", "mean logit norm"), (1, "head_norm", "head weight norm")):
+    layers = {m: list(cells[(m, b, arms[0])].runs[0].weight_norm) for m, b in columns}
+    width = 1 + max(len(v) for v in layers.values())
+    fig, axes = plt.subplots(len(columns), width, figsize=(3.6 * width, 3.0 * len(columns)), squeeze=False)
+    for row, (m, b) in enumerate(columns):
+        panels = [("logit norm", None)] + [(f"‖{name}‖", name) for name in layers[m]]
+        for column, (title, layer) in enumerate(panels):
             ax = axes[row][column]
-            for method in METHODS:
-                curves = torch.tensor([getattr(r, attr) for r in results[(method, s.name)]])
-                mean = curves.mean(0)
-                epochs = torch.arange(1, len(mean) + 1)
-                ax.plot(epochs, mean, styles[method], color=colors[method], label=method)
-                if len(curves) > 1:
-                    std = curves.std(0)
-                    ax.fill_between(epochs, mean - std, mean + std, color=colors[method], alpha=0.15)
-            ax.axvline(s.free_epochs, color="grey", lw=0.8, ls=":")
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(label)
-            ax.set_title(f"{s.name}: batch {s.batch_size}")
+            for index, arm in enumerate(arms):
+                runs = cells[(m, b, arm)].runs
+                curves = torch.tensor([r.logit_norm if layer is None else r.weight_norm[layer] for r in runs])
+                style = "-" if arm.scope is None else ("--" if arm.scope == "final" else ":")
+                ax.plot(range(1, len(curves[0]) + 1), curves.mean(0), style, color=f"C{index % 10}", label=arm.label)
+                if arm.scope is not None:
+                    ax.axvline(max(1, round(arm.free_fraction * epochs)), color="grey", lw=0.5, ls=":")
             ax.set_yscale("log")
-            if row == 0 and column == 0:
-                ax.legend(fontsize=8)
-    fig.suptitle("LAWN: logit and head weight norms (mean ± std over seeds; dotted: end of LAWN's free phase)")
+            ax.set_title(f"{m}, batch {b}: {title}", fontsize=8)
+            ax.set_xlabel("epoch", fontsize=7)
+            ax.tick_params(labelsize=6)
+        for column in range(len(panels), width):
+            axes[row][column].axis("off")
+    axes[0][0].legend(fontsize=5)
+    fig.suptitle("LAWN study: mean over seeds (solid: baselines, dashed: scope final, dotted: scope all)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="seconds-long check: 1 seed, digits, 2 epochs")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long check: digits, 2 epochs, 1 seed")
+    parser.add_argument("--models", nargs="+", default=["cnn", "mlp"], choices=sorted(MODELS))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 2000])
+    parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument(
-        "--free-fraction",
-        type=float,
-        default=0.2,
-        help="LAWN's free phase as a fraction of the epochs (its hyperparameter; default 0.2)",
+        "--arms", nargs="+", default=["Adam", "Adam+L2", "AdamW", "SGD", "Adam-LAWN", "SGD-LAWN"], help="which arms"
     )
+    parser.add_argument("--free-fractions", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.25])
+    parser.add_argument("--grid-points", type=int, default=4, help="points kept of each lr / wd grid (1-4)")
     parser.add_argument("--out", type=Path, default=RESULTS / "lawn_accuracy.md")
     parser.add_argument("--plot", type=Path, default=RESULTS / "lawn_norms.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead and noise
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     if args.smoke:
-        data, dataset, seeds = load_digits_flat(), "digits (smoke)", 1
-        settings = [
-            Setting("small batch", 64, 2, 1, 1e-3, 0.05, 0.1),
-            Setting("large batch", 512, 2, 1, 3e-3, 0.2, 0.1),
-        ]
-        # The smoke run's files go to the temporary folder: they are not results.
-        out = Path(tempfile.gettempdir()) / "lawn_accuracy_smoke.md"
+        data, dataset = with_validation(*load_digits_flat()), "digits (smoke)"
+        models, batch_sizes, epochs, seeds, grid_points = ["mlp"], [64, 512], 2, 1, 1
+        free_fractions = [0.5]
+        out = Path(tempfile.gettempdir()) / "lawn_accuracy_smoke.md"  # the smoke run's files are not results
         plot_path = Path(tempfile.gettempdir()) / "lawn_norms_smoke.png"
     else:
-        data, dataset, seeds = load_mnist1d(), "MNIST-1D (4000 train / 1000 test)", args.seeds
-        settings = [
-            Setting("small batch", 64, 16, max(1, round(args.free_fraction * 16)), 1e-3, 0.02, 0.1),
-            Setting("large batch", 1000, 64, max(1, round(args.free_fraction * 64)), 4e-3, 0.2, 0.1),
-        ]
-        out, plot_path = args.out, args.plot
-    results: dict[tuple[str, str], list[RunResult]] = {}
+        data, dataset = with_validation(*load_mnist1d()), "MNIST-1D"
+        models, batch_sizes, epochs, seeds = args.models, args.batch_sizes, args.epochs, args.seeds
+        grid_points, free_fractions, out, plot_path = args.grid_points, args.free_fractions, args.out, args.plot
+    arms = make_arms(args.arms, free_fractions)
+    columns = list(itertools.product(models, batch_sizes))
+    cells: dict[tuple[str, int, Arm], Cell] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for s in settings:
-            for method in METHODS:
-                results[(method, s.name)] = [run_one(method, s, data, seed) for seed in range(seeds)]
-                accs = [r.accuracy for r in results[(method, s.name)]]
-                print(f"{s.name:12s} {method:10s} {_mean_std(accs)}", flush=True)
-    text = write_report(results, settings, dataset, seeds, out)
-    plot(results, settings, plot_path)
+        for (model, batch), arm in itertools.product(columns, arms):
+            tuning = []
+            for lr, wd in grid_for(arm, grid_points):
+                result = run_one(model, arm, lr, wd, batch, epochs, data, seed=0)
+                tuning.append((lr, wd, result.val_accuracy))
+            lr, wd, _ = max(tuning, key=lambda t: t[2])
+            runs = [run_one(model, arm, lr, wd, batch, epochs, data, seed=1000 + s) for s in range(seeds)]
+            cells[(model, batch, arm)] = Cell(lr, wd, tuning, runs)
+            accs = _mean_std([r.test_accuracy for r in runs])
+            print(f"{model} batch {batch:5d} {arm.label:32s} lr {lr:g} wd {wd:g}: test {accs}", flush=True)
+    _, y, x_val, _, x_test, _ = data
+    header = (
+        f"# LAWN study: {dataset} ({len(y)} train / {len(x_val)} validation / {len(x_test)} test), "
+        f"{seeds} seed(s), {epochs} epochs"
+    )
+    settings = [
+        f"models {models}, batch sizes {batch_sizes}, {epochs} epochs, {seeds} seed(s) (1000...), free phases "
+        f"{[f'{100 * f:g}%' for f in free_fractions]}, {grid_points} point(s) per lr / wd grid",
+        f"lr grids {dict((k, thin(v, grid_points)) for k, v in LR_GRID.items())}; weight decay grids: Adam+L2 "
+        f"{thin(WD_GRID['l2'], grid_points)}, AdamW {thin(WD_GRID['decoupled'], grid_points)}, SGD "
+        f"{thin(SGD_WD_GRID, grid_points)}; LAWN arms: no weight decay",
+        "schedule: linear warm-up over 5 % of the steps, cosine to 0; SGD momentum 0.9; selection by final "
+        "validation accuracy of seed 0",
+    ]
+    text = write_report(cells, columns, arms, header, settings, out)
+    plot(cells, columns, arms, epochs, plot_path)
     print(text)
     print(f"wrote {out} and {plot_path}")
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lightning_logits.callbacks.lawn import LAWN
 from lightning_logits.functional.lawn import (
     frobenius_norm,
+    frobenius_norms,
     project_to_tangent,
     project_to_tangent_,
     rescale_to_norm,
@@ -146,6 +147,30 @@ def test_in_place_versions() -> None:
     p = nn.Parameter(torch.ones(2, 2))
     rescale_to_norm_([p], [1.0])
     torch.testing.assert_close(p.detach(), torch.full((2, 2), 0.5))
+
+
+def test_fused_in_place_versions_match_float64_reference() -> None:
+    # Many tensors of mixed shapes, layouts and dtypes in one call (what scope="all" passes).
+    torch.manual_seed(1)
+    shapes = [(7, 5), (3, 2, 3, 3), (10, 1), (4, 4, 1, 1), (6, 8)]
+    ws = [torch.randn(s) * scale for s, scale in zip(shapes, (1e-3, 1.0, 10.0, 0.3, 2.0), strict=True)]
+    ws[1] = ws[1].to(memory_format=torch.channels_last)  # non-contiguous view order
+    ws.append(torch.zeros(3, 3))  # a zero weight keeps its gradient
+    ws.append(torch.randn(5, 5).bfloat16())
+    gs = [torch.randn(w.shape, dtype=w.dtype) for w in ws]
+    want = [_project_reference(g.double(), w.double()) for g, w in zip(gs, ws, strict=True)]
+    project_to_tangent_(gs, ws)
+    for got, exp in zip(gs[:-1], want[:-1], strict=True):
+        torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gs[-1].double(), want[-1], rtol=2e-2, atol=2e-2)  # bf16 storage
+    targets = [0.5, 2.0, 3.0, 1e-3, 7.0]
+    fp32 = ws[:5]
+    rescale_to_norm_(fp32, torch.tensor(targets))  # the callback passes one tensor of targets
+    got_norms = [math.sqrt(math.fsum(v * v for v in w.double().flatten().tolist())) for w in fp32]
+    assert got_norms == pytest.approx(targets, rel=1e-6)
+    rescale_to_norm_(ws[5:], [1.0, 1.0])
+    assert torch.equal(ws[5], torch.zeros(3, 3)) and frobenius_norm(ws[6]).item() == pytest.approx(1.0, rel=1e-2)
+    assert frobenius_norms(fp32).tolist() == pytest.approx(targets, rel=1e-6)
 
 
 def test_functional_errors() -> None:
@@ -327,11 +352,19 @@ def _fit(
     return trainer
 
 
-def _reference_run(free_steps: int, steps: int, accumulate: int = 1, project: bool = True) -> nn.Module:
+def _reference_run(
+    free_steps: int,
+    steps: int,
+    accumulate: int = 1,
+    project: bool = True,
+    optimizer: Any = None,
+    reset: bool = False,
+    target: float | None = None,
+) -> nn.Module:
     """LAWN on a plain torch loop, written from the method's description (float64 projection/rescale)."""
     torch.manual_seed(0)
     net = TinyMLP()
-    opt = _adam(net.parameters())
+    opt = (optimizer or _adam)(net.parameters())
     x, y = blob_data(n=64)
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 64, 8)]
     constrained = [net.body[0].weight, net.head.weight]
@@ -343,7 +376,13 @@ def _reference_run(free_steps: int, steps: int, accumulate: int = 1, project: bo
             micro += 1
             (F.cross_entropy(net(xb), yb) / accumulate).backward()
         if step == free_steps:
-            norms = [w.detach().double().norm().item() for w in constrained]
+            norms = [w.detach().double().norm().item() if target is None else target for w in constrained]
+            with torch.no_grad():
+                for w, c in zip(constrained, norms, strict=True):
+                    w.copy_(w.double() * (c / w.double().norm()))
+            if reset:  # a fresh optimizer state for the constrained weights only
+                for w in constrained:
+                    del opt.state[w]
         if step >= free_steps and project:
             for w in constrained:
                 g, wd = w.grad.double(), w.detach().double()  # type: ignore[union-attr]
@@ -357,20 +396,66 @@ def _reference_run(free_steps: int, steps: int, accumulate: int = 1, project: bo
     return net
 
 
-@pytest.mark.parametrize(("accumulate", "project"), [(1, True), (2, True), (1, False)])
-def test_callback_matches_reference_loop(accumulate: int, project: bool) -> None:
+@pytest.mark.parametrize(
+    ("accumulate", "project", "optimizer", "on_switch", "target"),
+    [
+        (1, True, _adam, "keep", None),
+        (2, True, _adam, "keep", None),
+        (1, False, _adam, "keep", None),
+        (1, True, _adam, "reset", None),
+        (2, True, _adam, "reset", 1.5),  # gradient accumulation, fresh Adam moments, a given norm
+        (1, True, _sgd_momentum, "reset", None),  # momentum buffers cleared
+        (1, True, _sgd_momentum, "keep", 2.0),
+    ],
+)
+def test_callback_matches_reference_loop(
+    accumulate: int, project: bool, optimizer: Any, on_switch: Any, target: float | None
+) -> None:
     free_steps, epochs = 5, 2
     steps = epochs * 8 // accumulate
-    module = _mlp_module()
-    lawn = LAWN(free_steps=free_steps, project_gradients=project)
+    module = _mlp_module(optimizer)
+    lawn = LAWN(free_steps=free_steps, project_gradients=project, on_switch=on_switch, target_norm=target)
     trainer = _fit(module, [lawn], max_epochs=epochs, accumulate_grad_batches=accumulate)
     assert trainer.global_step == steps
-    reference = _reference_run(free_steps, steps, accumulate, project)
+    reference = _reference_run(free_steps, steps, accumulate, project, optimizer, on_switch == "reset", target)
     for (name, got), want in zip(module.model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6, msg=name)
     assert lawn.param_names == ["model.body.0.weight", "model.head.weight"]
     held = [frobenius_norm(module.model.body[0].weight).item(), frobenius_norm(module.model.head.weight).item()]
     assert held == pytest.approx([lawn.norms[n] for n in lawn.param_names], rel=1e-6)
+    if target is not None:
+        assert held == pytest.approx([target, target], rel=1e-6)
+    assert lawn.switch_step == free_steps
+
+
+@pytest.mark.parametrize("scope", ["final", "all"])
+def test_reset_clears_only_the_constrained_state(scope: Any) -> None:
+    # Adam's step count tells whose state was cleared: 8 steps in all, the switch at step 3.
+    counts = {}
+    for on_switch in ("keep", "reset"):
+        module = _cnn_module()
+        lawn = LAWN(free_steps=3, scope=scope, on_switch=on_switch)
+        trainer = _fit(module, [lawn], datamodule=_images(), max_epochs=2)
+        state = trainer.optimizers[0].state
+        counts[on_switch] = {n: int(state[p]["step"]) for n, p in module.named_parameters()}
+        assert set(lawn.param_names) == (
+            {"model.fc.weight"} | ({"model.features.0.weight"} if scope == "all" else set())
+        )
+    assert set(counts["keep"].values()) == {8}
+    for name, count in counts["reset"].items():
+        assert count == (5 if name in lawn.param_names else 8), name
+
+
+@pytest.mark.parametrize("scope", ["final", "all"])
+def test_bf16_mixed_precision_holds_the_norms(scope: Any) -> None:
+    module = _cnn_module()
+    lawn = LAWN(free_steps=2, scope=scope, on_switch="reset")
+    _fit(module, [lawn], datamodule=_images(), max_epochs=2, precision="bf16-mixed")
+    assert lawn.phase == "constrained" and len(lawn.param_names) == (2 if scope == "all" else 1)
+    params = dict(module.named_parameters())
+    for name in lawn.param_names:
+        assert params[name].dtype == torch.float32
+        assert frobenius_norm(params[name]).item() == pytest.approx(lawn.norms[name], rel=1e-6)
 
 
 def test_free_phase_is_untouched() -> None:
@@ -424,7 +509,7 @@ def test_only_the_stepping_optimizer_is_rescaled() -> None:
     a, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2, 2))
     opt_a, opt_b = torch.optim.SGD([a], lr=0.0), torch.optim.SGD([b], lr=0.0)
     lawn.phase = "constrained"
-    lawn._per_optimizer = {id(opt_a): [(a, 1.0)], id(opt_b): [(b, 4.0)]}
+    lawn._per_optimizer = {id(opt_a): ([a], torch.tensor([1.0])), id(opt_b): ([b], torch.tensor([4.0]))}
     for opt in (opt_a, opt_b):
         opt.register_step_post_hook(lawn._after_step)
     a.grad, b.grad = torch.zeros(2, 2), torch.zeros(2, 2)
@@ -440,7 +525,7 @@ def test_skipped_amp_step_does_not_rescale() -> None:
     w = nn.Parameter(torch.ones(2, 2))  # norm 2
     opt = torch.optim.Adam([w], lr=0.1)
     lawn.phase = "constrained"
-    lawn._per_optimizer = {id(opt): [(w, 1.0)]}
+    lawn._per_optimizer = {id(opt): ([w], torch.tensor([1.0]))}
     opt.register_step_post_hook(lawn._after_step)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
     scaler.scale((w * float("inf")).sum()).backward()  # inf gradients
@@ -467,6 +552,42 @@ def test_default_layers_on_a_normalized_cnn() -> None:
     assert frobenius_norm(module.model.fc.weight).item() == pytest.approx(lawn.norms["model.fc.weight"], rel=1e-6)
 
 
+def _cnn_module(optimizer: Any = _adam) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(TinyNet(num_classes=4), optimizer=optimizer)
+
+
+def _images(batch_size: int = 8) -> TensorDataModule:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataModule(torch.randn(32, 1, 8, 8, generator=g), torch.arange(32) % 4, batch_size=batch_size)
+
+
+@pytest.mark.parametrize(
+    ("scope", "layers", "want"),
+    [
+        ("final", None, ["model.fc.weight"]),
+        ("all", None, ["model.features.0.weight", "model.fc.weight"]),  # the conv that feeds the BatchNorm too
+        ("all", ["model.fc"], ["model.fc.weight"]),  # layers= overrides the scope
+    ],
+)
+def test_scope_picks_the_weights_and_holds_every_norm(scope: Any, layers: list[str] | None, want: list[str]) -> None:
+    plain = _cnn_module()
+    _fit(plain, [], datamodule=_images(), max_epochs=1)  # 4 steps: the weights at the switch
+    module = _cnn_module()
+    lawn = LAWN(free_steps=4, scope=scope, layers=layers)
+    _fit(module, [lawn], datamodule=_images(), max_epochs=3)
+    assert lawn.param_names == want
+    params = dict(module.named_parameters())
+    plain_params = dict(plain.named_parameters())
+    for name in want:
+        assert lawn.norms[name] == pytest.approx(frobenius_norm(plain_params[name]).item(), rel=1e-6)
+        assert frobenius_norm(params[name]).item() == pytest.approx(lawn.norms[name], rel=1e-6)
+    # biases and the BatchNorm's parameters stay free (and moved)
+    for name in ("model.features.1.weight", "model.features.1.bias", "model.fc.bias", "model.features.0.bias"):
+        assert name not in lawn.param_names
+        assert not torch.allclose(params[name], plain_params[name])
+
+
 def test_warns_on_non_homogeneous_activation() -> None:
     with pytest.warns(UserWarning, match=r"non-homogeneous activation\(s\) Tanh .*model.body.1"):
         _fit(_mlp_module(), [LAWN(free_steps=1)], max_epochs=1, quiet=False)
@@ -491,6 +612,53 @@ def test_weight_decay_warns_or_errors() -> None:
     _fit(module, [LAWN(free_steps=1, layers=["model.head"], on_weight_decay="error")], max_epochs=1)
 
 
+class _FirstBatch(Exception):
+    pass
+
+
+class StopAtFirstBatch(pl.Callback):
+    """Raises when the first training batch starts: anything seen before it was seen before any step."""
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        raise _FirstBatch
+
+
+def _adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"scope": "all"}, {"layers": ["model.fc"]}, {}],  # {}: the default search, weight decay on the head
+    ids=["all", "layers", "final-head"],
+)
+def test_weight_decay_is_caught_when_the_fit_starts(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"AdamW group 0 \(weight_decay=0.1\).*model.fc.weight"):
+        _fit(_cnn_module(_adamw), [LAWN(on_weight_decay="error", **options), StopAtFirstBatch()], _images())
+    warned = pytest.warns(UserWarning, match=r"AdamW group 0 \(weight_decay=0.1\).*model.fc.weight")
+    with warned, pytest.raises(_FirstBatch):  # the warning came before the first batch
+        _fit(_cnn_module(_adamw), [LAWN(**options), StopAtFirstBatch()], _images(), quiet=False)
+
+
+def test_weight_decay_off_the_head_is_caught_before_the_first_backward() -> None:
+    # No normalization: the default search constrains the body too, known once the first forward ran.
+    module = _mlp_module()
+    module.configure_optimizers = lambda: torch.optim.AdamW(  # type: ignore[method-assign]
+        [
+            {"params": module.model.body.parameters(), "weight_decay": 0.1},
+            {"params": module.model.head.parameters(), "weight_decay": 0.0},
+        ]
+    )
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=r"group 0 \(weight_decay=0.1\).*model.body.0.weight"):
+        trainer = fast_trainer(max_epochs=1, limit_val_batches=0, callbacks=[LAWN(on_weight_decay="error")])
+        trainer.fit(module, datamodule=_blobs())
+    assert trainer.global_step == 0
+    assert all(p.grad is None for p in module.parameters())  # no backward ran
+    for got, want in zip(module.parameters(), before, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_constructor_and_layer_errors() -> None:
     with pytest.raises(ValueError, match="free_epochs must be an integer >= 0, got -1"):
         LAWN(free_epochs=-1)
@@ -502,6 +670,8 @@ def test_constructor_and_layer_errors() -> None:
         LAWN(layers=[])
     with pytest.raises(ValueError, match="'warn' or 'error'"):
         LAWN(on_weight_decay="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"scope must be 'final' .* or 'all' .*, got 'every'"):
+        LAWN(scope="every")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'model\.nope' matches no layer"):
         _fit(_mlp_module(), [LAWN(layers=["model.nope"])], max_epochs=1)
 
@@ -546,39 +716,60 @@ def test_logs_weight_and_logit_norms(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- checkpoint and resume
 
 
-def _resume_run(tmp_path: Path, stop_at: int | None, epochs: int, lawn: LAWN) -> Classifier:
-    module = _mlp_module()
+def _resume_run(tmp_path: Path, stop_at: int | None, epochs: int, lawn: LAWN, cnn: bool) -> Classifier:
+    module = _cnn_module() if cnn else _mlp_module()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
     trainer = fast_trainer(
         max_epochs=stop_at or epochs, limit_val_batches=0, callbacks=[lawn, checkpoint], enable_checkpointing=True
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=_blobs())
+        trainer.fit(module, datamodule=_images() if cnn else _blobs())
     return module
 
 
-def test_resume_in_constrained_phase_matches_uninterrupted(tmp_path: Path) -> None:
-    full = _resume_run(tmp_path / "full", None, 5, LAWN(free_epochs=2))
-    first = LAWN(free_epochs=2)
-    _resume_run(tmp_path / "part", 3, 5, first)
+@pytest.mark.parametrize(
+    ("scope", "on_switch", "target", "cnn"),
+    [("final", "keep", None, False), ("all", "reset", None, True), ("final", "reset", 2.0, True)],
+)
+def test_resume_in_constrained_phase_matches_uninterrupted(
+    tmp_path: Path, scope: Any, on_switch: Any, target: float | None, cnn: bool
+) -> None:
+    options = dict(free_epochs=2, scope=scope, on_switch=on_switch, target_norm=target)
+    full = _resume_run(tmp_path / "full", None, 5, LAWN(**options), cnn)  # type: ignore[arg-type]
+    first = LAWN(**options)  # type: ignore[arg-type]
+    _resume_run(tmp_path / "part", 3, 5, first, cnn)
     assert first.phase == "constrained"
     saved = torch.load(tmp_path / "part" / "last.ckpt", weights_only=False)["callbacks"]
     (state,) = [v for k, v in saved.items() if k.startswith("LAWN")]
-    assert state["phase"] == "constrained" and state["norms"] == first.norms
+    assert state["phase"] == "constrained" and state["norms"] == first.norms and state["version"] == 2
+    assert state["scope"] == scope and state["on_switch"] == on_switch and state["target_norm"] == target
 
     # The resumed run is told a different schedule: the checkpoint's phase and norms must win.
-    resumed_lawn = LAWN(free_epochs=100)
-    module = _mlp_module()
+    resumed_lawn = LAWN(free_epochs=100, scope=scope)
+    module = _cnn_module() if cnn else _mlp_module()
     trainer = fast_trainer(max_epochs=5, limit_val_batches=0, callbacks=[resumed_lawn])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=_blobs(), ckpt_path=tmp_path / "part" / "last.ckpt")
+        trainer.fit(module, datamodule=_images() if cnn else _blobs(), ckpt_path=tmp_path / "part" / "last.ckpt")
     assert resumed_lawn.phase == "constrained" and resumed_lawn.norms == first.norms
+    assert resumed_lawn.param_names == first.param_names
     for got, want in zip(module.parameters(), full.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    held = frobenius_norm(module.model.head.weight).item()
-    assert held == pytest.approx(first.norms["model.head.weight"], rel=1e-6)
+    params = dict(module.named_parameters())
+    for name in first.param_names:
+        assert frobenius_norm(params[name]).item() == pytest.approx(first.norms[name], rel=1e-6)
+    if target is not None:
+        assert set(first.norms.values()) == {target}
+
+
+def test_resume_under_another_scope_keeps_the_checkpoint_weights() -> None:
+    lawn = LAWN(scope="all")
+    lawn.load_state_dict({"version": 1, "phase": "free", "param_names": ["model.fc.weight"], "norms": {}})
+    module = _cnn_module()
+    with pytest.warns(UserWarning, match="scope='final' under scope='all'.*kept"):
+        _fit(module, [lawn], datamodule=_images(), max_epochs=1, quiet=False)
+    assert lawn.param_names == ["model.fc.weight"]
 
 
 def test_load_state_dict_validates() -> None:
@@ -587,44 +778,59 @@ def test_load_state_dict_validates() -> None:
         lawn.load_state_dict({"phase": "wrong"})
     with pytest.raises(ValueError, match="inconsistent"):
         lawn.load_state_dict({"phase": "constrained", "param_names": ["a"], "norms": {}})
+    with pytest.raises(ValueError, match="version 3"):
+        lawn.load_state_dict({"version": 3, "phase": "free"})
+    # a version-1 state (before scope/on_switch existed) loads, and is written back as version 2
     state = {"version": 1, "phase": "constrained", "param_names": ["a"], "norms": {"a": 2.0}}
     lawn.load_state_dict(state)
-    assert lawn.state_dict() == state
+    assert lawn.state_dict() == {
+        **state,
+        "version": 2,
+        "scope": "final",
+        "on_switch": "keep",
+        "target_norm": None,
+        "switch_step": None,
+    }
+    assert lawn._loaded_scope == "final"
 
 
 # ----------------------------------------------------------------------------- DDP
 
 
 class RankRecordingLAWN(LAWN):
-    """Writes the norms it holds and the weights' norms on each rank at the end of training."""
+    """Writes the norms it holds, the weights' norms and Adam's step counts on each rank at the end."""
 
-    def __init__(self, out_dir: str) -> None:
-        super().__init__(free_steps=2)
+    def __init__(self, out_dir: str, **kwargs: Any) -> None:
+        super().__init__(free_steps=2, **kwargs)
         self.out_dir = out_dir
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = dict(pl_module.named_parameters())
+        state = trainer.optimizers[0].state
         record = {
             "recorded": self.norms,
             "held": {n: frobenius_norm(params[n]).item() for n in self.param_names},
             "phase": self.phase,
+            "steps": {n: int(state[p]["step"]) for n, p in params.items()},
+            "weights": {n: p.detach().flatten().tolist() for n, p in params.items()},
         }
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def _ddp_fit(strategy: str, devices: int, batch_size: int, out_dir: Path) -> Classifier:
-    module = _mlp_module()
+def _ddp_fit(strategy: str, devices: int, batch_size: int, out_dir: Path, cnn: bool, **kwargs: Any) -> Classifier:
+    module = _cnn_module() if cnn else _mlp_module()
     trainer = fast_trainer(
         strategy=strategy,
         devices=devices,
         max_steps=6,
+        max_epochs=3 if cnn else 1,  # the CNN's 32 images give 2 steps per epoch and rank
         limit_val_batches=0,
         use_distributed_sampler=False,
-        callbacks=[RankRecordingLAWN(str(out_dir))],
+        callbacks=[RankRecordingLAWN(str(out_dir), **kwargs)],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=_blobs(batch_size))
+        trainer.fit(module, datamodule=_images(batch_size) if cnn else _blobs(batch_size))
     return module
 
 
@@ -633,8 +839,8 @@ def _ddp_fit(strategy: str, devices: int, batch_size: int, out_dir: Path) -> Cla
 def test_ddp_spawn_ranks_hold_the_same_norms(ddp_env: int, tmp_path: Path) -> None:
     (tmp_path / "ddp").mkdir()
     (tmp_path / "one").mkdir()
-    ddp = _ddp_fit("ddp_spawn", 2, 8, tmp_path / "ddp")
-    single = _ddp_fit("auto", 1, 16, tmp_path / "one")
+    ddp = _ddp_fit("ddp_spawn", 2, 8, tmp_path / "ddp", cnn=False)
+    single = _ddp_fit("auto", 1, 16, tmp_path / "one", cnn=False)
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["phase"] == ranks[1]["phase"] == "constrained"
     assert ranks[0]["recorded"] == ranks[1]["recorded"]  # bit for bit
@@ -645,6 +851,21 @@ def test_ddp_spawn_ranks_hold_the_same_norms(ddp_env: int, tmp_path: Path) -> No
     assert ranks[0]["recorded"] == pytest.approx(one["recorded"], rel=1e-5)
     for got, want in zip(ddp.parameters(), single.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_spawn_scope_all_with_reset(ddp_env: int, tmp_path: Path) -> None:
+    # A BatchNorm CNN, every weight constrained, optimizer state reset at the switch, on 2 processes.
+    _ddp_fit("ddp_spawn", 2, 8, tmp_path, cnn=True, scope="all", on_switch="reset")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["recorded"] == ranks[1]["recorded"]  # bit for bit
+    assert set(ranks[0]["recorded"]) == {"model.features.0.weight", "model.fc.weight"}
+    for rank in ranks:
+        assert rank["phase"] == "constrained"
+        assert rank["held"] == pytest.approx(rank["recorded"], rel=1e-6)
+        assert rank["steps"] == {n: 4 if n in rank["recorded"] else 6 for n in rank["steps"]}
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # the replicas stay identical
 
 
 # ----------------------------------------------------------------------------- recipes

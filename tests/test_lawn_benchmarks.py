@@ -37,7 +37,18 @@ def test_lawn_speed_smoke_prints_a_ratio_table() -> None:
 def test_lawn_accuracy_smoke_prints_the_tables() -> None:
     proc = _run("benchmarks.accuracy_lawn", "--smoke")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "# LAWN accuracy: digits (smoke), 1 seed(s)" in proc.stdout
-    for row in ("| Adam |", "| AdamW |", "| Adam-LAWN |", "| SGD |", "| SGD-LAWN |", "| Adam-LAWN minus Adam |"):
+    assert "# LAWN study: digits (smoke)" in proc.stdout and "1 seed(s), 2 epochs" in proc.stdout
+    for row in (
+        "| Adam |",
+        "| Adam+L2 |",
+        "| AdamW |",
+        "| SGD |",
+        "| Adam-LAWN (final, free 50%) |",
+        "| Adam-LAWN (all, free 50%) |",
+        "| SGD-LAWN (all, free 50%) |",
+        "| Adam-LAWN (all, free 50%) minus Adam |",
+        "Final training loss",
+        "Chosen on the validation split",
+    ):
         assert row in proc.stdout, row
     assert "lawn_norms_smoke.png" in proc.stdout

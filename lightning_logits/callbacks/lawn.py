@@ -1,21 +1,28 @@
 """LAWN (logit attenuating weight normalization) as a Callback that works with any torch optimizer.
 
-Without weight decay, a classifier trained to a small loss grows its logits by growing the weights
-of its last layers, and then barely moves. LAWN (arXiv 2108.05839) trains freely for a while, then
-holds the Frobenius norm of each weight in the network's final homogeneous part (the layers after
-the last normalization layer, see :mod:`lightning_logits.networks.lawn`) at the value it had when
-the free phase ended. The number of free epochs replaces weight decay as the hyperparameter.
+Without weight decay, a classifier trained to a small loss grows its logits by growing its weights,
+and then barely moves. LAWN (arXiv 2108.05839) trains freely for a while, then holds the Frobenius
+norm of each constrained weight at a fixed value. The number of free epochs replaces weight decay as
+the hyperparameter. Which weights are constrained is ``scope``: ``"final"`` (the default) takes the
+layers after the last normalization layer (arXiv v1's "final homogeneous sub-network", see
+:mod:`lightning_logits.networks.lawn`); ``"all"`` takes every trainable weight with two or more
+dimensions, the ones that feed normalization layers included (the later texts' "layer-wise" form).
 
 How it acts on a training step, in the constrained phase:
 
 * ``on_before_optimizer_step`` (Lightning calls it after the backward pass, after AMP unscaling,
   only for real optimizer steps, so not for gradient-accumulation micro-batches): the gradient of
   each constrained weight is projected onto the tangent space of its sphere,
-  :func:`~lightning_logits.functional.lawn.project_to_tangent_`.
+  :func:`~lightning_logits.functional.lawn.project_to_tangent_` (fused over all weights).
 * a torch ``optimizer.register_step_post_hook``, which fires only when ``optimizer.step()`` ran
   (an AMP step skipped for inf/NaN gradients runs no hook): each constrained weight is rescaled to
-  its recorded norm, :func:`~lightning_logits.functional.lawn.rescale_to_norm_`. The hook acts only
+  its target norm, :func:`~lightning_logits.functional.lawn.rescale_to_norm_` (fused). The hook acts only
   on the parameters of the optimizer that stepped, so several optimizers and parameter groups work.
+
+At the switch (the first step of the constrained phase) the target norms are recorded (the norm
+each weight has then, or ``target_norm``), the weights are rescaled to them, and, with
+``on_switch="reset"``, the optimizer state of the constrained weights (Adam's moments and step
+count, SGD's momentum buffer) is cleared so the optimizer starts afresh on the sphere.
 
 Nothing is added to the loss.
 """
@@ -33,9 +40,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_logits.functional.lawn import frobenius_norm, project_to_tangent_, rescale_to_norm_
+from lightning_logits.functional.lawn import frobenius_norms, project_to_tangent_, rescale_to_norm_
 from lightning_logits.loss_terms import check_state_version
-from lightning_logits.networks.heads import find_classifier
+from lightning_logits.networks.heads import find_classifier, is_aux
 from lightning_logits.networks.lawn import (
     ExecutionTrace,
     constrained_parameter_names,
@@ -43,12 +50,14 @@ from lightning_logits.networks.lawn import (
     non_homogeneous_activations,
     record_execution,
     select_constrained_layers,
+    weight_matrices,
 )
 
 __all__ = ["LAWN"]
 
 FREE = "free"
 CONSTRAINED = "constrained"
+STATE_VERSION = 2
 
 # Strategies that shard parameters: a rank holds only a slice of a weight, so its local norm is not
 # the layer's norm. Matched by class name so that DeepSpeed need not be installed to check.
@@ -56,43 +65,62 @@ _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrate
 
 
 class LAWN(Callback):
-    """Constrain the weight norms of a network's final layers after a free phase (LAWN).
+    """Constrain the weight norms of a network's layers after a free phase (LAWN).
 
     Args:
         free_epochs: epochs of unconstrained training before the constraint starts (``0``: from
             the first step). Ignored when ``free_steps`` is given. Default ``5``.
         free_steps: optimizer steps of unconstrained training; overrides ``free_epochs``.
+        scope: which weights to constrain when ``layers`` is not given. ``"final"`` (default): the
+            layers that run after the last normalization layer, found by tracing the first training
+            step (for a network without normalization, every layer that runs; arXiv 2108.05839 v1).
+            ``"all"``: every trainable weight with two or more dimensions that an optimizer updates,
+            including those that feed normalization layers (under Adam without weight decay their
+            norms grow, which shrinks their effective step; the later versions of the paper describe
+            the constraint layer-wise). Biases and normalization parameters stay free in both.
         layers: module names or ``fnmatch`` patterns, relative to the LightningModule (for
             :class:`~lightning_logits.modules.Classifier`: ``["model.fc"]``, ``["model.head*"]``),
-            whose weight matrices to constrain. Default ``None``: the layers that run after the last
-            normalization layer, found by tracing the first training step; for a network without
-            normalization, every layer. Biases and normalization parameters are never constrained.
+            whose weight matrices to constrain; overrides ``scope``. Default ``None``.
+        on_switch: what happens to the optimizer state of the constrained weights at the switch:
+            ``"keep"`` (default: the moments/momentum carry over) or ``"reset"`` (their state
+            entries are deleted, so e.g. Adam restarts its moments and bias correction, SGD its
+            momentum buffer; the free weights keep theirs).
+        target_norm: the norm every constrained weight is held at. Default ``None``: each weight's
+            own Frobenius norm at the switch. A number ``> 0``: all of them are rescaled to it at the
+            switch and held there.
         project_gradients: project the gradients onto the tangent space before each step (the
             rescale after the step is always done). Default ``True``.
         on_weight_decay: what to do when a constrained weight sits in a parameter group with
-            ``weight_decay > 0``: ``"warn"`` (default) or ``"error"``. LAWN never changes the
-            optimizer: the rescale after each step undoes decoupled decay (AdamW) on these weights,
-            while coupled L2 decay (Adam, SGD) still enters the optimizer's momentum/moment
+            ``weight_decay > 0``: ``"warn"`` (default) or ``"error"``. Checked when the fit starts
+            (the optimizers are known then) for ``scope="all"``, for ``layers=[...]`` and, with the
+            default search, for the classifier head; the other layers of the default search once the
+            first forward pass has been traced, before the first backward pass. LAWN never changes
+            the optimizer: the rescale after each step undoes decoupled decay (AdamW) on these
+            weights, while coupled L2 decay (Adam, SGD) still enters the optimizer's momentum/moment
             estimates. LAWN is meant to replace weight decay on them: put them in a group with
-            ``weight_decay=0`` (other layers may keep theirs).
+            ``weight_decay=0`` (other parameters may keep theirs).
         log_norms: log ``lawn/weight_norm/<param>`` per constrained weight, ``lawn/logit_norm``
             (mean L2 norm of the logits of the training batch) and ``lawn/constrained`` (0 or 1),
             every ``log_every_n_steps``. Default ``True``.
 
-    State (``phase``, constrained parameter names and their recorded norms) is saved in the
-    checkpoint: a run resumed in the constrained phase keeps exactly the same constraint.
+    State (``phase``, constrained parameter names, their target norms, the step of the switch) is
+    saved in the checkpoint (``version`` 2; version 1 states load): a run resumed in the
+    constrained phase keeps exactly the same constraint, whatever the resumed callback's options.
 
     Example:
-        >>> lawn = LAWN(free_epochs=2)  # then: pl.Trainer(callbacks=[lawn]).fit(module, data)
-        >>> lawn.state_dict()
-        {'version': 1, 'phase': 'free', 'param_names': [], 'norms': {}}
+        >>> lawn = LAWN(free_epochs=2, scope="all", on_switch="reset")  # pl.Trainer(callbacks=[lawn])
+        >>> lawn.state_dict()["phase"], lawn.state_dict()["version"]
+        ('free', 2)
     """
 
     def __init__(
         self,
         free_epochs: int = 5,
         free_steps: int | None = None,
+        scope: Literal["final", "all"] = "final",
         layers: list[str] | None = None,
+        on_switch: Literal["keep", "reset"] = "keep",
+        target_norm: float | None = None,
         project_gradients: bool = True,
         on_weight_decay: Literal["warn", "error"] = "warn",
         log_norms: bool = True,
@@ -103,15 +131,35 @@ class LAWN(Callback):
             not isinstance(free_steps, int) or isinstance(free_steps, bool) or free_steps < 0
         ):
             raise ValueError(f"free_steps must be None or an integer >= 0, got {free_steps!r}")
+        if scope not in ("final", "all"):
+            raise ValueError(
+                f"scope must be 'final' (layers after the last normalization layer) or 'all' (every weight "
+                f"matrix), got {scope!r}"
+            )
         if isinstance(layers, str):
             raise TypeError(f"layers must be a list of names or patterns, got the string '{layers}': use ['{layers}']")
         if layers is not None and len(layers) == 0:
             raise ValueError("layers is an empty list: pass None to find the layers automatically, or name some")
+        if on_switch not in ("keep", "reset"):
+            raise ValueError(f"on_switch must be 'keep' or 'reset', got {on_switch!r}")
+        if target_norm is not None and (
+            isinstance(target_norm, bool)
+            or not isinstance(target_norm, int | float)
+            or not math.isfinite(target_norm)
+            or target_norm <= 0
+        ):
+            raise ValueError(
+                f"target_norm must be None (each weight's norm at the switch) or a finite number > 0, "
+                f"got {target_norm!r}"
+            )
         if on_weight_decay not in ("warn", "error"):
             raise ValueError(f"on_weight_decay must be 'warn' or 'error', got {on_weight_decay!r}")
         self.free_epochs = free_epochs
         self.free_steps = free_steps
+        self.scope = scope
         self.layers = list(layers) if layers is not None else None
+        self.on_switch = on_switch
+        self.target_norm = float(target_norm) if target_norm is not None else None
         self.project_gradients = project_gradients
         self.on_weight_decay = on_weight_decay
         self.log_norms = log_norms
@@ -120,13 +168,17 @@ class LAWN(Callback):
         self.phase: str = FREE
         self.param_names: list[str] = []
         self.norms: dict[str, float] = {}
+        self.switch_step: int | None = None
+        self._loaded_scope: str | None = None
 
         # Per-fit runtime.
         self._params: dict[str, nn.Parameter] = {}
-        self._per_optimizer: dict[int, list[tuple[nn.Parameter, float]]] = {}
+        # optimizer id -> (its constrained weights, their target norms as one tensor on their device)
+        self._per_optimizer: dict[int, tuple[list[nn.Parameter], Tensor]] = {}
         self._handles: list[Any] = []
         self._trace: ExecutionTrace | None = None
         self._trace_stack: contextlib.ExitStack | None = None
+        self._trace_pending = False
         self._measure = False
         self._logit_norm: Tensor | None = None
 
@@ -155,6 +207,7 @@ class LAWN(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The optimizers exist now (configure_optimizers ran): hooks, and every check that needs them.
         for optimizer in trainer.optimizers:
             register = getattr(optimizer, "register_step_post_hook", None)
             if not callable(register):
@@ -166,12 +219,33 @@ class LAWN(Callback):
         if self.log_norms:
             self._attach_logit_hook(pl_module)
         if self.param_names:  # resumed from a checkpoint: the layers are known
+            if self._loaded_scope is not None and self._loaded_scope != self.scope and self.layers is None:
+                rank_zero_warn(
+                    f"LAWN: resuming a run made with scope='{self._loaded_scope}' under scope='{self.scope}': the "
+                    f"checkpoint's constrained weights ({len(self.param_names)}) are kept. Start a new run to change "
+                    "the scope."
+                )
             self._bind(trainer, pl_module)
             self._check_weight_decay(trainer)
+            return
+        # Trace the first training step's forward: to find the layers (scope "final") and, when the
+        # layers are named, to check the activations between them.
+        self._trace_pending = self.layers is not None or self.scope == "final"
+        if self.layers is not None:
+            self._set_param_names(trainer, constrained_parameter_names(pl_module, match_layers(pl_module, self.layers)))
+        elif self.scope == "all":
+            self._set_param_names(trainer, self._all_weight_names(trainer, pl_module))
+        else:
+            self._check_head_weight_decay(trainer, pl_module)
+            return
+        self._bind(trainer, pl_module)
+        self._check_weight_decay(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop_trace()
+        self._trace = None
+        self._trace_pending = False
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -201,34 +275,67 @@ class LAWN(Callback):
             self._trace_stack.close()
             self._trace_stack = None
 
-    def _resolve_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Turn the trace of the first training step (or ``layers``) into constrained parameter names."""
+    @staticmethod
+    def _all_weight_names(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        """scope="all": every trainable weight with >= 2 dimensions that an optimizer updates."""
+        optimized = {id(p) for optimizer in trainer.optimizers for g in optimizer.param_groups for p in g["params"]}
+        names = []
+        for layer, module in pl_module.named_modules():
+            if is_aux(layer):
+                continue
+            for name, param in weight_matrices(module):
+                if id(param) in optimized:
+                    names.append(f"{layer}.{name}" if layer else name)
+        if not names:
+            raise ValueError(
+                f"LAWN(scope='all') found no trainable weight with two or more dimensions in the optimizers of "
+                f"{type(pl_module).__name__}: nothing to constrain. Check configure_optimizers, or name the "
+                "layers (layers=[...])"
+            )
+        return names
+
+    def _set_param_names(self, trainer: pl.Trainer, names: list[str]) -> None:
+        # Every rank sees the same model; rank 0's answer is the one all use.
+        names = trainer.strategy.broadcast(names, src=0)
+        self.param_names = list(names)
+        shown = ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
+        rank_zero_info(f"LAWN constrains {len(names)} weight(s): {shown}")
+
+    def _check_head_weight_decay(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Default search, before the trace: the classifier head runs after the last norm, so it is
+        constrained for sure; weight decay on it is reported now, before any step."""
+        head_attr = getattr(pl_module, "classifier_head", None)
+        try:
+            head_name, head = find_classifier(pl_module, head_attr if isinstance(head_attr, str) else None)
+        except LookupError:
+            return
+        names = {id(p): f"{head_name}.{n}" if head_name else n for n, p in weight_matrices(head)}
+        self._report_weight_decay(trainer, names)
+
+    def _finish_trace(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the first forward: the layers of the default search, the activation check."""
+        if not self._trace_pending or self._trace is None:
+            return
         trace = self._trace
         self._stop_trace()
         self._trace = None
+        self._trace_pending = False
         if self.layers is not None:
             layers = match_layers(pl_module, self.layers)
         else:
-            if trace is None:
-                raise RuntimeError("LAWN could not trace a training step to find its layers; pass layers=[...]")
             layers = select_constrained_layers(pl_module, trace)
-        names = constrained_parameter_names(pl_module, layers)
-        # Every rank traced the same model; rank 0's answer is the one all use.
-        names = trainer.strategy.broadcast(names, src=0)
-        self.param_names = list(names)
-        rank_zero_info(f"LAWN constrains {len(names)} weight(s): {', '.join(names)}")
-        if trace is not None:
-            activations = non_homogeneous_activations(pl_module, trace, layers)
-            if activations:
-                kinds = sorted({type(pl_module.get_submodule(a)).__name__ for a in activations})
-                rank_zero_warn(
-                    f"LAWN: non-homogeneous activation(s) {', '.join(kinds)} run inside the constrained part "
-                    f"({', '.join(activations)}): the logits no longer scale with the weight norms, so holding the "
-                    "norms attenuates them less. Constrain only the layers after them (layers=[...]) or use "
-                    "ReLU/LeakyReLU there."
-                )
-        self._bind(trainer, pl_module)
-        self._check_weight_decay(trainer)
+            self._set_param_names(trainer, constrained_parameter_names(pl_module, layers))
+            self._bind(trainer, pl_module)
+            self._check_weight_decay(trainer)
+        activations = non_homogeneous_activations(pl_module, trace, layers)
+        if activations:
+            kinds = sorted({type(pl_module.get_submodule(a)).__name__ for a in activations})
+            rank_zero_warn(
+                f"LAWN: non-homogeneous activation(s) {', '.join(kinds)} run inside the constrained part "
+                f"({', '.join(activations)}): the logits no longer scale with the weight norms, so holding the "
+                "norms attenuates them less. Constrain only the layers after them (layers=[...]) or use "
+                "ReLU/LeakyReLU there."
+            )
 
     def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         parameters = dict(pl_module.named_parameters())
@@ -249,15 +356,22 @@ class LAWN(Callback):
         seen: set[int] = set()
         for optimizer in trainer.optimizers:
             in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            pairs = [(p, self.norms[n]) for n, p in self._params.items() if id(p) in in_groups]
-            self._per_optimizer[id(optimizer)] = pairs
-            seen.update(id(p) for p, _ in pairs)
+            names = [n for n, p in self._params.items() if id(p) in in_groups]
+            if not names:
+                continue
+            params = [self._params[n] for n in names]
+            # The targets live on the weights' device once, so the per-step rescale copies nothing.
+            targets = torch.tensor([self.norms[n] for n in names], dtype=torch.float64, device=params[0].device)
+            self._per_optimizer[id(optimizer)] = (params, targets)
+            seen.update(id(p) for p in params)
         unused = [n for n, p in self._params.items() if id(p) not in seen]
         if unused:
             rank_zero_warn(f"LAWN: constrained weights {unused} are in no optimizer, so they are never rescaled")
 
     def _check_weight_decay(self, trainer: pl.Trainer) -> None:
-        ids = {id(p): n for n, p in self._params.items()}
+        self._report_weight_decay(trainer, {id(p): n for n, p in self._params.items()})
+
+    def _report_weight_decay(self, trainer: pl.Trainer, ids: dict[int, str]) -> None:
         offending = []
         for optimizer in trainer.optimizers:
             for index, group in enumerate(optimizer.param_groups):
@@ -282,29 +396,40 @@ class LAWN(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not self.param_names and self._trace_stack is None:
-            # Trace the first training step's forward (also with explicit layers: for the activation check).
+        if self._trace_pending and self._trace_stack is None:
             self._trace_stack = contextlib.ExitStack()
             self._trace = self._trace_stack.enter_context(record_execution(pl_module))
         self._logit_norm = None
         self._measure = self.log_norms and bool(trainer._logger_connector.should_update_logs)
 
     @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # The first forward is over: the layers are known before any gradient or optimizer step.
+        self._finish_trace(trainer, pl_module)
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._finish_trace(trainer, pl_module)
         if not self.param_names:
-            self._resolve_layers(trainer, pl_module)
+            raise RuntimeError("LAWN could not trace a training step to find its layers; pass layers=[...]")
         if self.phase == FREE and self.should_constrain(trainer):
             self._switch(trainer)
         if self.phase == CONSTRAINED and self.project_gradients:
-            pairs = [(p.grad, p) for p, _ in self._per_optimizer.get(id(optimizer), ()) if p.grad is not None]
+            params, _ = self._per_optimizer.get(id(optimizer), ([], None))
+            pairs = [(p.grad, p) for p in params if p.grad is not None]
             if pairs:
                 grads, weights = zip(*pairs, strict=True)
                 project_to_tangent_(grads, weights)
 
     def _switch(self, trainer: pl.Trainer) -> None:
-        norms = {n: float(frobenius_norm(p.detach())) for n, p in self._params.items()}
+        names = list(self._params)
+        if self.target_norm is None:
+            values = frobenius_norms([self._params[n] for n in names]).tolist() if names else []
+            norms = dict(zip(names, (float(v) for v in values), strict=True))
+        else:
+            norms = dict.fromkeys(names, self.target_norm)
         # DDP keeps replicas identical, but the norms must agree bit for bit: take rank 0's.
         self.norms = trainer.strategy.broadcast(norms, src=0)
         bad = {n: v for n, v in self.norms.items() if not (math.isfinite(v) and v > 0)}
@@ -314,33 +439,45 @@ class LAWN(Callback):
                 "finite and positive. Check the free phase for divergence (lower the learning rate)"
             )
         self.phase = CONSTRAINED
+        self.switch_step = trainer.global_step
         self._bind_optimizers(trainer)
+        for optimizer in trainer.optimizers:
+            params, targets = self._per_optimizer.get(id(optimizer), ([], None))
+            if targets is None:
+                continue
+            if self.target_norm is not None:
+                rescale_to_norm_(params, targets)  # onto the sphere before the first constrained step
+            if self.on_switch == "reset":
+                for param in params:
+                    optimizer.state.pop(param, None)
         rank_zero_info(
-            f"LAWN: constrained phase from epoch {trainer.current_epoch}, step {trainer.global_step}; norms "
-            + ", ".join(f"{n}={v:.4g}" for n, v in self.norms.items())
+            f"LAWN: constrained phase from epoch {trainer.current_epoch}, step {trainer.global_step} "
+            f"(optimizer state {'reset' if self.on_switch == 'reset' else 'kept'}); norms "
+            + ", ".join(f"{n}={v:.4g}" for n, v in list(self.norms.items())[:12])
         )
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.phase != CONSTRAINED:
             return
-        pairs = self._per_optimizer.get(id(optimizer))
-        if pairs:
-            rescale_to_norm_([p for p, _ in pairs], [c for _, c in pairs])
+        entry = self._per_optimizer.get(id(optimizer))
+        if entry is not None:
+            rescale_to_norm_(*entry)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self.param_names and self._trace is not None:
-            # Gradient accumulation: the first micro-batch ends before any optimizer step.
-            self._resolve_layers(trainer, pl_module)
+        # A step that returned no loss runs no backward: finish the trace here.
+        self._finish_trace(trainer, pl_module)
         if not self._measure:
             return
         self._measure = False
         log = dict(on_step=True, on_epoch=False, batch_size=1)
-        for name, param in self._params.items():
-            pl_module.log(f"lawn/weight_norm/{name}", frobenius_norm(param.detach()), **log)  # type: ignore[arg-type]
+        if self._params:
+            norms = frobenius_norms(list(self._params.values()))
+            for name, norm in zip(self._params, norms.unbind(), strict=True):
+                pl_module.log(f"lawn/weight_norm/{name}", norm, **log)  # type: ignore[arg-type]
         if self._logit_norm is not None:
             pl_module.log("lawn/logit_norm", self._logit_norm, **log)  # type: ignore[arg-type]
         pl_module.log("lawn/constrained", float(self.phase == CONSTRAINED), **log)  # type: ignore[arg-type]
@@ -349,11 +486,21 @@ class LAWN(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "phase": self.phase, "param_names": list(self.param_names), "norms": dict(self.norms)}
+        return {
+            "version": STATE_VERSION,
+            "phase": self.phase,
+            "param_names": list(self.param_names),
+            "norms": dict(self.norms),
+            "scope": self.scope if self.layers is None else "layers",
+            "on_switch": self.on_switch,
+            "target_norm": self.target_norm,
+            "switch_step": self.switch_step,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        check_state_version(state_dict, 1, "LAWN")
+        # Version 1 (and unversioned) states have no scope/switch fields: their runs used scope="final".
+        version = check_state_version(state_dict, STATE_VERSION, "LAWN")
         phase = state_dict.get("phase", FREE)
         if phase not in (FREE, CONSTRAINED):
             raise ValueError(f"LAWN checkpoint state has phase {phase!r}; expected '{FREE}' or '{CONSTRAINED}'")
@@ -365,3 +512,7 @@ class LAWN(Callback):
                 f"LAWN checkpoint state is inconsistent: norms for {sorted(self.norms)} but weights "
                 f"{self.param_names}; the checkpoint is damaged"
             )
+        switch_step = state_dict.get("switch_step")
+        self.switch_step = int(switch_step) if switch_step is not None else None
+        scope = state_dict.get("scope", "final" if version < 2 else None)
+        self._loaded_scope = scope if scope in ("final", "all") else None

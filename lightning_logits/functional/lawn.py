@@ -26,7 +26,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["frobenius_norm", "project_to_tangent", "project_to_tangent_", "rescale_to_norm", "rescale_to_norm_"]
+__all__ = [
+    "frobenius_norm",
+    "frobenius_norms",
+    "project_to_tangent",
+    "project_to_tangent_",
+    "rescale_to_norm",
+    "rescale_to_norm_",
+]
 
 
 def _accumulate_dtype(tensor: Tensor) -> torch.dtype:
@@ -100,11 +107,46 @@ def project_to_tangent(grad: Tensor, weight: Tensor, eps: float = 0.0) -> Tensor
     return (g - coefficient * w).to(grad.dtype)
 
 
+def _groups(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
+    # foreach kernels and stacked per-tensor numbers need one device: group the indices by device.
+    groups: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault(tensor.device, []).append(index)
+    return groups
+
+
+def _working_copies(tensors: list[Tensor]) -> tuple[list[Tensor], bool]:
+    # fp16/bf16 tensors are worked on as float32 copies (written back afterwards); float32/64 in place.
+    if all(t.dtype in (torch.float32, torch.float64) for t in tensors):
+        return tensors, False
+    return [t.to(_accumulate_dtype(t)) for t in tensors], True
+
+
+def frobenius_norms(weights: Sequence[Tensor]) -> Tensor:
+    """Frobenius norms of several tensors at once (one fused ``torch._foreach_norm``): a ``[k]`` tensor.
+
+    Accumulated in at least float32. All tensors must be on one device.
+
+    Example:
+        >>> import torch
+        >>> frobenius_norms([torch.tensor([3.0, 4.0]), torch.ones(2, 2)])
+        tensor([5., 2.])
+    """
+    tensors = [w.detach() for w in weights]
+    if not tensors:
+        return torch.zeros(0)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+
+
 @torch.no_grad()
 def project_to_tangent_(grads: Sequence[Tensor], weights: Sequence[Tensor], eps: float = 0.0) -> None:
-    """In-place :func:`project_to_tangent` of each ``grads[i]`` against ``weights[i]``.
+    """In-place :func:`project_to_tangent` of each ``grads[i]`` against ``weights[i]``, fused.
 
-    What the LAWN callback calls on ``param.grad`` before each constrained optimizer step.
+    What the LAWN callback calls on ``param.grad`` before each constrained optimizer step. The
+    norms are one ``torch._foreach_norm``, the inner products one ``torch.dot`` each, and the
+    update one ``torch._foreach_addcmul_`` per device, with no host-device
+    synchronization, so constraining every layer of a network stays cheap.
 
     Example:
         >>> import torch
@@ -116,7 +158,22 @@ def project_to_tangent_(grads: Sequence[Tensor], weights: Sequence[Tensor], eps:
     if len(grads) != len(weights):
         raise ValueError(f"got {len(grads)} gradients for {len(weights)} weights: pass one gradient per weight")
     for grad, weight in zip(grads, weights, strict=True):
-        grad.copy_(project_to_tangent(grad, weight, eps))
+        _check_pair(grad, weight)
+    for indices in _groups(weights).values():
+        g_list, copied_g = _working_copies([grads[i] for i in indices])
+        w_list, _ = _working_copies([weights[i].detach() for i in indices])
+        if any(g.dtype != w.dtype for g, w in zip(g_list, w_list, strict=True)):
+            g_list, copied_g = [g.to(w.dtype) for g, w in zip(g_list, w_list, strict=True)], True
+        w_dot_w = torch.stack([torch.dot(w.reshape(-1), w.reshape(-1)) for w in w_list]) + eps
+        g_dot_w = torch.stack([torch.dot(g.reshape(-1), w.reshape(-1)) for g, w in zip(g_list, w_list, strict=True)])
+        # Branch-free (no host sync on accelerators): a zero weight gets coefficient 0.
+        nonzero = w_dot_w > 0
+        coefficient = torch.where(nonzero, g_dot_w / torch.where(nonzero, w_dot_w, 1.0), 0.0)
+        # g -= c * W without a temporary the size of the weights.
+        torch._foreach_addcmul_(g_list, w_list, list(coefficient.unbind()), value=-1)
+        if copied_g:
+            for i, g in zip(indices, g_list, strict=True):
+                grads[i].copy_(g)
 
 
 def rescale_to_norm(weight: Tensor, norm: float | Tensor) -> Tensor:
@@ -149,10 +206,12 @@ def rescale_to_norm(weight: Tensor, norm: float | Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def rescale_to_norm_(weights: Sequence[Tensor], norms: Sequence[float | Tensor]) -> None:
-    """In-place :func:`rescale_to_norm` of each ``weights[i]`` to ``norms[i]``.
+def rescale_to_norm_(weights: Sequence[Tensor], norms: Sequence[float | Tensor] | Tensor) -> None:
+    """In-place :func:`rescale_to_norm` of each ``weights[i]`` to ``norms[i]``, fused.
 
-    What the LAWN callback calls on the constrained parameters after each optimizer step.
+    What the LAWN callback calls on the constrained parameters after each optimizer step: one
+    ``torch._foreach_norm`` and one ``torch._foreach_mul_`` per device. ``norms`` may be a ``[k]``
+    tensor on the weights' device (what the callback passes: no host-device copy per step).
 
     Example:
         >>> import torch
@@ -163,5 +222,25 @@ def rescale_to_norm_(weights: Sequence[Tensor], norms: Sequence[float | Tensor])
     """
     if len(weights) != len(norms):
         raise ValueError(f"got {len(weights)} weights for {len(norms)} norms: pass one target norm per weight")
-    for weight, norm in zip(weights, norms, strict=True):
-        weight.copy_(rescale_to_norm(weight, norm))
+    for weight in weights:
+        if not isinstance(weight, Tensor) or not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating-point tensor, got {type(weight).__name__}")
+    if not isinstance(norms, Tensor):
+        for norm in norms:
+            _check_norm(norm)
+    for device, indices in _groups(weights).items():
+        w_list, copied = _working_copies([weights[i] for i in indices])
+        current = frobenius_norms(w_list)
+        if isinstance(norms, Tensor):
+            target = norms.to(device=device, dtype=current.dtype)
+            if len(indices) != len(weights):
+                target = target[torch.tensor(indices, device=device)]
+        else:
+            target = torch.stack([torch.as_tensor(norms[i], dtype=current.dtype, device=device) for i in indices])
+        # Branch-free (no host sync on accelerators): a zero weight keeps scale 1.
+        nonzero = current > 0
+        scale = torch.where(nonzero, target / torch.where(nonzero, current, 1.0), 1.0)
+        torch._foreach_mul_(w_list, list(scale.unbind()))
+        if copied:
+            for i, w in zip(indices, w_list, strict=True):
+                weights[i].copy_(w)

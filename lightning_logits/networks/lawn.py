@@ -13,6 +13,9 @@ the final part when its forward *starts* after the last normalization layer's fo
 ``forward`` (``F.gelu``, ``F.layer_norm``) are invisible to hooks: pass the layers explicitly
 (``layers=[...]``) for such models.
 
+This is the search behind ``LAWN(scope="final")``; ``scope="all"`` needs no trace (every trainable
+weight with two or more dimensions, see :func:`weight_matrices`).
+
 Pure PyTorch, no Lightning: :func:`find_constrained_layers` works on any ``nn.Module``.
 """
 
