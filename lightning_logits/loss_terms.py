@@ -84,9 +84,10 @@ class StepScalars:
       single host read; a non-finite value stops training with a ``FloatingPointError`` naming the
       term, its value and the global step where it first appeared. So a non-finite term is caught
       at most ``log_every_n_steps`` steps (50 by default) after it appears, or at the epoch's end;
-    - :meth:`epoch_end` logs the batch-size weighted epoch means as ``<key>_epoch`` and, for
-      monitors, ``<key>`` (not sent to loggers): the same values and keys as
-      ``self.log(key, value, on_step=True, on_epoch=True)`` every step.
+    - :meth:`epoch_end` logs the batch-size weighted epoch means as ``<key>_epoch``, the last
+      step's values as ``<key>_step`` and, for monitors, the means as ``<key>`` (not sent to
+      loggers): the same keys and values as ``self.log(key, value, on_step=True, on_epoch=True)``
+      every step.
 
     Args:
         names: the name of each value in error messages (``"cross_entropy"``, a term's name).
@@ -111,12 +112,14 @@ class StepScalars:
         self._pending_meta: list[tuple[int, int]] = []  # (global step, batch size)
         self._sum: Tensor | None = None  # [K] weighted sum over the epoch's checked steps
         self._count = 0
+        self._last: Tensor | None = None  # [K] the latest step's values
 
     def update(self, module: pl.LightningModule | None, values: list[Tensor], batch_size: int) -> None:
         """Record one step's values (scalars); on a logging step check the pending ones and log these."""
         stacked = torch.stack([v.detach().reshape(()).float() for v in values])
         trainer = module._trainer if module is not None else None
         step = trainer.global_step if trainer is not None else len(self._pending)
+        self._last = stacked
         self._pending.append(stacked * batch_size)
         self._pending_meta.append((step, batch_size))
         if trainer is None or module is None:
@@ -160,19 +163,22 @@ class StepScalars:
     def reset(self) -> None:
         self._pending.clear()
         self._pending_meta.clear()
-        self._sum, self._count = None, 0
+        self._sum, self._count, self._last = None, 0, None
 
     def epoch_end(self, module: pl.LightningModule) -> None:
         """Check what is pending, log the epoch means (``<key>_epoch``, and ``<key>`` for monitors), reset."""
         trainer = module._trainer
         self.flush(trainer.global_step if trainer is not None else 0)
-        means = self.epoch_means()
+        means, last = self.epoch_means(), self._last
         self.reset()
-        if not means or trainer is None:
+        if not means or trainer is None or last is None:
             return
-        epoch = dict(on_step=False, on_epoch=True, batch_size=1, prog_bar=self.prog_bar)
-        module.log_dict({f"{k}_epoch": v for k, v in means.items()}, **epoch)  # type: ignore[arg-type]
-        module.log_dict(means, logger=False, **{**epoch, "prog_bar": False})  # type: ignore[arg-type]
+        logged = {f"{k}_epoch": v for k, v in means.items()}
+        # Lightning sends the epoch's last step values with the epoch values: so do we.
+        logged.update({f"{k}_step": last[i] for i, k in enumerate(self.keys) if k is not None})
+        epoch = dict(on_step=False, on_epoch=True, batch_size=1)
+        module.log_dict(logged, prog_bar=self.prog_bar, **epoch)  # type: ignore[arg-type]
+        module.log_dict(means, logger=False, prog_bar=False, **epoch)  # type: ignore[arg-type]
 
 
 _MAX_PENDING = 1000  # bound on unchecked steps when log_every_n_steps is 0 or very large
