@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
     parser.add_argument("--accelerator", default="auto")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time every case with torch.compile (inductor): '<case>+compile'"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -37,6 +40,8 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     if args.smoke:
         args.steps, args.warmup, args.rounds = min(args.steps, 3), min(args.warmup, 1), 1
+    if args.compile:
+        args.warmup = max(args.warmup, 3)  # compilation (and a recompile) happens in the first steps
 
     if args.memory_of:  # child process of a CPU peak-memory measurement
         (suite,) = args.suite
@@ -46,7 +51,14 @@ def main() -> None:
 
     for suite in args.suite or available_suites():
         results = run_speed(
-            suite, args.steps, args.warmup, args.rounds, args.smoke, not args.no_memory, args.accelerator
+            suite,
+            args.steps,
+            args.warmup,
+            args.rounds,
+            args.smoke,
+            not args.no_memory,
+            args.accelerator,
+            compile=args.compile,
         )
         print(format_table(suite, results), flush=True)
         if not args.smoke:

@@ -114,6 +114,7 @@ class StepScalars:
         self._count = 0
         self._last: Tensor | None = None  # [K] the latest step's values
 
+    @torch.compiler.disable  # bookkeeping: never traced into a compiled training_step
     def update(self, module: pl.LightningModule | None, values: list[Tensor], batch_size: int) -> None:
         """Record one step's values (scalars); on a logging step check the pending ones and log these."""
         stacked = torch.stack([v.detach().reshape(()).float() for v in values])

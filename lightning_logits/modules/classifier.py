@@ -166,11 +166,15 @@ class Classifier(pl.LightningModule):
             smoothing = 0.0  # already folded into the mixed targets
         logits = self._logits(x)
         loss = classification_loss(logits, target, label_smoothing=smoothing, validate_args=validate)
-        self.train_acc.update(logits.detach(), hard_target(target))
-        # One log_dict call on logging steps only; NaN/inf checked on the device (see StepScalars).
-        self._train_scalars.update(self, [loss], x.shape[0])
+        self._record_train_step(logits, target, loss)
         self._validated = True
         return {"loss": loss, "logits": logits, "target": target, "input": x}
+
+    @torch.compiler.disable  # metrics and logging stay eager when the module is compiled
+    def _record_train_step(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
+        self.train_acc.update(logits.detach(), hard_target(target))
+        # One log_dict call on logging steps only; NaN/inf checked on the device (see StepScalars).
+        self._train_scalars.update(self, [loss], logits.shape[0])
 
     @override
     def on_train_epoch_end(self) -> None:
@@ -183,6 +187,10 @@ class Classifier(pl.LightningModule):
         x, target = batch_input(batch), batch_target(batch)
         check_target(target, x.shape[0], self.num_classes)
         logits = self._logits(x)
+        self._record_eval_step(logits, target, metrics, prefix)
+
+    @torch.compiler.disable  # metrics and logging stay eager when the module is compiled
+    def _record_eval_step(self, logits: Tensor, target: Tensor, metrics: MetricCollection, prefix: str) -> None:
         loss = classification_loss(logits, target)
         metrics.update(logits.float().softmax(dim=1), hard_target(target))
         self.log(f"{prefix}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)

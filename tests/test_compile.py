@@ -1,0 +1,68 @@
+"""Every method works when the user compiles the network the way Lightning documents it.
+
+``trainer.fit(torch.compile(module))``: Lightning compiles the module's ``forward`` (inductor on the
+CPU here); training_step, the loss-term hub, its logit tap and the callbacks run eagerly around it.
+Each test trains a tiny CNN a few steps with a method, once eagerly and once compiled, from the
+same initial weights and data, and requires the same weights after training: the method's term
+was computed and applied the same way through the compiled forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_logits.callbacks import LAWN, USKD, ExperienceReplay, TeacherDistillation
+from lightning_logits.modules import Classifier
+from tests.helpers import TensorDataModule, TinyNet, fast_trainer
+
+pytestmark = pytest.mark.slow  # inductor compiles a forward and a backward graph (tens of seconds on 2 cores)
+
+STEPS = 4
+
+
+def _data() -> TensorDataModule:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(STEPS * 8, 1, 8, 8, generator=g)
+    return TensorDataModule(x, torch.arange(STEPS * 8) % 10, batch_size=8)
+
+
+def _teacher() -> TinyNet:
+    torch.manual_seed(1)
+    return TinyNet(width=8)
+
+
+METHODS: dict[str, Callable[[], list[Callback]]] = {
+    "kd": lambda: [TeacherDistillation(_teacher(), loss="kd", weight=1.0)],
+    "uskd": lambda: [USKD(feature_layer="features.2", alpha=0.1, mu=0.1)],
+    "lawn": lambda: [LAWN(free_steps=1)],
+    "er": lambda: [ExperienceReplay(16, replay_batch_size=4)],
+}
+
+
+def _train(module: Classifier, method: str, compiled: bool) -> Classifier:
+    trainer = fast_trainer(max_steps=STEPS, limit_val_batches=0, callbacks=METHODS[method]())
+    trainer.fit(torch.compile(module) if compiled else module, datamodule=_data())  # type: ignore[arg-type]
+    return module
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_trains_the_same_with_a_compiled_network(method: str) -> None:
+    torch.manual_seed(0)
+    start = Classifier(TinyNet(), optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+    eager = _train(copy.deepcopy(start), method, compiled=False)
+    compiled = _train(copy.deepcopy(start), method, compiled=True)
+    moved = False
+    for (name, got), want, before in zip(
+        compiled.model.state_dict().items(),
+        eager.model.state_dict().values(),
+        start.model.state_dict().values(),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        moved |= not torch.equal(want, before)
+    assert moved  # training changed the weights, so the comparison means something
