@@ -45,6 +45,10 @@ METHODS: dict[str, Callable[[], list[Callback]]] = {
 
 
 def _train(module: Classifier, method: str, compiled: bool) -> Classifier:
+    if compiled:
+        # A fresh process's state: dynamo does not guard on forward hooks (skip_nnmodule_hook_guards),
+        # so a graph cached by an earlier test's model, without this method's layer hook, would be reused.
+        torch._dynamo.reset()
     trainer = fast_trainer(max_steps=STEPS, limit_val_batches=0, callbacks=METHODS[method]())
     trainer.fit(torch.compile(module) if compiled else module, datamodule=_data())  # type: ignore[arg-type]
     return module

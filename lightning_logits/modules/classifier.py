@@ -19,6 +19,8 @@ from lightning_logits.loss_terms import StepScalars
 from lightning_logits.networks.factory import build_model
 from lightning_logits.networks.heads import AUX_ATTRIBUTE, count_classes
 
+_ACC_EVERY = 50
+
 
 class Classifier(pl.LightningModule):
     """Train any classifier with cross-entropy, accuracy and calibration metrics.
@@ -104,6 +106,9 @@ class Classifier(pl.LightningModule):
         # first step, so torchmetrics' own value checks (host reads) are off.
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1, validate_args=False)
         self._train_scalars = StepScalars(["cross_entropy"], ["train/loss"], prog_bar=True)
+        # (predicted, true) class indices of recent steps: train_acc is updated with them in one call
+        # every _ACC_EVERY steps and at the epoch's end (a metric update per step costs more than a small step).
+        self._acc_pending: list[tuple[Tensor, Tensor]] = []
         self._validated = False
         self.val_metrics = base.clone(prefix="val/")
         self.test_metrics = base.clone(prefix="test/")
@@ -149,6 +154,8 @@ class Classifier(pl.LightningModule):
     def on_train_start(self) -> None:
         self._validated = False  # value checks (labels, finite logits) run on the first step of each fit
         self._train_scalars.reset()
+        self._acc_pending.clear()
+        self.train_acc.reset()
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
@@ -172,13 +179,22 @@ class Classifier(pl.LightningModule):
 
     @torch.compiler.disable  # metrics and logging stay eager when the module is compiled
     def _record_train_step(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
-        self.train_acc.update(logits.detach(), hard_target(target))
+        self._acc_pending.append((logits.detach().argmax(dim=1), hard_target(target)))
+        if len(self._acc_pending) >= _ACC_EVERY:
+            self._update_train_acc()
         # One log_dict call on logging steps only; NaN/inf checked on the device (see StepScalars).
         self._train_scalars.update(self, [loss], logits.shape[0])
+
+    def _update_train_acc(self) -> None:
+        if self._acc_pending:
+            predicted, true = zip(*self._acc_pending, strict=True)
+            self.train_acc.update(torch.cat(predicted), torch.cat(true))
+            self._acc_pending.clear()
 
     @override
     def on_train_epoch_end(self) -> None:
         self._train_scalars.epoch_end(self)
+        self._update_train_acc()
         if self.train_acc.update_called:
             self.log("train/acc", self.train_acc.compute(), on_step=False, on_epoch=True, batch_size=1)
         self.train_acc.reset()
