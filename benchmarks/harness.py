@@ -258,14 +258,18 @@ def run_speed(
     memory: bool,
     accelerator: str = "auto",
     compile: bool = False,
+    only: list[str] | None = None,
 ) -> list[SpeedResult]:
     """Time every case of ``suite`` and compute ratios against each case's baseline.
 
     With ``compile`` every case also runs with its network compiled (:func:`compile_network`,
     inductor), as ``<name>+compile`` whose ratio is to the eager case; the compile itself happens
-    in the warm-up steps and is not timed.
+    in the warm-up steps and is not timed. ``only`` keeps the named cases (a baseline not kept
+    leaves its cases without a ratio).
     """
     plain = load_suite(suite)(smoke)
+    if only:  # a subset of cases (keep their baselines in it)
+        plain = [case for case in plain if case.name in only]
     runs = _compiled_cases(plain) if compile else [(case, False) for case in plain]
     cases = [case for case, _ in runs]
     samples: dict[str, list[float]] = {case.name: [] for case in cases}
@@ -289,7 +293,7 @@ def run_speed(
         )
     by_name = {r.name: r for r in results}
     for result in results:
-        if result.baseline is not None:
+        if result.baseline is not None and result.baseline in by_name:
             result.ratio = result.median_ms / by_name[result.baseline].median_ms
     if memory:
         for (case, compiled), result in zip(runs, results, strict=True):
@@ -314,7 +318,7 @@ def format_table(suite: str, results: list[SpeedResult]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        ratio = f"{r.ratio:.3f}" if r.ratio is not None else "1 (baseline)"
+        ratio = f"{r.ratio:.3f}" if r.ratio is not None else ("1 (baseline)" if r.baseline is None else "n/a")
         target = f"<= {r.target:.2f}" if r.target is not None else ""
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "n/a"
         lines.append(

@@ -34,6 +34,7 @@ def main() -> None:
         "--compile", action="store_true", help="also time every case with torch.compile (inductor): '<case>+compile'"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--case", action="append", help="only these cases (and name their baselines too)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -59,6 +60,7 @@ def main() -> None:
             not args.no_memory,
             args.accelerator,
             compile=args.compile,
+            only=args.case,
         )
         print(format_table(suite, results), flush=True)
         if not args.smoke:
