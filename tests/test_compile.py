@@ -38,35 +38,43 @@ def _teacher() -> TinyNet:
 
 METHODS: dict[str, Callable[[], list[Callback]]] = {
     "kd": lambda: [TeacherDistillation(_teacher(), loss="kd", weight=1.0)],
-    "uskd": lambda: [USKD(feature_layer="features.2", alpha=0.1, mu=0.1)],
+    # beta=0: no Zipf term, whose class ranking can flip on rounding-level differences at initialization
+    # (near-uniform logits), so compiled and eager runs can be compared closely; large alpha, mu: a clear effect.
+    "uskd": lambda: [USKD(feature_layer="features.2", alpha=1.0, beta=0.0, mu=1.0)],
     "lawn": lambda: [LAWN(free_steps=1)],
     "er": lambda: [ExperienceReplay(16, replay_batch_size=4)],
 }
 
 
-def _train(module: Classifier, method: str, compiled: bool) -> Classifier:
+def _train(module: Classifier, method: str | None, compiled: bool) -> Classifier:
     if compiled:
         # A fresh process's state: dynamo does not guard on forward hooks (skip_nnmodule_hook_guards),
         # so a graph cached by an earlier test's model, without this method's layer hook, would be reused.
         torch._dynamo.reset()
-    trainer = fast_trainer(max_steps=STEPS, limit_val_batches=0, callbacks=METHODS[method]())
+    torch.manual_seed(0)  # USKD's weak head is initialized from the global random stream in setup
+    callbacks = METHODS[method]() if method is not None else []
+    trainer = fast_trainer(max_steps=STEPS, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(torch.compile(module) if compiled else module, datamodule=_data())  # type: ignore[arg-type]
     return module
+
+
+def _flat(module: Classifier) -> torch.Tensor:
+    return torch.cat([v.flatten().float() for v in module.model.state_dict().values()])
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_trains_the_same_with_a_compiled_network(method: str) -> None:
     torch.manual_seed(0)
     start = Classifier(TinyNet(), optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
-    eager = _train(copy.deepcopy(start), method, compiled=False)
-    compiled = _train(copy.deepcopy(start), method, compiled=True)
-    moved = False
-    for (name, got), want, before in zip(
-        compiled.model.state_dict().items(),
-        eager.model.state_dict().values(),
-        start.model.state_dict().values(),
-        strict=True,
-    ):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-        moved |= not torch.equal(want, before)
-    assert moved  # training changed the weights, so the comparison means something
+    eager = _flat(_train(copy.deepcopy(start), method, compiled=False))
+    compiled = _flat(_train(copy.deepcopy(start), method, compiled=True))
+    without = _flat(_train(copy.deepcopy(start), None, compiled=False))
+    effect = (eager - without).norm()
+    gap = (compiled - eager).norm()
+    if method == "lawn":
+        # 4 steps barely move LAWN's weights away from plain training; compiled must match eager closely.
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+        return
+    # Compiled kernels round differently, so the weights differ a little; the method's own effect on
+    # them is far larger, so a compiled run that lost the term (or applied it twice) fails.
+    assert gap < 0.01 * effect
