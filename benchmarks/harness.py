@@ -42,6 +42,12 @@ class SpeedCase:
         baseline: name of the case whose median step time divides this one's (``None``: this is a
             baseline itself).
         target: the ratio the issue asks for, printed beside the measured one.
+        full_iteration: time whole loop iterations (from one ``on_train_batch_start`` to the
+            next: data loading and Lightning's own bookkeeping included) instead of the step alone;
+            what a plain PyTorch loop is compared against.
+        run: instead of a ``Trainer`` fit, a function ``run(steps, warmup, accelerator, compile)``
+            that trains by itself and returns its per-iteration times in seconds (a plain loop).
+        compile: whether ``--compile`` runs this case a second time with the network compiled.
     """
 
     name: str
@@ -50,6 +56,9 @@ class SpeedCase:
     make_callbacks: Callable[[], list[Callback]] = field(default=list)
     baseline: str | None = None
     target: float | None = None
+    full_iteration: bool = False
+    run: Callable[[int, int, str, bool], list[float]] | None = None
+    compile: bool = True
 
 
 @dataclass
@@ -71,8 +80,9 @@ class StepTimer(Callback):
     includes every other callback's batch hooks (a teacher forward in ``on_train_batch_start``).
     """
 
-    def __init__(self, warmup: int) -> None:
+    def __init__(self, warmup: int, full_iteration: bool = False) -> None:
         self.warmup = warmup
+        self.full_iteration = full_iteration
         self.times: list[float] = []
         self._start = 0.0
         self._seen = 0
@@ -80,9 +90,15 @@ class StepTimer(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         _sync(pl_module)
-        self._start = time.perf_counter()
+        now = time.perf_counter()
+        if self.full_iteration and self._seen > self.warmup:
+            self.times.append(now - self._start)  # the whole previous iteration
+        self._start = now
 
     def stop(self, pl_module: pl.LightningModule) -> None:
+        if self.full_iteration:
+            self._seen += 1
+            return
         _sync(pl_module)
         if self._seen >= self.warmup:
             self.times.append(time.perf_counter() - self._start)
@@ -124,11 +140,26 @@ def _trainer(steps: int, callbacks: list[Callback], accelerator: str) -> pl.Trai
     return quiet_trainer(accelerator=accelerator, max_steps=steps, limit_val_batches=0, callbacks=callbacks)
 
 
-def time_case(case: SpeedCase, steps: int, warmup: int, accelerator: str = "auto") -> list[float]:
+def compile_network(module: pl.LightningModule) -> pl.LightningModule:
+    """Compile the network the way Lightning documents it: ``torch.compile`` on the LightningModule.
+
+    The Trainer compiles the module's ``forward``; ``training_step``, callbacks and loss terms run
+    eagerly around it.
+    """
+    return torch.compile(module)  # type: ignore[return-value]
+
+
+def time_case(
+    case: SpeedCase, steps: int, warmup: int, accelerator: str = "auto", compiled: bool = False
+) -> list[float]:
     """Step times in seconds of one fresh run of ``case`` (after ``warmup`` steps)."""
-    timer = StepTimer(warmup)
-    trainer = _trainer(warmup + steps, [timer, *case.make_callbacks(), timer.end], accelerator)
-    trainer.fit(case.make_module(), datamodule=case.make_datamodule())
+    if case.run is not None:
+        return case.run(steps, warmup, accelerator, compiled)
+    timer = StepTimer(warmup, case.full_iteration)
+    extra = 1 if case.full_iteration else 0  # n + 1 batch starts bound n iterations
+    trainer = _trainer(warmup + steps + extra, [timer, *case.make_callbacks(), timer.end], accelerator)
+    module = case.make_module()
+    trainer.fit(compile_network(module) if compiled else module, datamodule=case.make_datamodule())
     return timer.times
 
 
@@ -200,16 +231,52 @@ def _memory_in_subprocess(suite: str, case: str, smoke: bool, steps: int) -> flo
     return None
 
 
+def _compiled_cases(cases: list[SpeedCase]) -> list[tuple[SpeedCase, bool]]:
+    """Every case eager, then each compilable one again as ``<name>+compile`` against its eager run."""
+    runs: list[tuple[SpeedCase, bool]] = [(case, False) for case in cases]
+    for case in cases:
+        if case.compile:
+            twin = SpeedCase(
+                f"{case.name}+compile",
+                case.make_module,
+                case.make_datamodule,
+                case.make_callbacks,
+                baseline=case.name,
+                full_iteration=case.full_iteration,
+                run=case.run,
+            )
+            runs.append((twin, True))
+    return runs
+
+
 def run_speed(
-    suite: str, steps: int, warmup: int, rounds: int, smoke: bool, memory: bool, accelerator: str = "auto"
+    suite: str,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    smoke: bool,
+    memory: bool,
+    accelerator: str = "auto",
+    compile: bool = False,
+    only: list[str] | None = None,
 ) -> list[SpeedResult]:
-    """Time every case of ``suite`` and compute ratios against each case's baseline."""
-    cases = load_suite(suite)(smoke)
+    """Time every case of ``suite`` and compute ratios against each case's baseline.
+
+    With ``compile`` every case also runs with its network compiled (:func:`compile_network`,
+    inductor), as ``<name>+compile`` whose ratio is to the eager case; the compile itself happens
+    in the warm-up steps and is not timed. ``only`` keeps the named cases (a baseline not kept
+    leaves its cases without a ratio).
+    """
+    plain = load_suite(suite)(smoke)
+    if only:  # a subset of cases (keep their baselines in it)
+        plain = [case for case in plain if case.name in only]
+    runs = _compiled_cases(plain) if compile else [(case, False) for case in plain]
+    cases = [case for case, _ in runs]
     samples: dict[str, list[float]] = {case.name: [] for case in cases}
     for _ in range(rounds):
-        for case in cases:
+        for case, compiled in runs:
             pl.seed_everything(0, verbose=False)
-            samples[case.name].extend(time_case(case, steps, warmup, accelerator))
+            samples[case.name].extend(time_case(case, steps, warmup, accelerator, compiled))
     results = []
     for case in cases:
         times = sorted(samples[case.name])
@@ -226,10 +293,12 @@ def run_speed(
         )
     by_name = {r.name: r for r in results}
     for result in results:
-        if result.baseline is not None:
+        if result.baseline is not None and result.baseline in by_name:
             result.ratio = result.median_ms / by_name[result.baseline].median_ms
     if memory:
-        for case, result in zip(cases, results, strict=True):
+        for (case, compiled), result in zip(runs, results, strict=True):
+            if compiled or case.run is not None:
+                continue  # n/a: memory is measured for eager Trainer runs
             on_cuda = torch.cuda.is_available() and accelerator != "cpu"
             if on_cuda or smoke:
                 # Smoke runs only check that the code works: in-process is enough and saves a
@@ -249,7 +318,7 @@ def format_table(suite: str, results: list[SpeedResult]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        ratio = f"{r.ratio:.3f}" if r.ratio is not None else "1 (baseline)"
+        ratio = f"{r.ratio:.3f}" if r.ratio is not None else ("1 (baseline)" if r.baseline is None else "n/a")
         target = f"<= {r.target:.2f}" if r.target is not None else ""
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "n/a"
         lines.append(

@@ -30,13 +30,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
     parser.add_argument("--accelerator", default="auto")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time every case with torch.compile (inductor): '<case>+compile'"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--case", action="append", help="only these cases (and name their baselines too)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     if args.smoke:
         args.steps, args.warmup, args.rounds = min(args.steps, 3), min(args.warmup, 1), 1
+    if args.compile:
+        args.warmup = max(args.warmup, 3)  # compilation (and a recompile) happens in the first steps
 
     if args.memory_of:  # child process of a CPU peak-memory measurement
         (suite,) = args.suite
@@ -46,7 +52,15 @@ def main() -> None:
 
     for suite in args.suite or available_suites():
         results = run_speed(
-            suite, args.steps, args.warmup, args.rounds, args.smoke, not args.no_memory, args.accelerator
+            suite,
+            args.steps,
+            args.warmup,
+            args.rounds,
+            args.smoke,
+            not args.no_memory,
+            args.accelerator,
+            compile=args.compile,
+            only=args.case,
         )
         print(format_table(suite, results), flush=True)
         if not args.smoke:

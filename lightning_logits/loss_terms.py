@@ -5,8 +5,9 @@ The design, in one paragraph: the first :class:`LossTermCallback` set up on a mo
 wrapper that (1) runs the original step inside a :class:`~lightning_logits.networks.heads.LogitTap` capture,
 (2) reads the task loss from the returned tensor or ``{"loss": ...}`` dict, (3) asks each
 registered callback for its term, given a :class:`StepContext` (batch, logits, features,
-intermediate outputs, target), (4) checks every term is finite, logs ``train/loss_<name>``,
-``train/loss_task`` and ``train/loss_total``, and (5) returns the same structure with the total as
+intermediate outputs, target), (4) keeps every term on the device for a deferred finiteness
+check and for logging ``train/loss_<name>`` and ``train/loss_total`` (:class:`StepScalars`: no
+host-device sync in a steady-state step), and (5) returns the same structure with the total as
 ``"loss"``. Lightning's DDP wrapper calls ``training_step`` by attribute lookup, so this works
 unchanged under DDP; nothing is written into the module's ``state_dict``. On teardown the original
 ``training_step`` is restored and the hooks removed.
@@ -27,6 +28,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from typing_extensions import override
 
@@ -40,17 +42,149 @@ __all__ = [
     "check_finite_loss",
     "check_hyperparameter",
     "check_state_version",
+    "StepScalars",
+    "is_logging_step",
 ]
 
 
 def check_finite_loss(name: str, value: Tensor, step: int) -> None:
-    """Stop training with a clear message when loss ``name`` is NaN or infinite at ``step``."""
+    """Stop training with a clear message when loss ``name`` is NaN or infinite at ``step``.
+
+    This reads the value on the host (a device sync); the training step uses :class:`StepScalars`
+    instead, which checks on the device and reads one flag every ``log_every_n_steps`` steps.
+    """
     if not bool(torch.isfinite(value.detach()).all()):
-        raise FloatingPointError(
-            f"loss term '{name}' is {value.detach().float().flatten()[0].item()} at global step "
-            f"{step}: training stopped. Lower the learning rate or this term's weight, or train "
-            "in float32/bf16 instead of fp16."
-        )
+        _raise_non_finite(name, float(value.detach().float().flatten()[0]), step, step)
+
+
+def _raise_non_finite(name: str, value: float, step: int, checked_at: int) -> None:
+    found = "" if checked_at == step else f" (found by the finiteness check at global step {checked_at})"
+    raise FloatingPointError(
+        f"loss term '{name}' is {value} at global step {step}{found}: training stopped. Lower the learning "
+        "rate or this term's weight, or train in float32/bf16 instead of fp16."
+    )
+
+
+def is_logging_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning sends step metrics to the loggers after this training step (``log_every_n_steps``)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
+class StepScalars:
+    """Scalars of every training step kept on the device: logged cheaply, averaged per epoch, checked lazily.
+
+    Calling ``self.log`` for each value of each step costs more than a small model's whole step,
+    and checking each value for NaN on the host stalls a GPU every step. This keeps the step's
+    scalars in one device tensor instead:
+
+    - :meth:`update` (every step) stacks the values, batch-size weighted, into a per-step tensor
+      and, on a logging step (``trainer.log_every_n_steps``, and the last step), logs them with one
+      ``log_dict`` call as ``<key>_step``;
+    - on a logging step and at the epoch's end the pending steps are checked for NaN/inf with a
+      single host read; a non-finite value stops training with a ``FloatingPointError`` naming the
+      term, its value and the global step where it first appeared. So a non-finite term is caught
+      at most ``log_every_n_steps`` steps (50 by default) after it appears, or at the epoch's end;
+    - :meth:`epoch_end` logs the batch-size weighted epoch means as ``<key>_epoch``, the last
+      step's values as ``<key>_step`` and, for monitors, the means as ``<key>`` (not sent to
+      loggers): the same keys and values as ``self.log(key, value, on_step=True, on_epoch=True)``
+      every step.
+
+    Args:
+        names: the name of each value in error messages (``"cross_entropy"``, a term's name).
+        keys: the log key of each value, or ``None`` for a value that is only checked.
+        prog_bar: show the step and epoch values in the progress bar.
+
+    Example:
+        >>> import torch
+        >>> scalars = StepScalars(["ce"], ["train/loss"])
+        >>> scalars.update(None, [torch.tensor(0.5)], batch_size=4)  # no module: kept, not logged
+        >>> scalars.update(None, [torch.tensor(1.5)], batch_size=4)
+        >>> scalars.flush(step=1)
+        >>> scalars.epoch_means()
+        {'train/loss': tensor(1.)}
+    """
+
+    def __init__(self, names: list[str], keys: list[str | None], prog_bar: bool = False) -> None:
+        if len(names) != len(keys):
+            raise ValueError(f"got {len(names)} names but {len(keys)} keys")
+        self.names, self.keys, self.prog_bar = list(names), list(keys), prog_bar
+        self._pending: list[Tensor] = []  # [K] batch-weighted values of each step since the last check
+        self._pending_meta: list[tuple[int, int]] = []  # (global step, batch size)
+        self._sum: Tensor | None = None  # [K] weighted sum over the epoch's checked steps
+        self._count = 0
+        self._last: Tensor | None = None  # [K] the latest step's values
+
+    @torch.compiler.disable  # bookkeeping: never traced into a compiled training_step
+    def update(self, module: pl.LightningModule | None, values: list[Tensor], batch_size: int) -> None:
+        """Record one step's values (scalars); on a logging step check the pending ones and log these."""
+        stacked = torch.stack([v.detach().reshape(()).float() for v in values])
+        trainer = module._trainer if module is not None else None
+        step = trainer.global_step if trainer is not None else len(self._pending)
+        self._last = stacked
+        self._pending.append(stacked * batch_size)
+        self._pending_meta.append((step, batch_size))
+        if trainer is None or module is None:
+            return
+        logging_step = is_logging_step(trainer)
+        if logging_step or len(self._pending) >= _MAX_PENDING:
+            self.flush(step)
+        if logging_step:
+            logged = {f"{k}_step": v for k, v in zip(self.keys, stacked.unbind(), strict=True) if k is not None}
+            module.log_dict(logged, on_step=True, on_epoch=False, prog_bar=self.prog_bar, batch_size=batch_size)
+
+    def flush(self, step: int) -> None:
+        """Check the pending steps for NaN/inf (one host read) and fold them into the epoch sum."""
+        if not self._pending:
+            return
+        history = torch.stack(self._pending)  # [S, K]
+        finite = torch.isfinite(history)
+        if not bool(finite.all()):
+            self._raise(history, finite, step)
+        total = history.sum(dim=0)
+        self._sum = total if self._sum is None else self._sum + total
+        self._count += sum(size for _, size in self._pending_meta)
+        self._pending.clear()
+        self._pending_meta.clear()
+
+    def _raise(self, history: Tensor, finite: Tensor, checked_at: int) -> None:
+        for row, (step, size) in enumerate(self._pending_meta):
+            for column, name in enumerate(self.names):
+                if not bool(finite[row, column]):
+                    self._pending.clear()
+                    self._pending_meta.clear()
+                    _raise_non_finite(name, float(history[row, column]) / size, step, checked_at)
+
+    def epoch_means(self) -> dict[str, Tensor]:
+        """The batch-size weighted means of the checked steps since the last :meth:`reset`, by key."""
+        if self._sum is None or self._count == 0:
+            return {}
+        means = self._sum / self._count
+        return {k: means[i] for i, k in enumerate(self.keys) if k is not None}
+
+    def reset(self) -> None:
+        self._pending.clear()
+        self._pending_meta.clear()
+        self._sum, self._count, self._last = None, 0, None
+
+    def epoch_end(self, module: pl.LightningModule) -> None:
+        """Check what is pending, log the epoch means (``<key>_epoch``, and ``<key>`` for monitors), reset."""
+        trainer = module._trainer
+        self.flush(trainer.global_step if trainer is not None else 0)
+        means, last = self.epoch_means(), self._last
+        self.reset()
+        if not means or trainer is None or last is None:
+            return
+        logged = {f"{k}_epoch": v for k, v in means.items()}
+        # Lightning sends the epoch's last step values with the epoch values: so do we.
+        logged.update({f"{k}_step": last[i] for i, k in enumerate(self.keys) if k is not None})
+        # One reduction per epoch (not per step): the epoch means are averaged over DDP ranks.
+        epoch = dict(on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+        module.log_dict(logged, prog_bar=self.prog_bar, **epoch)  # type: ignore[arg-type]
+        module.log_dict(means, logger=False, prog_bar=False, **epoch)  # type: ignore[arg-type]
+
+
+_MAX_PENDING = 1000  # bound on unchecked steps when log_every_n_steps is 0 or very large
 
 
 def check_hyperparameter(
@@ -219,9 +353,13 @@ class LossTermHub:
         self.pl_module = pl_module
         self.callbacks: list[LossTermCallback] = []
         self.tap: LogitTap | None = None
+        self.scalars: StepScalars | None = None
         self._original_step = pl_module.training_step
         # Instance attribute: Lightning (and its DDP wrapper) look training_step up on the instance.
         pl_module.training_step = self._training_step  # type: ignore[method-assign]
+        # Likewise the epoch-end hook, where the pending steps are checked and the epoch means logged.
+        self._original_epoch_end = pl_module.on_train_epoch_end
+        pl_module.on_train_epoch_end = self._on_train_epoch_end  # type: ignore[method-assign]
 
     @classmethod
     def attach(cls, pl_module: pl.LightningModule) -> LossTermHub:
@@ -283,6 +421,7 @@ class LossTermHub:
     def detach(self) -> None:
         """Restore the original ``training_step`` and remove all hooks."""
         self.pl_module.__dict__.pop("training_step", None)
+        self.pl_module.__dict__.pop("on_train_epoch_end", None)
         self.pl_module.__dict__.pop(self.ATTRIBUTE, None)
         if self.tap is not None:
             self.tap.remove()
@@ -313,33 +452,42 @@ class LossTermHub:
             weighted = callback.weight * callback.loss_term(context)
             context.terms[callback.name] = weighted
             total = total + weighted
-        # One device sync per step: only a non-finite total is taken apart to name the bad term.
-        if not bool(torch.isfinite(total.detach())):
-            step = trainer.global_step
-            check_finite_loss("task", task_loss, step)
-            for name, value in context.terms.items():
-                check_finite_loss(name, value, step)
-            check_finite_loss("total", total, step)
-        self._log("train/loss_task", task_loss)
-        for name, value in context.terms.items():
-            self._log(f"train/loss_{name}", value)
-        self._log("train/loss_total", total, prog_bar=True)
+        # No host read here: the values stay on the device, are logged on logging steps and checked
+        # for NaN/inf there and at the epoch's end (StepScalars), naming the first bad term and step.
+        # A replaced task loss is not optimized, so it is neither checked nor logged.
+        names = ([] if replaced else ["task"]) + list(context.terms) + ["total"]
+        if self.scalars is None or self.scalars.names != names:
+            keys: list[str | None] = [None if n == "task" else f"train/loss_{n}" for n in names]
+            self.scalars = StepScalars(names, keys, prog_bar=True)
+        values = ([] if replaced else [task_loss]) + list(context.terms.values()) + [total]
+        self.scalars.update(self.pl_module, values, _batch_size(batch))
         if self.tap is not None:
             self.tap.clear()  # release the step's activations before backward
         if isinstance(output, Tensor):
             return total
         return {**output, "loss": total}
 
-    def _log(self, name: str, value: Tensor, prog_bar: bool = False) -> None:
-        # Values are already checked finite; .detach() keeps the logger off the graph.
-        self.pl_module.log(name, value.detach().float(), on_step=True, on_epoch=True, prog_bar=prog_bar)
+    def _on_train_epoch_end(self) -> None:
+        self._original_epoch_end()
+        if self.scalars is not None:  # check the pending steps, log the epoch means
+            self.scalars.epoch_end(self.pl_module)
+
+
+def _batch_size(batch: Any) -> int:
+    # What Lightning's self.log would infer, so the epoch means weigh steps as before.
+    try:
+        return extract_batch_size(batch)
+    except Exception:
+        return 1
 
 
 class LossTermCallback(Callback):
     """Base class of callbacks that add a weighted, named term to the training loss.
 
     Subclasses implement :meth:`loss_term`; the hub adds ``weight * loss_term(context)`` to the
-    module's own loss and logs it as ``train/loss_<name>``. Override :meth:`on_hub_attached` to
+    module's own loss and logs it as ``train/loss_<name>`` (every ``log_every_n_steps`` steps, and
+    the epoch mean). A loss whose checks read tensor values should get
+    ``validate_args=self.should_validate()`` (first step of each fit only). Override :meth:`on_hub_attached` to
     register intermediate layers on ``hub.tap`` or modules on the LightningModule (it runs in
     ``setup``, before ``configure_optimizers``, so new parameters train and are checkpointed).
 
@@ -374,6 +522,7 @@ class LossTermCallback(Callback):
         self.name = name
         self.weight = float(weight)
         self._hub: LossTermHub | None = None
+        self._validated = False
 
     @property
     @override
@@ -392,10 +541,21 @@ class LossTermCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._validated = False
         hub = LossTermHub.attach(pl_module)
         hub.register(self)
         self._hub = hub
         self.on_hub_attached(trainer, pl_module, hub)
+
+    def should_validate(self) -> bool:
+        """``True`` on the first call of each fit, then ``False``: pass it as a loss's ``validate_args``.
+
+        Validation that reads tensor values on the host (finite logits, label ranges) then runs on
+        the first training step only, and the steady-state step has no host-device sync.
+        """
+        first = not self._validated
+        self._validated = True
+        return first
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -203,6 +203,7 @@ class USKD(LossTermCallback):
             beta=self.beta,
             mu=self.mu,
             rank_by=self.rank_by,
+            validate_args=self.should_validate(),  # value checks on the first step of each fit only
         )
 
     @override

@@ -2,7 +2,9 @@
 
 Every loss in :mod:`lightning_logits.functional` validates its inputs with these helpers so that a
 wrong shape, a wrong class count or a non-finite logit fails with the same kind of message: what
-was seen, and what to pass instead.
+was seen, and what to pass instead. Checks that read tensor values on the host (finiteness, label
+range) run only with ``validate_args=True``, as in torchmetrics: a training step passes it on its
+first step and then ``False``, so the steady-state step never waits for the device.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import torch
 from torch import Tensor
 
 
-def check_logits(logits: Tensor, name: str = "logits") -> None:
-    """Require a finite floating ``[N, C]`` tensor with ``C >= 2``."""
+def check_logits(logits: Tensor, name: str = "logits", validate_args: bool = True) -> None:
+    """Require a floating ``[N, C]`` tensor with ``C >= 2``, and finite values when ``validate_args``.
+
+    The finiteness check reads a value on the host (a device sync); shape and dtype checks do not.
+    """
     if not isinstance(logits, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.ndim != 2:
@@ -24,7 +29,7 @@ def check_logits(logits: Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} must have at least 2 classes, got C={logits.shape[1]}")
     if not logits.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got dtype {logits.dtype}")
-    if not bool(torch.isfinite(logits).all()):
+    if validate_args and not bool(torch.isfinite(logits).all()):
         bad = int((~torch.isfinite(logits)).sum())
         raise ValueError(
             f"{name} contain {bad} non-finite value(s) (NaN or inf); check the model's forward pass "
@@ -44,8 +49,11 @@ def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
         raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}{hint}")
 
 
-def check_target(target: Tensor, num_samples: int, num_classes: int) -> None:
-    """Require int64 class indices ``[N]`` in ``[0, C)`` or float scores ``[N, C]``."""
+def check_target(target: Tensor, num_samples: int, num_classes: int, validate_args: bool = True) -> None:
+    """Require int64 class indices ``[N]`` in ``[0, C)`` or float scores ``[N, C]``.
+
+    The label range is read on the host only when ``validate_args``; shapes and dtypes always.
+    """
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.is_floating_point():
@@ -61,7 +69,7 @@ def check_target(target: Tensor, num_samples: int, num_classes: int) -> None:
         )
     if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"class-index target must be an integer tensor, got dtype {target.dtype}")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+    if validate_args and target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
         raise ValueError(
             f"target holds labels in [{int(target.min())}, {int(target.max())}] but the logits "
             f"have {num_classes} classes; labels must lie in [0, {num_classes - 1}]"

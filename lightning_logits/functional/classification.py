@@ -8,7 +8,9 @@ from torch import Tensor
 from lightning_logits.functional._checks import check_logits, check_target
 
 
-def classification_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def classification_loss(
+    logits: Tensor, target: Tensor, label_smoothing: float = 0.0, validate_args: bool = True
+) -> Tensor:
     """Mean cross-entropy of ``logits`` against class indices or soft scores.
 
     Args:
@@ -16,6 +18,8 @@ def classification_loss(logits: Tensor, target: Tensor, label_smoothing: float =
         target: int64 ``[N]`` class indices, or float ``[N, C]`` scores that sum to one per row
             (what timm's ``Mixup``/``CutMix`` produce).
         label_smoothing: the smoothing of :func:`torch.nn.functional.cross_entropy`, in ``[0, 1)``.
+        validate_args: check that the logits are finite and the labels in range (reads values
+            on the host, a device sync); shapes and dtypes are checked either way. Default ``True``.
 
     Returns:
         A scalar tensor, computed in float32 and returned in the dtype of ``logits``.
@@ -28,8 +32,8 @@ def classification_loss(logits: Tensor, target: Tensor, label_smoothing: float =
         >>> round(classification_loss(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]])).item(), 4)
         0.1269
     """
-    check_logits(logits)
-    check_target(target, logits.shape[0], logits.shape[1])
+    check_logits(logits, validate_args=validate_args)
+    check_target(target, logits.shape[0], logits.shape[1], validate_args=validate_args)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     target = target.float() if target.is_floating_point() else target.long()

@@ -39,7 +39,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def uskd_target_classes(target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+def uskd_target_classes(target: Tensor, num_classes: int, validate_args: bool = True) -> tuple[Tensor, Tensor]:
     """The target classes of each sample and their values.
 
     Hard labels give one class per sample with value 1. Soft scores (mixup/cutmix) give the two
@@ -49,6 +49,7 @@ def uskd_target_classes(target: Tensor, num_classes: int) -> tuple[Tensor, Tenso
     Args:
         target: int ``[N]`` class indices, or float ``[N, C]`` scores.
         num_classes: ``C``.
+        validate_args: check the label range (a host read); shapes are checked either way.
 
     Returns:
         ``(labels, values)``: int64 ``[N, K]`` and ``[N, K]`` values (float32, or the dtype of
@@ -60,7 +61,7 @@ def uskd_target_classes(target: Tensor, num_classes: int) -> tuple[Tensor, Tenso
         >>> labels.tolist(), [round(v, 2) for v in values[0].tolist()]
         ([[1, 2]], [0.6, 0.3])
     """
-    check_target(target, target.shape[0] if target.ndim else 0, num_classes)
+    check_target(target, target.shape[0] if target.ndim else 0, num_classes, validate_args=validate_args)
     if target.is_floating_point():
         # A stable sort, so that tied scores (label smoothing) pick the lowest class index, always.
         values, labels = target.to(_compute_dtype(target.dtype)).sort(dim=1, descending=True, stable=True)
@@ -138,13 +139,18 @@ def uskd_zipf_labels(logits: Tensor, weak_logits: Tensor, labels: Tensor, rank_b
         ranks = torch.arange(c, device=logits.device).expand(n, c)
         position = torch.empty_like(order).scatter_(1, order, ranks)
         zipf = 1.0 / (position + 1).to(logits.dtype)
-        keep = _non_target_mask(labels, n, c)
-        non_target = zipf[keep].reshape(n, c - labels.shape[1])
+        non_target = zipf.gather(1, _non_target_classes(labels, n, c))
         return non_target / non_target.sum(dim=1, keepdim=True)
 
 
-def _non_target_mask(labels: Tensor, n: int, c: int) -> Tensor:
-    return torch.ones(n, c, dtype=torch.bool, device=labels.device).scatter_(1, labels, False)
+def _non_target_classes(labels: Tensor, n: int, c: int) -> Tensor:
+    """int64 ``[N, C - K]``: the classes of each row that are not among its ``K`` distinct targets, in order.
+
+    A stable sort of the keep-mask instead of boolean indexing: boolean indexing must learn the
+    output size on the host (a device sync); this is all on the device.
+    """
+    keep = torch.ones(n, c, dtype=torch.uint8, device=labels.device).scatter_(1, labels, 0)
+    return keep.sort(dim=1, descending=True, stable=True).indices[:, : c - labels.shape[1]]
 
 
 def uskd_loss(
@@ -155,6 +161,7 @@ def uskd_loss(
     beta: float = 0.1,
     mu: float = 0.005,
     rank_by: str = "log_prob",
+    validate_args: bool = True,
 ) -> Tensor:
     """The USKD loss ``alpha * L_t + beta * L_non + L_weak`` (the ordinary cross-entropy excluded).
 
@@ -173,6 +180,9 @@ def uskd_loss(
             ImageNet; 0.1 for CIFAR).
         rank_by: ``"log_prob"`` ranks non-target classes by the student's log-probabilities
             (the current official code), ``"prob"`` by its probabilities (the first release).
+        validate_args: check that logits and soft targets are finite and labels in range (host
+            reads, a device sync); the :class:`~lightning_logits.callbacks.USKD` callback passes it
+            on its first step only. Shapes, dtypes and weights are checked either way.
 
     Returns:
         A scalar tensor in the dtype of ``logits``. Half-precision inputs are computed in float32;
@@ -190,12 +200,12 @@ def uskd_loss(
         >>> round(loss.item(), 4)
         0.4002
     """
-    check_logits(logits)
-    check_logits(weak_logits, "weak_logits")
+    check_logits(logits, validate_args=validate_args)
+    check_logits(weak_logits, "weak_logits", validate_args=validate_args)
     check_same_shape(logits, weak_logits, "logits", "weak_logits")
     n, c = logits.shape
-    check_target(target, n, c)
-    if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+    check_target(target, n, c, validate_args=validate_args)
+    if validate_args and target.is_floating_point() and not bool(torch.isfinite(target).all()):
         raise ValueError("soft target contains non-finite values; check the mixup/cutmix output")
     for name, value in (("alpha", alpha), ("beta", beta), ("mu", mu)):
         if not math.isfinite(value):
@@ -206,7 +216,7 @@ def uskd_loss(
     dtype = _compute_dtype(logits.dtype)
     student = logits.to(dtype)
     weak = weak_logits.to(dtype)
-    labels, values = uskd_target_classes(target, c)
+    labels, values = uskd_target_classes(target, c, validate_args=False)  # checked above
     log_probs = student.log_softmax(dim=1)
 
     # Target term: the student's own confidence, shifted by the batch mean, is its target label.
@@ -220,7 +230,7 @@ def uskd_loss(
 
     # Non-target term: Zipf labels over the classes left after removing the targets.
     zipf = uskd_zipf_labels(student, weak, labels, rank_by)
-    non_target_logits = student[_non_target_mask(labels, n, c)].reshape(n, c - labels.shape[1])
+    non_target_logits = student.gather(1, _non_target_classes(labels, n, c))
     loss_non = -(zipf * non_target_logits.log_softmax(dim=1)).sum(dim=1).mean()
 
     loss = alpha * loss_target + beta * loss_non + loss_weak

@@ -15,9 +15,11 @@ from typing_extensions import override
 from lightning_logits.batch import batch_input, batch_target
 from lightning_logits.functional import classification_loss, dual_focal_loss
 from lightning_logits.functional._checks import check_target, hard_target
-from lightning_logits.loss_terms import check_finite_loss
+from lightning_logits.loss_terms import StepScalars
 from lightning_logits.networks.factory import build_model
 from lightning_logits.networks.heads import AUX_ATTRIBUTE, count_classes
+
+_ACC_EVERY = 50
 
 
 class Classifier(pl.LightningModule):
@@ -45,7 +47,8 @@ class Classifier(pl.LightningModule):
         lr_scheduler: a callable that takes the optimizer and returns a scheduler, stepped each
             epoch (``ReduceLROnPlateau`` monitors ``val/loss``). Default: none.
 
-    Logged: ``train/loss``, ``train/acc``; ``val/loss``, ``val/acc``, ``val/acc_top5`` (more than 5
+    Logged: ``train/loss`` (each step every ``log_every_n_steps``, and the epoch mean), ``train/acc``
+    (epoch); ``val/loss``, ``val/acc``, ``val/acc_top5`` (more than 5
     classes), ``val/ece``; the same under ``test/``.
 
     Example:
@@ -116,7 +119,14 @@ class Classifier(pl.LightningModule):
             metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5)
         metrics["ece"] = MulticlassCalibrationError(num_classes, n_bins=15)
         base = MetricCollection(metrics)
-        self.train_acc = MulticlassAccuracy(num_classes, top_k=1)
+        # Updated every step, computed once per epoch; its labels are checked by check_target on the
+        # first step, so torchmetrics' own value checks (host reads) are off.
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1, validate_args=False)
+        self._train_scalars = StepScalars(["cross_entropy"], ["train/loss"], prog_bar=True)
+        # (predicted, true) class indices of recent steps: train_acc is updated with them in one call
+        # every _ACC_EVERY steps and at the epoch's end (a metric update per step costs more than a small step).
+        self._acc_pending: list[tuple[Tensor, Tensor]] = []
+        self._validated = False
         self.val_metrics = base.clone(prefix="val/")
         self.test_metrics = base.clone(prefix="test/")
 
@@ -158,9 +168,17 @@ class Classifier(pl.LightningModule):
             )
 
     @override
+    def on_train_start(self) -> None:
+        self._validated = False  # value checks (labels, finite logits) run on the first step of each fit
+        self._train_scalars.reset()
+        self._acc_pending.clear()
+        self.train_acc.reset()
+
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         x, target = batch_input(batch), batch_target(batch)
-        check_target(target, x.shape[0], self.num_classes)
+        validate = not self._validated
+        check_target(target, x.shape[0], self.num_classes, validate_args=validate)
         smoothing = self.label_smoothing
         if self.mixup is not None:
             if x.shape[0] % 2:
@@ -172,19 +190,43 @@ class Classifier(pl.LightningModule):
             smoothing = 0.0  # already folded into the mixed targets
         logits = self._logits(x)
         if self.loss == "dual_focal":
-            loss = dual_focal_loss(logits, target, gamma=self.focal_gamma, validate_args=self.global_step == 0)
+            loss = dual_focal_loss(logits, target, gamma=self.focal_gamma, validate_args=validate)
         else:
-            loss = classification_loss(logits, target, label_smoothing=smoothing)
-        check_finite_loss(self.loss, loss, self.global_step)
-        self.train_acc(logits.detach(), hard_target(target))
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+            loss = classification_loss(logits, target, label_smoothing=smoothing, validate_args=validate)
+        self._record_train_step(logits, target, loss)
+        self._validated = True
         return {"loss": loss, "logits": logits, "target": target, "input": x}
+
+    @torch.compiler.disable  # metrics and logging stay eager when the module is compiled
+    def _record_train_step(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
+        self._acc_pending.append((logits.detach().argmax(dim=1), hard_target(target)))
+        if len(self._acc_pending) >= _ACC_EVERY:
+            self._update_train_acc()
+        # One log_dict call on logging steps only; NaN/inf checked on the device (see StepScalars).
+        self._train_scalars.update(self, [loss], logits.shape[0])
+
+    def _update_train_acc(self) -> None:
+        if self._acc_pending:
+            predicted, true = zip(*self._acc_pending, strict=True)
+            self.train_acc.update(torch.cat(predicted), torch.cat(true))
+            self._acc_pending.clear()
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self._train_scalars.epoch_end(self)
+        self._update_train_acc()
+        if self.train_acc.update_called:
+            self.log("train/acc", self.train_acc.compute(), on_step=False, on_epoch=True, batch_size=1)
+        self.train_acc.reset()
 
     def _evaluate(self, batch: Any, metrics: MetricCollection, prefix: str) -> None:
         x, target = batch_input(batch), batch_target(batch)
         check_target(target, x.shape[0], self.num_classes)
         logits = self._logits(x)
+        self._record_eval_step(logits, target, metrics, prefix)
+
+    @torch.compiler.disable  # metrics and logging stay eager when the module is compiled
+    def _record_eval_step(self, logits: Tensor, target: Tensor, metrics: MetricCollection, prefix: str) -> None:
         loss = classification_loss(logits, target)
         metrics.update(logits.float().softmax(dim=1), hard_target(target))
         self.log(f"{prefix}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)

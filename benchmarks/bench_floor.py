@@ -1,0 +1,186 @@
+"""Floor suite: our online ER against the same ER written as a plain PyTorch loop, and UER against ER.
+
+The floor (``loop_er``, the baseline): an MLP 64-256-256-10 trained online on random 64-d inputs
+(10 classes), batch 10, SGD lr 0.1, with experience replay from a reservoir of 200 samples:
+each step draws a replay batch of 10 distinct stored samples, runs it in a second forward pass,
+minimizes ``CE(incoming) + CE(replayed)``, and offers the incoming batch to the reservoir
+(Vitter's algorithm R). No Lightning, no checks, no logging: a hand-written ``for`` loop over a
+``DataLoader``. ``classifier+er`` is the same model, data, optimizer and method as
+:class:`~lightning_logits.modules.Classifier` + :class:`~lightning_logits.callbacks.ExperienceReplay`
+in a ``Trainer``; ``classifier+uer`` swaps in :class:`~lightning_logits.callbacks.UER`.
+``resnet18_er`` / ``resnet18_uer``: the same pair on timm resnet18 (digits-like 1x32x32 random
+inputs; smoke: resnet10t at 16x16).
+
+Every case is timed over whole loop iterations (data loading and all of the framework's own
+work included; set-up excluded), on one CPU thread, in the same run. Targets: ``classifier+er``
+at most 1/0.85 = 1.18x the loop's iteration time (a throughput of at least 0.85x the loop's);
+UER at most 1.05x ER.
+
+    python -m benchmarks.speed --suite floor [--smoke] [--compile]
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks.harness import SpeedCase
+from lightning_logits.callbacks.replay import UER, ExperienceReplay
+from lightning_logits.modules.classifier import Classifier
+
+BATCH, REPLAY, BUFFER, LR = 10, 10, 200, 0.1
+THROUGHPUT_TARGET = 0.85
+
+
+def mlp() -> nn.Module:
+    """MLP 64-256-256-10 with a linear ``fc`` head."""
+    net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
+    return nn.Sequential(net, nn.Linear(256, 10))
+
+
+def _stream(samples: int, shape: tuple[int, ...], seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(samples, *shape, generator=g), torch.randint(0, 10, (samples,), generator=g))
+
+
+class StreamData(pl.LightningDataModule):
+    """An online stream of random inputs (no shuffling, one pass), batch 10."""
+
+    def __init__(self, shape: tuple[int, ...], samples: int = 20_000) -> None:
+        super().__init__()
+        self.shape, self.samples = shape, samples
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(_stream(self.samples, self.shape), batch_size=BATCH, shuffle=False)
+
+
+class OneThread(Callback):
+    """Train on one CPU thread (restored afterwards), as the plain loop does: steadier on a shared machine."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._threads = torch.get_num_threads()
+        if pl_module.device.type == "cpu":
+            torch.set_num_threads(1)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.set_num_threads(self._threads)
+
+
+class Reservoir:
+    """A plain reservoir buffer (algorithm R) with uniform sampling without replacement."""
+
+    def __init__(self, capacity: int, shape: tuple[int, ...], device: torch.device, seed: int = 0) -> None:
+        self.inputs = torch.empty(capacity, *shape, device=device)
+        self.labels = torch.empty(capacity, dtype=torch.int64, device=device)
+        self.capacity, self.seen, self.rng = capacity, 0, random.Random(seed)
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        slots, rows = [], []
+        for row in range(x.shape[0]):
+            slot = self.seen if self.seen < self.capacity else self.rng.randrange(self.seen + 1)
+            self.seen += 1
+            if slot < self.capacity:
+                slots.append(slot)
+                rows.append(row)
+        if slots:
+            index, take = torch.tensor(slots, device=x.device), torch.tensor(rows, device=x.device)
+            self.inputs.index_copy_(0, index, x.index_select(0, take))
+            self.labels.index_copy_(0, index, y.index_select(0, take))
+
+    def sample(self, k: int) -> tuple[Tensor, Tensor] | None:
+        filled = min(self.seen, self.capacity)
+        if filled == 0:
+            return None
+        index = torch.tensor(self.rng.sample(range(filled), min(k, filled)), device=self.inputs.device)
+        return self.inputs.index_select(0, index), self.labels.index_select(0, index)
+
+
+def plain_loop(make_net: Any, shape: tuple[int, ...]) -> Any:
+    """``run(steps, warmup, accelerator, compile)``: ER as a hand-written loop; per-iteration times."""
+
+    def run(steps: int, warmup: int, accelerator: str, compiled: bool) -> list[float]:
+        use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+        device = torch.device("cuda" if use_cuda else "cpu")
+        threads = torch.get_num_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            net = make_net().to(device)
+            model = torch.compile(net) if compiled else net
+            optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+            buffer = Reservoir(BUFFER, shape, device)
+            loader = DataLoader(_stream(20_000, shape), batch_size=BATCH, shuffle=False)
+            times: list[float] = []
+            start = time.perf_counter()
+            for i, (x, y) in enumerate(loader):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss = F.cross_entropy(model(x), y)
+                replay = buffer.sample(REPLAY)
+                if replay is not None:
+                    loss = loss + F.cross_entropy(model(replay[0]), replay[1])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                buffer.add(x, y)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                now = time.perf_counter()
+                if i >= warmup:
+                    times.append(now - start)
+                start = now
+                if len(times) >= steps:
+                    break
+            return times
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+def speed_cases(smoke: bool) -> list[SpeedCase]:
+    def mlp_module() -> Classifier:
+        return Classifier(mlp(), num_classes=10, optimizer=lambda p: torch.optim.SGD(p, lr=LR))
+
+    def resnet_module() -> Classifier:
+        name = "resnet10t" if smoke else "resnet18"
+        return Classifier(name, num_classes=10, in_chans=1, optimizer=lambda p: torch.optim.SGD(p, lr=LR))
+
+    image = (1, 16, 16) if smoke else (1, 32, 32)
+
+    def er() -> list[Callback]:
+        return [ExperienceReplay(BUFFER, replay_batch_size=REPLAY), OneThread()]
+
+    def uer() -> list[Callback]:
+        return [UER(BUFFER, replay_batch_size=REPLAY), OneThread()]
+
+    def vectors() -> StreamData:
+        return StreamData((64,))
+
+    def images() -> StreamData:
+        return StreamData(image, samples=2_000)
+
+    return [
+        SpeedCase("loop_er", mlp_module, vectors, run=plain_loop(mlp, (64,))),
+        SpeedCase(
+            "classifier+er",
+            mlp_module,
+            vectors,
+            er,
+            baseline="loop_er",
+            target=round(1 / THROUGHPUT_TARGET, 2),
+            full_iteration=True,
+        ),
+        SpeedCase(
+            "classifier+uer", mlp_module, vectors, uer, baseline="classifier+er", target=1.05, full_iteration=True
+        ),
+        SpeedCase("resnet18_er", resnet_module, images, er, full_iteration=True),
+        SpeedCase("resnet18_uer", resnet_module, images, uer, baseline="resnet18_er", target=1.05, full_iteration=True),
+    ]
