@@ -19,6 +19,7 @@ import logging
 import statistics
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +38,23 @@ LABELS = {"mlp": "MLP", "gnn": "GNN", "mowst": "Mowst", "mowst_star": "Mowst*"}
 def make_module(
     method: str, gnn: str, size: dict[str, Any], patience: int, turn_epochs: int, pretrain: int = 0
 ) -> pl.LightningModule:
-    common = dict(lr=0.01, weight_decay=5e-4, **size)
+    adamw = partial(torch.optim.AdamW, lr=0.01, weight_decay=5e-4)
     if method == "mlp":
-        return GNNClassifier("mlp", patience=patience, **common)
+        return GNNClassifier("mlp", patience=patience, optimizer=adamw, **size)
     if method == "gnn":
-        return GNNClassifier(gnn, patience=patience, **common)
+        return GNNClassifier(gnn, patience=patience, optimizer=adamw, **size)
     return Mowst(
         strong=gnn,
         variant=method,
         patience=patience if method == "mowst_star" else max(patience // 2, 1),
         max_turn_epochs=turn_epochs,
         round_patience=0,
+        pretrain="joint" if pretrain else "none",
         pretrain_epochs=pretrain,
-        **common,
+        weak_optimizer=adamw,
+        strong_optimizer=adamw,
+        joint_optimizer=adamw,
+        **size,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -288,10 +289,19 @@ def small_graph(seed: int = 0, n: int = 90) -> Data:
     return csbm_graph(num_nodes=n, num_classes=3, num_features=6, homophily=0.7, feature_signal=1.5, seed=seed)
 
 
-def make_mowst(**kwargs: Any) -> Mowst:
-    defaults: dict[str, Any] = dict(num_features=6, num_classes=3, hidden=8, dropout=0.0, lr=0.01)
+def adamw(lr: float) -> Any:
+    return partial(torch.optim.AdamW, lr=lr, weight_decay=5e-4)
+
+
+def make_mowst(lr: float = 0.01, **kwargs: Any) -> Mowst:
+    defaults: dict[str, Any] = dict(num_features=6, num_classes=3, hidden=8, dropout=0.0)
+    defaults.update(weak_optimizer=adamw(lr), strong_optimizer=adamw(lr), joint_optimizer=adamw(lr))
     defaults.update(kwargs)
     return Mowst(**defaults)
+
+
+def scores(acc: float) -> dict[str, float]:
+    return {"acc": acc, "acc_weak": acc, "acc_strong": acc}
 
 
 @pytest.mark.parametrize("strong", ["gcn", "sage", "gat", "gin"])
@@ -335,31 +345,31 @@ def test_module_objects_and_errors() -> None:
 
 
 def test_turn_machinery_restores_best_and_stops() -> None:
-    model = make_mowst(patience=2, max_turn_epochs=100, round_patience=0)
+    model = make_mowst(patience=2, round_patience=0)
     assert model.turn == "weak"
-    model._record_validation(0.5)  # best: snapshot taken
+    model._take_validation(scores(0.5))  # best: snapshot taken
     best_gate = {k: v.clone() for k, v in model.gate.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    model._record_validation(0.4)
-    model._record_validation(0.45)  # two without improvement -> the turn is done
-    model._advance()
+    model._take_validation(scores(0.4))
+    model._take_validation(scores(0.45))  # two without improvement -> the turn ends at once
     assert model.turn == "strong"
     for key, value in model.gate.state_dict().items():
         torch.testing.assert_close(value, best_gate[key])  # best weights restored at the turn's end
     for _ in range(3):  # a first value sets the turn's best, two more without improvement end the turn
-        model._record_validation(0.3)
-    model._advance()  # round 1 ends having improved (from nothing to 0.5)
-    assert model.turn == "weak" and model._state["rounds_bad"] == 0
+        model._take_validation(scores(0.3))
+    # round 1 ended having improved (from nothing to 0.5)
+    assert model.turn == "weak" and model.schedule.rounds_bad == 0
     for _ in range(3):
-        model._record_validation(0.3)
-    model._advance()
-    assert model.turn == "strong" and not model._state["stopped"]
+        model._take_validation(scores(0.3))
+    assert model.turn == "strong" and not model.schedule.stopped
     for _ in range(3):
-        model._record_validation(0.3)
-    model._advance()  # round 2 without improvement > round_patience = 0 -> stop
-    assert model._state["stopped"]
+        model._take_validation(scores(0.3))
+    # round 2 without improvement > round_patience = 0 -> stop, with the reason and the turns
+    assert model.schedule.stopped and "round_patience=0" in model.schedule.stop_reason
+    assert [row["turn"] for row in model.schedule.history] == ["weak", "strong", "weak", "strong"]
+    assert [row["epochs"] for row in model.schedule.history] == [0, 0, 0, 0]
 
 
 class TurnRecorder(Callback):
@@ -387,11 +397,15 @@ def _fit(
 def test_mowst_trains_in_alternating_turns_with_frozen_expert_in_eval() -> None:
     pl.seed_everything(0)
     recorder = TurnRecorder()
-    model = make_mowst(dropout=0.2, max_turn_epochs=3, patience=50, pretrain_epochs=2, restore_best=False)
+    model = make_mowst(
+        dropout=0.2, max_turn_epochs=3, patience=50, pretrain="joint", pretrain_epochs=2, restore_best=False
+    )
     _fit(model, small_graph(), 10, [recorder], limit_val_batches=0)
-    assert recorder.turns == ["pretrain"] * 2 + ["weak"] * 3 + ["strong"] * 3 + ["weak"] * 2
+    assert recorder.turns == ["pretrain_joint"] * 2 + ["weak"] * 3 + ["strong"] * 3 + ["weak"] * 2
     for turn, (weak, gate, strong) in zip(recorder.turns, recorder.frozen_modes, strict=True):
-        expect = {"pretrain": (True, True, True), "weak": (True, True, False), "strong": (False, False, True)}[turn]
+        expect = {"pretrain_joint": (True, True, True), "weak": (True, True, False), "strong": (False, False, True)}[
+            turn
+        ]
         assert (weak, gate, strong) == expect, turn
     # pretraining never touches the gate; a weak turn never touches the GNN; a strong turn never the gate
     w = recorder.strong_weights
@@ -452,12 +466,13 @@ def test_fit_validate_test_predict_and_logging(variant: str, tmp_path: Path) -> 
     logger = HistogramLogger()
     model = make_mowst(variant=variant, patience=2, max_turn_epochs=2)
     trainer = _fit(model, data, 6, logger=logger)
-    assert any("val/weak_share" in m for m in logger.metrics)
+    assert any("mowst/weak_share" in m and "mowst/confidence" in m for m in logger.metrics)
+    assert any("mowst/turn" in m for m in logger.metrics)
     assert ("val/confidence_hist", int(data.val_mask.sum())) in logger.experiment.calls
     assert model.last_confidence is not None and model.last_confidence.shape == (int(data.val_mask.sum()),)
     (result,) = trainer.test(model, datamodule=GraphDataModule(data=data), verbose=False)
-    keys = ("acc", "acc_expected", "acc_random", "acc_deterministic", "acc_weak", "acc_strong", "weak_share")
-    assert all(f"test/{k}" in result for k in keys)
+    keys = ("acc", "acc_expected", "acc_random", "acc_deterministic", "acc_weak", "acc_strong")
+    assert all(f"test/{k}" in result for k in keys) and "mowst/weak_share" in result
     want = "acc_expected" if variant == "mowst" else "acc_deterministic"
     assert result["test/acc"] == pytest.approx(result[f"test/{want}"])
     # the logged accuracies agree with the functional core on the same outputs
@@ -475,11 +490,11 @@ def test_star_stops_on_patience_and_restores_best() -> None:
     pl.seed_everything(0)
     model = make_mowst(variant="mowst_star", patience=2, lr=0.05)
     trainer = _fit(model, small_graph(), 40)
-    assert model._state["stopped"] and trainer.current_epoch < 40
+    assert model.schedule.stopped and trainer.current_epoch < 40
     model.eval()
     data = small_graph()
     acc = model.evaluate(data, data.val_mask)["acc"].item()
-    assert acc == pytest.approx(model._state["best_val"])
+    assert acc == pytest.approx(model.schedule.best_val)
 
 
 @pytest.mark.slow
@@ -488,7 +503,7 @@ def test_resume_matches_uninterrupted(tmp_path: Path) -> None:
 
     def run(epochs: int, ckpt: str | None = None, save: bool = False) -> tuple[Mowst, Any]:
         pl.seed_everything(0)
-        model = make_mowst(max_turn_epochs=2, patience=1, pretrain_epochs=1)
+        model = make_mowst(max_turn_epochs=2, patience=1, pretrain="joint", pretrain_epochs=1)
         callbacks: list[Callback] = [ModelCheckpoint(dirpath=tmp_path, save_last=True)] if save else []
         trainer = fast_trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=save)
         trainer.fit(model, datamodule=GraphDataModule(data=data), ckpt_path=ckpt)
@@ -497,11 +512,11 @@ def test_resume_matches_uninterrupted(tmp_path: Path) -> None:
     full, _ = run(7)
     run(3, save=True)
     resumed, _ = run(7, ckpt=str(tmp_path / "last.ckpt"))
-    assert resumed._state == full._state
+    assert resumed.schedule.state_dict() == full.schedule.state_dict()
     for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     loaded = Mowst.load_from_checkpoint(tmp_path / "last.ckpt")
-    assert loaded._state["turn_id"] >= 1 and loaded._best_state is not None
+    assert loaded.schedule.turn_id >= 1 and loaded._best_state is not None
 
 
 def test_lazy_build_from_datamodule_and_gnn_classifier() -> None:
@@ -511,11 +526,11 @@ def test_lazy_build_from_datamodule_and_gnn_classifier() -> None:
     _fit(model, data, 2)
     assert model.hparams.num_features == 6 and model.num_classes == 3
     for name in ("mlp", "gcn"):
-        baseline = GNNClassifier(name, hidden=8, patience=2, lr=0.05)
+        baseline = GNNClassifier(name, hidden=8, patience=2, optimizer=adamw(0.05))
         trainer = _fit(baseline, data, 12)
         (result,) = trainer.test(baseline, datamodule=GraphDataModule(data=data), verbose=False)
         assert result["test/acc"] > 0.34  # better than chance on 3 balanced classes
-        assert baseline._best["acc"] > 0
+        assert baseline.plateau.best > 0
 
 
 # --------------------------------------------------------------------------- DDP
@@ -543,7 +558,9 @@ def _ddp_fit(strategy: str, devices: int, variant: str, out_dir: Path) -> Mowst:
     torch.manual_seed(0)
     # no BatchNorm: a bias before a BatchNorm has a zero gradient up to rounding, which Adam blows up
     # to full-size steps of random sign, so the two runs would differ there by about lr
-    model = make_mowst(variant=variant, max_turn_epochs=2, pretrain_epochs=1, restore_best=False, batch_norm=False)
+    model = make_mowst(
+        variant=variant, max_turn_epochs=2, pretrain="joint", pretrain_epochs=1, restore_best=False, batch_norm=False
+    )
     out_dir.mkdir()
     trainer = fast_trainer(
         strategy=strategy, devices=devices, max_epochs=6, limit_val_batches=0, callbacks=[GradRecorder(str(out_dir))]

@@ -50,7 +50,7 @@ def test_csbm_recipe_runs_one_epoch(tmp_path: Path) -> None:
         ]
     )
     assert cli.trainer.current_epoch == 1
-    assert cli.model.turn == "pretrain" and cli.model.hparams.strong == "sage"
+    assert cli.model.turn == "pretrain_strong" and cli.model.hparams.strong == "sage"
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from torch import Tensor
 from lightning_logits.functional._checks import check_logits, check_same_shape, check_target, hard_target
 
 __all__ = [
+    "check_node_mask",
     "mowst_dispersion",
     "mowst_expected_accuracy",
     "mowst_loss",
@@ -48,6 +49,57 @@ def _check_confidence(confidence: Tensor, num_nodes: int, check_range: bool = Tr
         if not (low >= 0.0 and high <= 1.0):  # also catches NaN
             raise ValueError(f"confidence must lie in [0, 1], got values in [{low}, {high}]; pass sigmoid(gate output)")
     return confidence
+
+
+def check_node_mask(mask: Tensor, num_nodes: int, name: str = "mask", allow_empty: bool = True) -> Tensor:
+    """Check a node selection and return it as a boolean mask ``[N]``.
+
+    Accepted: a boolean mask ``[N]``, or an int64 index tensor ``[M]`` with values in ``[0, N)``
+    (turned into the boolean mask). Refused, with the fix in the message: a 0/1 integer tensor of
+    length ``N`` (it would index nodes 0 and 1 over and over: pass ``mask.bool()``), a boolean
+    mask of another length, other dtypes, out-of-range indices, and (``allow_empty=False``) a
+    selection of no node. Reads the values on the host: call it where a sync is acceptable.
+
+    Example:
+        >>> import torch
+        >>> check_node_mask(torch.tensor([2, 0]), 4)
+        tensor([ True, False,  True, False])
+        >>> try:
+        ...     check_node_mask(torch.tensor([1, 0, 0, 1]), 4)
+        ... except ValueError as err:
+        ...     print(str(err)[-16:])
+        pass mask.bool()
+    """
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (bool [N] or int64 indices), got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        if mask.shape != (num_nodes,):
+            raise ValueError(f"{name} is a boolean mask of shape {tuple(mask.shape)}; it must be [N] = [{num_nodes}]")
+        selected = mask
+    elif mask.dtype == torch.int64:
+        if mask.ndim != 1:
+            raise ValueError(f"{name} as node indices must be 1-D, got shape {tuple(mask.shape)}")
+        if mask.numel() == num_nodes and num_nodes > 0 and bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(
+                f"{name} is an integer tensor of 0/1 values with one entry per node ({num_nodes}): it looks like "
+                f"a boolean mask stored as integers, which would index nodes 0 and 1 instead of selecting nodes; "
+                f"pass {name}.bool()"
+            )
+        if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) >= num_nodes):
+            raise ValueError(
+                f"{name} holds node indices in [{int(mask.min())}, {int(mask.max())}], outside [0, {num_nodes}): "
+                "pass indices of existing nodes or a boolean mask [N]"
+            )
+        selected = torch.zeros(num_nodes, dtype=torch.bool, device=mask.device)
+        selected[mask] = True
+    else:
+        raise TypeError(
+            f"{name} must be a boolean mask [N] or an int64 index tensor, got dtype {mask.dtype}: "
+            f"use {name}.bool() for a 0/1 mask or {name}.long() for indices"
+        )
+    if not allow_empty and not bool(selected.any()):
+        raise ValueError(f"{name} selects no node (of {num_nodes}): the split is empty; give it at least one node")
+    return selected
 
 
 def _check_pair(weak_logits: Tensor, strong_logits: Tensor) -> None:
