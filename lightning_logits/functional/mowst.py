@@ -149,7 +149,9 @@ def _per_node_ce(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), target, reduction="none")
 
 
-def mowst_loss(weak_logits: Tensor, strong_logits: Tensor, target: Tensor, confidence: Tensor) -> Tensor:
+def mowst_loss(
+    weak_logits: Tensor, strong_logits: Tensor, target: Tensor, confidence: Tensor, validate_args: bool = True
+) -> Tensor:
     r"""The Mowst loss: each node's confidence-weighted pair of expert cross-entropies.
 
     .. math:: L = \frac{1}{N} \sum_v C_v\, \mathrm{CE}(z^{weak}_v, y_v) + (1 - C_v)\, \mathrm{CE}(z^{strong}_v, y_v)
@@ -161,6 +163,9 @@ def mowst_loss(weak_logits: Tensor, strong_logits: Tensor, target: Tensor, confi
         confidence: ``[N]`` (or ``[N, 1]``) weight of the weak expert, in ``[0, 1]``. Gradients
             flow into it: the loss is linear in ``C``, so the gate is pushed towards whichever
             expert has the lower loss on a node.
+        validate_args: check the labels' range and that ``C`` lies in ``[0, 1]`` (reads values on the
+            host); :class:`~lightning_logits.modules.mowst.Mowst` passes True on its first step only.
+            Shapes and dtypes are always checked.
 
     Returns:
         Scalar mean over the ``N`` given nodes, computed in float32, in the dtype of ``weak_logits``.
@@ -172,14 +177,16 @@ def mowst_loss(weak_logits: Tensor, strong_logits: Tensor, target: Tensor, confi
         1.6269
     """
     _check_pair(weak_logits, strong_logits)
-    check_target(target, weak_logits.shape[0], weak_logits.shape[1])
-    confidence = _check_confidence(confidence, weak_logits.shape[0])
-    c = confidence.float()
+    if validate_args:
+        check_target(target, weak_logits.shape[0], weak_logits.shape[1])
+    c = _check_confidence(confidence, weak_logits.shape[0], check_range=validate_args).float()
     per_node = c * _per_node_ce(weak_logits, target) + (1.0 - c) * _per_node_ce(strong_logits, target)
     return per_node.mean().to(weak_logits.dtype)
 
 
-def mowst_star_loss(weak_logits: Tensor, strong_logits: Tensor, target: Tensor, confidence: Tensor) -> Tensor:
+def mowst_star_loss(
+    weak_logits: Tensor, strong_logits: Tensor, target: Tensor, confidence: Tensor, validate_args: bool = True
+) -> Tensor:
     r"""The Mowst* loss: cross-entropy of the confidence-mixed logits.
 
     .. math:: L = \frac{1}{N} \sum_v \mathrm{CE}\big(C_v z^{weak}_v + (1 - C_v) z^{strong}_v,\; y_v\big)
@@ -189,6 +196,9 @@ def mowst_star_loss(weak_logits: Tensor, strong_logits: Tensor, target: Tensor, 
         strong_logits: ``[N, K]`` logits of the strong expert.
         target: int ``[N]`` class indices, or float ``[N, K]`` class probabilities.
         confidence: ``[N]`` (or ``[N, 1]``) weight of the weak expert, in ``[0, 1]``.
+        validate_args: check the labels' range and that ``C`` lies in ``[0, 1]`` (reads values on the
+            host); :class:`~lightning_logits.modules.mowst.Mowst` passes True on its first step only.
+            Shapes and dtypes are always checked.
 
     Returns:
         Scalar mean over the ``N`` nodes, computed in float32, in the dtype of ``weak_logits``.
@@ -200,8 +210,9 @@ def mowst_star_loss(weak_logits: Tensor, strong_logits: Tensor, target: Tensor, 
         0.3133
     """
     _check_pair(weak_logits, strong_logits)
-    check_target(target, weak_logits.shape[0], weak_logits.shape[1])
-    c = _check_confidence(confidence, weak_logits.shape[0]).float()[:, None]
+    if validate_args:
+        check_target(target, weak_logits.shape[0], weak_logits.shape[1])
+    c = _check_confidence(confidence, weak_logits.shape[0], check_range=validate_args).float()[:, None]
     mixed = c * weak_logits.float() + (1.0 - c) * strong_logits.float()
     return _per_node_ce(mixed, target).mean().to(weak_logits.dtype)
 

@@ -475,6 +475,7 @@ class Mowst(pl.LightningModule):
             self.trainer.should_stop = True
             return None
         x, edge_index, y = batch.x, batch.edge_index, batch.y
+        first = not self._train_mask_checked  # value checks (host syncs) on the first step only
         idx, scale = _train_share(self._train_mask(batch), self.trainer)
         opts = self.optimizers()
         optimizers = opts if isinstance(opts, list) else [opts]
@@ -503,19 +504,19 @@ class Mowst(pl.LightningModule):
             (strong_logits,) = self._frozen("strong", x, edge_index)
             weak_logits = self.weak(x)
             conf = self.confidence(weak_logits, x)
-            loss = mowst_loss(weak_logits[idx], strong_logits[idx], y[idx], conf[idx])
+            loss = mowst_loss(weak_logits[idx], strong_logits[idx], y[idx], conf[idx], validate_args=first)
             stepping, untouched = [weak_opt], [self.strong]
             computed = weak_logits.sum() + conf.sum()
         elif phase == "strong":
             weak_logits, conf = self._frozen("weak", x, edge_index)
             strong_logits = self._strong_logits(x, edge_index)
-            loss = mowst_loss(weak_logits[idx], strong_logits[idx], y[idx], conf[idx])
+            loss = mowst_loss(weak_logits[idx], strong_logits[idx], y[idx], conf[idx], validate_args=first)
             stepping, untouched = [strong_opt], [self.weak, self.gate]
             computed = strong_logits.sum()
         else:
             weak_logits, strong_logits = self.weak(x), self._strong_logits(x, edge_index)
             conf = self.confidence(weak_logits, x)
-            loss = mowst_star_loss(weak_logits[idx], strong_logits[idx], y[idx], conf[idx])
+            loss = mowst_star_loss(weak_logits[idx], strong_logits[idx], y[idx], conf[idx], validate_args=first)
             stepping, untouched = optimizers, []
             computed = weak_logits.sum() + strong_logits.sum() + conf.sum()
         if ddp and untouched:
