@@ -151,11 +151,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     args = parser.parse_args(argv)
     if not args.scaling:
         parser.error("only --scaling runs here; the epoch ratios: python -m benchmarks.speed --suite mowst")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
     start = time.time()
     table = scaling(args.edges, args.nodes, args.steps, args.warmup)
     print(table + f"\n\nTotal time: {time.time() - start:.0f} s.", flush=True)
