@@ -663,9 +663,9 @@ def _accuracies(model: Mowst, data: Data) -> dict[str, float]:
 def test_last_checkpoint_is_the_model_fit_ends_with(ending: str, tmp_path: Path) -> None:
     pl.seed_everything(0)
     data = small_graph()
-    # dropout makes the raw weights differ from the best ones; max_epochs=12 ends mid-turn
+    # max_epochs=15 ends one epoch into a turn, on weights that are not the best ones
     model = make_mowst(dropout=0.3, patience=2, round_patience=0, lr=0.05)
-    epochs = 400 if ending == "mowst_stops" else 12
+    epochs = 400 if ending == "mowst_stops" else 15
     trainer = fast_trainer(
         max_epochs=epochs, enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]
     )
@@ -679,10 +679,11 @@ def test_last_checkpoint_is_the_model_fit_ends_with(ending: str, tmp_path: Path)
     (from_model,) = trainer.test(model, datamodule=dm, verbose=False)
     (from_last,) = trainer.test(model, datamodule=dm, ckpt_path="last", verbose=False)
     assert from_last == pytest.approx(from_model)
-    if ending == "mowst_stops":  # the checkpoint's raw weights are the best ones already
-        raw = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
-        for key, value in model.state_dict().items():
-            torch.testing.assert_close(raw[key], value)
+    raw = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    same = all(torch.equal(raw[key], value) for key, value in model.state_dict().items())
+    # Mowst stopped: the checkpoint's raw weights are the best ones already; max_epochs: they are
+    # not (so the equalities above hold only because the best weights are applied on load)
+    assert same == (ending == "mowst_stops")
 
 
 @pytest.mark.slow
