@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from lightning_logits.functional.mowst import (
     mowst_star_loss,
 )
 from lightning_logits.modules.mowst import GNNClassifier, Mowst
+from lightning_logits.modules.mowst_schedule import MowstSchedule
 from lightning_logits.networks import build_expert
 from tests.helpers import fast_trainer
 
@@ -288,10 +291,19 @@ def small_graph(seed: int = 0, n: int = 90) -> Data:
     return csbm_graph(num_nodes=n, num_classes=3, num_features=6, homophily=0.7, feature_signal=1.5, seed=seed)
 
 
-def make_mowst(**kwargs: Any) -> Mowst:
-    defaults: dict[str, Any] = dict(num_features=6, num_classes=3, hidden=8, dropout=0.0, lr=0.01)
+def adamw(lr: float) -> Any:
+    return partial(torch.optim.AdamW, lr=lr, weight_decay=5e-4)
+
+
+def make_mowst(lr: float = 0.01, **kwargs: Any) -> Mowst:
+    defaults: dict[str, Any] = dict(num_features=6, num_classes=3, hidden=8, dropout=0.0)
+    defaults.update(weak_optimizer=adamw(lr), strong_optimizer=adamw(lr), joint_optimizer=adamw(lr))
     defaults.update(kwargs)
     return Mowst(**defaults)
+
+
+def scores(acc: float) -> dict[str, float]:
+    return {"acc": acc, "acc_weak": acc, "acc_strong": acc}
 
 
 @pytest.mark.parametrize("strong", ["gcn", "sage", "gat", "gin"])
@@ -335,31 +347,31 @@ def test_module_objects_and_errors() -> None:
 
 
 def test_turn_machinery_restores_best_and_stops() -> None:
-    model = make_mowst(patience=2, max_turn_epochs=100, round_patience=0)
+    model = make_mowst(patience=2, round_patience=0)
     assert model.turn == "weak"
-    model._record_validation(0.5)  # best: snapshot taken
+    model._take_validation(scores(0.5))  # best: snapshot taken
     best_gate = {k: v.clone() for k, v in model.gate.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    model._record_validation(0.4)
-    model._record_validation(0.45)  # two without improvement -> the turn is done
-    model._advance()
+    model._take_validation(scores(0.4))
+    model._take_validation(scores(0.45))  # two without improvement -> the turn ends at once
     assert model.turn == "strong"
     for key, value in model.gate.state_dict().items():
         torch.testing.assert_close(value, best_gate[key])  # best weights restored at the turn's end
     for _ in range(3):  # a first value sets the turn's best, two more without improvement end the turn
-        model._record_validation(0.3)
-    model._advance()  # round 1 ends having improved (from nothing to 0.5)
-    assert model.turn == "weak" and model._state["rounds_bad"] == 0
+        model._take_validation(scores(0.3))
+    # round 1 ended having improved (from nothing to 0.5)
+    assert model.turn == "weak" and model.schedule.rounds_bad == 0
     for _ in range(3):
-        model._record_validation(0.3)
-    model._advance()
-    assert model.turn == "strong" and not model._state["stopped"]
+        model._take_validation(scores(0.3))
+    assert model.turn == "strong" and not model.schedule.stopped
     for _ in range(3):
-        model._record_validation(0.3)
-    model._advance()  # round 2 without improvement > round_patience = 0 -> stop
-    assert model._state["stopped"]
+        model._take_validation(scores(0.3))
+    # round 2 without improvement > round_patience = 0 -> stop, with the reason and the turns
+    assert model.schedule.stopped and "round_patience=0" in model.schedule.stop_reason
+    assert [row["turn"] for row in model.schedule.history] == ["weak", "strong", "weak", "strong"]
+    assert [row["epochs"] for row in model.schedule.history] == [0, 0, 0, 0]
 
 
 class TurnRecorder(Callback):
@@ -387,11 +399,15 @@ def _fit(
 def test_mowst_trains_in_alternating_turns_with_frozen_expert_in_eval() -> None:
     pl.seed_everything(0)
     recorder = TurnRecorder()
-    model = make_mowst(dropout=0.2, max_turn_epochs=3, patience=50, pretrain_epochs=2, restore_best=False)
+    model = make_mowst(
+        dropout=0.2, max_turn_epochs=3, patience=50, pretrain="joint", pretrain_epochs=2, restore_best=False
+    )
     _fit(model, small_graph(), 10, [recorder], limit_val_batches=0)
-    assert recorder.turns == ["pretrain"] * 2 + ["weak"] * 3 + ["strong"] * 3 + ["weak"] * 2
+    assert recorder.turns == ["pretrain_joint"] * 2 + ["weak"] * 3 + ["strong"] * 3 + ["weak"] * 2
     for turn, (weak, gate, strong) in zip(recorder.turns, recorder.frozen_modes, strict=True):
-        expect = {"pretrain": (True, True, True), "weak": (True, True, False), "strong": (False, False, True)}[turn]
+        expect = {"pretrain_joint": (True, True, True), "weak": (True, True, False), "strong": (False, False, True)}[
+            turn
+        ]
         assert (weak, gate, strong) == expect, turn
     # pretraining never touches the gate; a weak turn never touches the GNN; a strong turn never the gate
     w = recorder.strong_weights
@@ -452,12 +468,13 @@ def test_fit_validate_test_predict_and_logging(variant: str, tmp_path: Path) -> 
     logger = HistogramLogger()
     model = make_mowst(variant=variant, patience=2, max_turn_epochs=2)
     trainer = _fit(model, data, 6, logger=logger)
-    assert any("val/weak_share" in m for m in logger.metrics)
+    assert any("mowst/weak_share" in m and "mowst/confidence" in m for m in logger.metrics)
+    assert any("mowst/turn" in m for m in logger.metrics)
     assert ("val/confidence_hist", int(data.val_mask.sum())) in logger.experiment.calls
     assert model.last_confidence is not None and model.last_confidence.shape == (int(data.val_mask.sum()),)
     (result,) = trainer.test(model, datamodule=GraphDataModule(data=data), verbose=False)
-    keys = ("acc", "acc_expected", "acc_random", "acc_deterministic", "acc_weak", "acc_strong", "weak_share")
-    assert all(f"test/{k}" in result for k in keys)
+    keys = ("acc", "acc_expected", "acc_random", "acc_deterministic", "acc_weak", "acc_strong")
+    assert all(f"test/{k}" in result for k in keys) and "mowst/weak_share" in result
     want = "acc_expected" if variant == "mowst" else "acc_deterministic"
     assert result["test/acc"] == pytest.approx(result[f"test/{want}"])
     # the logged accuracies agree with the functional core on the same outputs
@@ -475,11 +492,11 @@ def test_star_stops_on_patience_and_restores_best() -> None:
     pl.seed_everything(0)
     model = make_mowst(variant="mowst_star", patience=2, lr=0.05)
     trainer = _fit(model, small_graph(), 40)
-    assert model._state["stopped"] and trainer.current_epoch < 40
+    assert model.schedule.stopped and trainer.current_epoch < 40
     model.eval()
     data = small_graph()
     acc = model.evaluate(data, data.val_mask)["acc"].item()
-    assert acc == pytest.approx(model._state["best_val"])
+    assert acc == pytest.approx(model.schedule.best_val)
 
 
 @pytest.mark.slow
@@ -488,7 +505,7 @@ def test_resume_matches_uninterrupted(tmp_path: Path) -> None:
 
     def run(epochs: int, ckpt: str | None = None, save: bool = False) -> tuple[Mowst, Any]:
         pl.seed_everything(0)
-        model = make_mowst(max_turn_epochs=2, patience=1, pretrain_epochs=1)
+        model = make_mowst(max_turn_epochs=2, patience=1, pretrain="joint", pretrain_epochs=1)
         callbacks: list[Callback] = [ModelCheckpoint(dirpath=tmp_path, save_last=True)] if save else []
         trainer = fast_trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=save)
         trainer.fit(model, datamodule=GraphDataModule(data=data), ckpt_path=ckpt)
@@ -497,11 +514,11 @@ def test_resume_matches_uninterrupted(tmp_path: Path) -> None:
     full, _ = run(7)
     run(3, save=True)
     resumed, _ = run(7, ckpt=str(tmp_path / "last.ckpt"))
-    assert resumed._state == full._state
+    assert resumed.schedule.state_dict() == full.schedule.state_dict()
     for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     loaded = Mowst.load_from_checkpoint(tmp_path / "last.ckpt")
-    assert loaded._state["turn_id"] >= 1 and loaded._best_state is not None
+    assert loaded.schedule.turn_id >= 1 and loaded._best_state is not None
 
 
 def test_lazy_build_from_datamodule_and_gnn_classifier() -> None:
@@ -511,11 +528,11 @@ def test_lazy_build_from_datamodule_and_gnn_classifier() -> None:
     _fit(model, data, 2)
     assert model.hparams.num_features == 6 and model.num_classes == 3
     for name in ("mlp", "gcn"):
-        baseline = GNNClassifier(name, hidden=8, patience=2, lr=0.05)
+        baseline = GNNClassifier(name, hidden=8, patience=2, optimizer=adamw(0.05))
         trainer = _fit(baseline, data, 12)
         (result,) = trainer.test(baseline, datamodule=GraphDataModule(data=data), verbose=False)
         assert result["test/acc"] > 0.34  # better than chance on 3 balanced classes
-        assert baseline._best["acc"] > 0
+        assert baseline.plateau.best > 0
 
 
 # --------------------------------------------------------------------------- DDP
@@ -543,7 +560,9 @@ def _ddp_fit(strategy: str, devices: int, variant: str, out_dir: Path) -> Mowst:
     torch.manual_seed(0)
     # no BatchNorm: a bias before a BatchNorm has a zero gradient up to rounding, which Adam blows up
     # to full-size steps of random sign, so the two runs would differ there by about lr
-    model = make_mowst(variant=variant, max_turn_epochs=2, pretrain_epochs=1, restore_best=False, batch_norm=False)
+    model = make_mowst(
+        variant=variant, max_turn_epochs=2, pretrain="joint", pretrain_epochs=1, restore_best=False, batch_norm=False
+    )
     out_dir.mkdir()
     trainer = fast_trainer(
         strategy=strategy, devices=devices, max_epochs=6, limit_val_batches=0, callbacks=[GradRecorder(str(out_dir))]
@@ -580,3 +599,245 @@ def test_ddp_spawn_matches_one_process(ddp_env: int, tmp_path: Path) -> None:
     torch.manual_seed(0)
     fresh = make_mowst(batch_norm=False)
     assert all(not torch.allclose(a, b) for a, b in zip(single.parameters(), fresh.parameters(), strict=True))
+
+
+# --------------------------------------------------------------------------- issue 12: nothing silently wrong
+def test_integer_01_masks_are_refused_and_index_masks_accepted() -> None:
+    pl.seed_everything(0)
+    data = small_graph()
+    model = make_mowst().eval()
+    # a 0/1 integer mask would index nodes 0 and 1 over and over (90 rows instead of the test nodes)
+    with pytest.raises(ValueError, match=r"pass mask\.bool\(\)"):
+        model.evaluate(data, data.test_mask.long())
+    by_mask = model.evaluate(data, data.test_mask)
+    by_index = model.evaluate(data, data.test_mask.nonzero().flatten())
+    assert by_index["C"].shape == (int(data.test_mask.sum()),)
+    for key in ("acc_expected", "acc_weak", "acc_strong", "confidence"):
+        torch.testing.assert_close(by_index[key], by_mask[key])
+    with pytest.raises(ValueError, match=r"outside \[0, 90\)"):
+        model.evaluate(data, torch.tensor([0, 95]))
+    with pytest.raises(TypeError, match=r"dtype torch\.float32"):
+        model.evaluate(data, data.test_mask.float())
+    with pytest.raises(ValueError, match=r"shape \(80,\)"):
+        model.evaluate(data, data.test_mask[:80])
+    # the DataModule: 0/1 integers refused; indices become boolean masks
+    bad = data.clone()
+    bad.train_mask = bad.train_mask.long()
+    with pytest.raises(ValueError, match=r"train_mask\.bool\(\)"):
+        GraphDataModule(data=bad)
+    indexed = data.clone()
+    indexed.val_mask = indexed.val_mask.nonzero().flatten()
+    dm = GraphDataModule(data=indexed)
+    assert dm.graph().val_mask.dtype == torch.bool and torch.equal(dm.graph().val_mask, data.val_mask)
+
+
+@pytest.mark.parametrize("split", ["train_mask", "val_mask"])
+def test_a_graph_without_training_or_validation_nodes_is_an_error(split: str) -> None:
+    data = small_graph()
+    data[split] = torch.zeros(90, dtype=torch.bool)
+    with pytest.raises(ValueError, match=f"{split} selects no node"):
+        _fit(make_mowst(), data, 2)
+    # also without the DataModule's check (a user's own loader): the module refuses at its first step
+    model = make_mowst()
+    batch = small_graph()
+    batch[split] = torch.zeros(90, dtype=torch.bool)
+    if split == "train_mask":
+        trainer = fast_trainer(max_epochs=1)
+        trainer.strategy.connect(model)
+        model.trainer = trainer
+        with pytest.raises(ValueError, match="train_mask selects no node"):
+            model._train_mask(batch)
+    else:
+        with pytest.raises(ValueError, match="selects no node"):
+            model.eval().evaluate(batch, batch.val_mask)
+
+
+def _accuracies(model: Mowst, data: Data) -> dict[str, float]:
+    model.eval()
+    results = model.evaluate(data, data.val_mask)
+    return {k: float(v) for k, v in results.items() if k != "C"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", ["mowst_stops", "max_epochs"])
+def test_last_checkpoint_is_the_model_fit_ends_with(ending: str, tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    data = small_graph()
+    # max_epochs=15 ends one epoch into a turn, on weights that are not the best ones
+    model = make_mowst(dropout=0.3, patience=2, round_patience=0, lr=0.05)
+    epochs = 400 if ending == "mowst_stops" else 15
+    trainer = fast_trainer(
+        max_epochs=epochs, enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+    )
+    dm = GraphDataModule(data=data)
+    trainer.fit(model, datamodule=dm)
+    assert model.schedule.stopped == (ending == "mowst_stops")
+    after_fit = _accuracies(model, data)
+    assert after_fit["acc"] == pytest.approx(model.schedule.best_val)
+    loaded = Mowst.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert _accuracies(loaded, data) == pytest.approx(after_fit)
+    (from_model,) = trainer.test(model, datamodule=dm, verbose=False)
+    (from_last,) = trainer.test(model, datamodule=dm, ckpt_path="last", verbose=False)
+    assert from_last == pytest.approx(from_model)
+    raw = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    same = all(torch.equal(raw[key], value) for key, value in model.state_dict().items())
+    # Mowst stopped: the checkpoint's raw weights are the best ones already; max_epochs: they are
+    # not (so the equalities above hold only because the best weights are applied on load)
+    assert same == (ending == "mowst_stops")
+
+
+@pytest.mark.slow
+def test_gnn_classifier_last_checkpoint_is_the_model_fit_ends_with(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    data = small_graph()
+    baseline = GNNClassifier("gcn", hidden=8, patience=3, dropout=0.5, optimizer=adamw(0.05))
+    trainer = fast_trainer(
+        max_epochs=300, enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+    )
+    dm = GraphDataModule(data=data)
+    trainer.fit(baseline, datamodule=dm)
+    assert baseline.stop_reason and trainer.current_epoch < 299
+    (from_model,) = trainer.test(baseline, datamodule=dm, verbose=False)
+    (from_last,) = trainer.test(baseline, datamodule=dm, ckpt_path="last", verbose=False)
+    assert from_last == pytest.approx(from_model)
+    raw = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    for key, value in baseline.state_dict().items():
+        torch.testing.assert_close(raw[key], value)
+
+
+def test_mowst_says_why_it_stopped_and_summarizes_its_turns(caplog: pytest.LogCaptureFixture) -> None:
+    pl.seed_everything(0)
+    model = make_mowst(patience=2, round_patience=0, lr=0.05, pretrain="strong", pretrain_patience=2)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        _fit(model, small_graph(), 400)
+    text = caplog.text
+    assert model.schedule.stopped
+    assert "pretraining of the strong expert alone ended after" in text
+    assert "Mowst stopped: 1 round(s) in a row without a better val/acc (round_patience=0)" in text
+    assert "| # | turn | epochs | best val acc |" in text
+    history = model.schedule.history
+    assert history[0]["turn"] == "pretrain_strong" and [r["turn"] for r in history[1:3]] == ["weak", "strong"]
+    for i, row in enumerate(history):
+        assert f"| {i} | {row['turn']} | {row['epochs']} | {row['best_val_acc']:.4f} |" in text
+
+
+def test_graph_recipes_show_progress() -> None:
+    import yaml
+
+    for path in sorted((ROOT / "recipes" / "mowst").glob("*.yaml")):
+        trainer = yaml.safe_load(path.read_text())["trainer"]
+        assert trainer.get("enable_progress_bar", True) is True, path.name
+
+
+# --------------------------------------------------------------------------- issue 13: pretraining
+def test_pretrain_strong_trains_the_gnn_alone_then_restores_its_best() -> None:
+    pl.seed_everything(0)
+    recorder = TurnRecorder()
+    model = make_mowst(pretrain="strong", pretrain_patience=3, patience=2, dropout=0.2, lr=0.05)
+    data = small_graph()
+    snapshots: list[float] = []
+
+    class BestStrong(Callback):
+        def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            if pl_module.turn == "pretrain_strong":
+                snapshots.append(float(trainer.callback_metrics["val/acc_strong"]))
+
+    _fit(model, data, 30, [recorder, BestStrong()])
+    n_pre = recorder.turns.count("pretrain_strong")
+    assert recorder.turns[:n_pre] == ["pretrain_strong"] * n_pre and recorder.turns[n_pre] == "weak"
+    assert n_pre >= 4  # a first best, then 3 validations without improvement at least
+    g = recorder.gate_weights
+    assert all(torch.equal(g[0], g[i]) for i in range(n_pre))  # the gate is not trained
+    for weak, gate, strong in recorder.frozen_modes[:n_pre]:
+        assert (weak, gate, strong) == (False, False, True)
+    # the pretraining phase ended on its best validation accuracy of the strong expert, restored
+    assert model.schedule.history[0]["best_val_acc"] == pytest.approx(max(snapshots))
+    assert model.schedule.history[0]["epochs"] == n_pre
+
+
+def test_pretrain_both_and_joint_order_and_errors() -> None:
+    assert MowstSchedule(pretrain="both").phase == "pretrain_strong"
+    s = MowstSchedule(pretrain="both", pretrain_patience=1)
+    s.record(0.5), s.record(0.4)
+    assert s.advance() == "pretrain_strong" and s.phase == "pretrain_weak"
+    s.record(0.5), s.record(0.4)
+    assert s.advance() == "pretrain_weak" and s.phase == "weak"
+    star = MowstSchedule(variant="mowst_star", pretrain="weak", pretrain_epochs=2, pretrain_patience=50)
+    star.step_done(), star.step_done()
+    assert star.advance() == "pretrain_weak" and star.phase == "joint"  # capped by pretrain_epochs
+    with pytest.raises(ValueError, match="pretrain='joint'"):
+        make_mowst(pretrain_epochs=5)
+    with pytest.raises(ValueError, match="pretrain must be one of"):
+        make_mowst(pretrain="gnn")
+    with pytest.raises(ValueError, match="set pretrain_epochs >= 1"):
+        make_mowst(pretrain="joint")
+    with pytest.raises(ValueError, match="patience must be >= 1"):
+        make_mowst(patience=0)
+
+
+def test_schedule_state_dict_round_trip_and_versions() -> None:
+    s = MowstSchedule(pretrain="strong", patience=2, pretrain_patience=2)
+    s.record(0.6), s.step_done(), s.record(0.5), s.step_done(), s.record(0.55)
+    s.advance()
+    state = s.state_dict()
+    assert state["version"] == 1 and state["phase"] == "weak" and state["history"][0]["epochs"] == 2
+    t = MowstSchedule(pretrain="strong", patience=2, pretrain_patience=2)
+    t.load_state_dict(state)
+    assert t.state_dict() == state
+    with pytest.raises(ValueError, match="newer than this library"):
+        t.load_state_dict({**state, "version": 2})
+    legacy = {
+        "turn": "pretrain", "turn_id": 0, "epochs_in_turn": 3, "turn_best": -1.0, "turn_bad": 0,
+        "turn_done": False, "best_val": -1.0, "round_start_best": -1.0, "rounds_bad": 0, "stopped": False,
+    }  # fmt: skip
+    old = MowstSchedule(pretrain="joint", pretrain_epochs=5)
+    old.load_state_dict(legacy)
+    assert old.phase == "pretrain_joint" and old.epochs_in_turn == 3
+
+
+@pytest.mark.slow
+def test_resume_during_pretraining_continues_it(tmp_path: Path) -> None:
+    data = small_graph()
+
+    def run(epochs: int, ckpt: str | None = None, save: bool = False) -> Mowst:
+        pl.seed_everything(0)
+        model = make_mowst(pretrain="strong", pretrain_patience=4, patience=2)
+        callbacks: list[Callback] = [ModelCheckpoint(dirpath=tmp_path, save_last=True)] if save else []
+        trainer = fast_trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=save)
+        trainer.fit(model, datamodule=GraphDataModule(data=data), ckpt_path=ckpt)
+        return model
+
+    full = run(14)
+    assert full.schedule.history[0]["turn"] == "pretrain_strong" and full.schedule.turn_id >= 1
+    partial_run = run(3, save=True)
+    assert partial_run.turn == "pretrain_strong"
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["mowst"]
+    assert saved["schedule"]["phase"] == "pretrain_strong" and saved["phase_best"] is not None
+    resumed = run(14, ckpt=str(tmp_path / "last.ckpt"))
+    assert resumed.schedule.state_dict() == full.schedule.state_dict()
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_in_gnn_experts_and_baselines() -> None:
+    model = make_mowst(norm="batch")
+    assert any(isinstance(m, nn.BatchNorm1d) for m in model.strong.modules())
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in make_mowst().strong.modules())
+    baseline = GNNClassifier("sage", num_features=6, num_classes=3, hidden=8, norm="batch")
+    assert any(isinstance(m, nn.BatchNorm1d) for m in baseline.modules())
+    with pytest.raises(ValueError, match="norm must be one of"):
+        make_mowst(norm="layer")
+
+
+def test_optimizers_come_from_the_config() -> None:
+    model = make_mowst(
+        weak_optimizer=partial(torch.optim.SGD, lr=0.1), strong_optimizer=partial(torch.optim.Adam, lr=0.2)
+    )
+    weak, strong = model.configure_optimizers()
+    assert isinstance(weak, torch.optim.SGD) and isinstance(strong, torch.optim.Adam)
+    assert len(weak.param_groups[0]["params"]) == len(list(model.weak.parameters())) + len(
+        list(model.gate.parameters())
+    )
+    default = Mowst(num_features=6, num_classes=3, hidden=8, variant="mowst_star").configure_optimizers()
+    assert isinstance(default, torch.optim.AdamW)
+    assert default.defaults["lr"] == 1e-3 and default.defaults["weight_decay"] == 5e-4

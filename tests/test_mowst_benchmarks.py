@@ -23,14 +23,25 @@ def test_speed_suite_smoke() -> None:
     proc = _run("-m", "benchmarks.speed", "--suite", "mowst", "--smoke", "--no-memory", "--steps", "2", "--rounds", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "### speed: mowst" in proc.stdout and "| mowst_inference | gcn_inference |" in proc.stdout
+    assert "| mowst_alternating | gcn_alone |" in proc.stdout and "| mowst_star | gcn_alone |" in proc.stdout
 
 
 @pytest.mark.slow
 def test_accuracy_smoke(tmp_path: Path) -> None:
     proc = _run("-m", "benchmarks.accuracy_mowst", "--smoke", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| feature signal | homophily (realized) | MLP | GCN | Mowst | Mowst* | Mowst - GCN |" in proc.stdout
+    header = "| GNN | nodes | signal | homophily (realized) | MLP | GNN | Mowst | Mowst* | Mowst - GNN | Mowst* - GNN "
+    assert header in proc.stdout and "Runs that hit max_epochs=200: 0." in proc.stdout
     assert (tmp_path / "mowst_accuracy_smoke.md").exists() and (tmp_path / "mowst_accuracy_smoke.png").exists()
+
+
+@pytest.mark.slow
+def test_scaling_smoke() -> None:
+    from benchmarks.bench_mowst import scaling
+
+    table = scaling([1000, 4000], nodes=300, steps=2, warmup=0)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 2 and "Mowst* / GCN" in table
 
 
 def test_csbm_recipe_runs_one_epoch(tmp_path: Path) -> None:
@@ -50,7 +61,7 @@ def test_csbm_recipe_runs_one_epoch(tmp_path: Path) -> None:
         ]
     )
     assert cli.trainer.current_epoch == 1
-    assert cli.model.turn == "pretrain" and cli.model.hparams.strong == "sage"
+    assert cli.model.turn == "pretrain_strong" and cli.model.hparams.strong == "sage"
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch_geometric.data import Data
 from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 
+from lightning_logits.functional.mowst import check_node_mask
+
 __all__ = ["CSBMConfig", "GraphDataModule", "csbm_graph", "edge_homophily", "networkx_graph", "random_split_masks"]
 
 
@@ -245,8 +247,9 @@ class GraphDataModule(pl.LightningDataModule):
     """One graph for full-batch node classification: each epoch is one "batch", the whole graph.
 
     Give exactly one source: ``data`` (any PyG ``Data`` with ``x``, ``y``, ``edge_index`` and
-    boolean ``train_mask``/``val_mask``/``test_mask``), ``csbm`` (a :class:`CSBMConfig`: the
-    default when nothing is given), ``networkx`` (a networkx graph function name, see
+    ``train_mask``/``val_mask``/``test_mask``, each a boolean mask ``[N]`` or int64 node indices,
+    turned into boolean masks; a 0/1 integer mask is refused: pass ``mask.bool()``), ``csbm``
+    (a :class:`CSBMConfig`: the default when nothing is given), ``networkx`` (a networkx graph function name, see
     :func:`networkx_graph`), ``planetoid`` (``"Cora"``, ``"CiteSeer"``, ``"PubMed"``) or ``ogb``
     (``"ogbn-arxiv"``; needs the ``ogb`` package).
 
@@ -254,6 +257,8 @@ class GraphDataModule(pl.LightningDataModule):
         root: where Planetoid/OGB files live.
         download: allow Planetoid/OGB downloads (internet); off by default: a missing dataset is an error.
         label_attr, split_seed: for ``networkx`` graphs.
+
+    ``setup("fit")`` fails when the training or the validation split selects no node.
 
     Under DDP every rank receives the whole graph (no sampler split); :class:`~lightning_logits.modules.mowst.Mowst`
     splits the training nodes across ranks itself.
@@ -295,6 +300,11 @@ class GraphDataModule(pl.LightningDataModule):
 
     @staticmethod
     def _validate(data: Data) -> None:
+        """Check the graph's fields; turn int64 index masks into boolean masks ``[N]`` (in place).
+
+        A 0/1 integer mask, a boolean mask of the wrong length or out-of-range indices are refused
+        (see :func:`~lightning_logits.functional.mowst.check_node_mask`).
+        """
         for key in ("x", "y", "edge_index", "train_mask", "val_mask", "test_mask"):
             if getattr(data, key, None) is None:
                 raise ValueError(
@@ -303,6 +313,21 @@ class GraphDataModule(pl.LightningDataModule):
                 )
         if data.y.ndim != 1:
             raise ValueError(f"y must be class indices of shape [N], got {tuple(data.y.shape)}: flatten it")
+        num_nodes = int(data.x.shape[0])
+        for key in ("train_mask", "val_mask", "test_mask"):
+            data[key] = check_node_mask(data[key], num_nodes, key)
+
+    @staticmethod
+    def _check_splits(data: Data, stage: str) -> None:
+        """A split the stage needs must select at least one node: fitting needs training and validation nodes."""
+        needed = {"fit": ("train_mask", "val_mask"), "validate": ("val_mask",), "test": ("test_mask",)}
+        for key in needed.get(stage, ()):
+            if not bool(data[key].any()):
+                raise ValueError(
+                    f"the graph's {key} selects no node (of {data.num_nodes}), and {stage!r} needs it: training on no "
+                    "node would give chance accuracy, and validating on none a NaN accuracy that never stops early; "
+                    "give the split nodes (see random_split_masks)"
+                )
 
     def _load(self) -> Data:
         if self.source == "csbm":
@@ -332,7 +357,7 @@ class GraphDataModule(pl.LightningDataModule):
         return int(self.graph().y.max()) + 1
 
     def setup(self, stage: str) -> None:
-        self.graph()
+        self._check_splits(self.graph(), stage)
 
     def _loader(self) -> DataLoader[Data]:
         return DataLoader(_OneGraph(self.graph()), batch_size=None, sampler=_Once(), collate_fn=_identity)

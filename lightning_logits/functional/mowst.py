@@ -22,6 +22,7 @@ from torch import Tensor
 from lightning_logits.functional._checks import check_logits, check_same_shape, check_target, hard_target
 
 __all__ = [
+    "check_node_mask",
     "mowst_dispersion",
     "mowst_expected_accuracy",
     "mowst_loss",
@@ -48,6 +49,57 @@ def _check_confidence(confidence: Tensor, num_nodes: int, check_range: bool = Tr
         if not (low >= 0.0 and high <= 1.0):  # also catches NaN
             raise ValueError(f"confidence must lie in [0, 1], got values in [{low}, {high}]; pass sigmoid(gate output)")
     return confidence
+
+
+def check_node_mask(mask: Tensor, num_nodes: int, name: str = "mask", allow_empty: bool = True) -> Tensor:
+    """Check a node selection and return it as a boolean mask ``[N]``.
+
+    Accepted: a boolean mask ``[N]``, or an int64 index tensor ``[M]`` with values in ``[0, N)``
+    (turned into the boolean mask). Refused, with the fix in the message: a 0/1 integer tensor of
+    length ``N`` (it would index nodes 0 and 1 over and over: pass ``mask.bool()``), a boolean
+    mask of another length, other dtypes, out-of-range indices, and (``allow_empty=False``) a
+    selection of no node. Reads the values on the host: call it where a sync is acceptable.
+
+    Example:
+        >>> import torch
+        >>> check_node_mask(torch.tensor([2, 0]), 4)
+        tensor([ True, False,  True, False])
+        >>> try:
+        ...     check_node_mask(torch.tensor([1, 0, 0, 1]), 4)
+        ... except ValueError as err:
+        ...     print(str(err)[-16:])
+        pass mask.bool()
+    """
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (bool [N] or int64 indices), got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        if mask.shape != (num_nodes,):
+            raise ValueError(f"{name} is a boolean mask of shape {tuple(mask.shape)}; it must be [N] = [{num_nodes}]")
+        selected = mask
+    elif mask.dtype == torch.int64:
+        if mask.ndim != 1:
+            raise ValueError(f"{name} as node indices must be 1-D, got shape {tuple(mask.shape)}")
+        if mask.numel() == num_nodes and num_nodes > 0 and bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(
+                f"{name} is an integer tensor of 0/1 values with one entry per node ({num_nodes}): it looks like "
+                f"a boolean mask stored as integers, which would index nodes 0 and 1 instead of selecting nodes; "
+                f"pass {name}.bool()"
+            )
+        if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) >= num_nodes):
+            raise ValueError(
+                f"{name} holds node indices in [{int(mask.min())}, {int(mask.max())}], outside [0, {num_nodes}): "
+                "pass indices of existing nodes or a boolean mask [N]"
+            )
+        selected = torch.zeros(num_nodes, dtype=torch.bool, device=mask.device)
+        selected[mask] = True
+    else:
+        raise TypeError(
+            f"{name} must be a boolean mask [N] or an int64 index tensor, got dtype {mask.dtype}: "
+            f"use {name}.bool() for a 0/1 mask or {name}.long() for indices"
+        )
+    if not allow_empty and not bool(selected.any()):
+        raise ValueError(f"{name} selects no node (of {num_nodes}): the split is empty; give it at least one node")
+    return selected
 
 
 def _check_pair(weak_logits: Tensor, strong_logits: Tensor) -> None:
@@ -97,7 +149,9 @@ def _per_node_ce(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), target, reduction="none")
 
 
-def mowst_loss(weak_logits: Tensor, strong_logits: Tensor, target: Tensor, confidence: Tensor) -> Tensor:
+def mowst_loss(
+    weak_logits: Tensor, strong_logits: Tensor, target: Tensor, confidence: Tensor, validate_args: bool = True
+) -> Tensor:
     r"""The Mowst loss: each node's confidence-weighted pair of expert cross-entropies.
 
     .. math:: L = \frac{1}{N} \sum_v C_v\, \mathrm{CE}(z^{weak}_v, y_v) + (1 - C_v)\, \mathrm{CE}(z^{strong}_v, y_v)
@@ -109,6 +163,9 @@ def mowst_loss(weak_logits: Tensor, strong_logits: Tensor, target: Tensor, confi
         confidence: ``[N]`` (or ``[N, 1]``) weight of the weak expert, in ``[0, 1]``. Gradients
             flow into it: the loss is linear in ``C``, so the gate is pushed towards whichever
             expert has the lower loss on a node.
+        validate_args: check the labels' range and that ``C`` lies in ``[0, 1]`` (reads values on the
+            host); :class:`~lightning_logits.modules.mowst.Mowst` passes True on its first step only.
+            Shapes and dtypes are always checked.
 
     Returns:
         Scalar mean over the ``N`` given nodes, computed in float32, in the dtype of ``weak_logits``.
@@ -120,14 +177,16 @@ def mowst_loss(weak_logits: Tensor, strong_logits: Tensor, target: Tensor, confi
         1.6269
     """
     _check_pair(weak_logits, strong_logits)
-    check_target(target, weak_logits.shape[0], weak_logits.shape[1])
-    confidence = _check_confidence(confidence, weak_logits.shape[0])
-    c = confidence.float()
+    if validate_args:
+        check_target(target, weak_logits.shape[0], weak_logits.shape[1])
+    c = _check_confidence(confidence, weak_logits.shape[0], check_range=validate_args).float()
     per_node = c * _per_node_ce(weak_logits, target) + (1.0 - c) * _per_node_ce(strong_logits, target)
     return per_node.mean().to(weak_logits.dtype)
 
 
-def mowst_star_loss(weak_logits: Tensor, strong_logits: Tensor, target: Tensor, confidence: Tensor) -> Tensor:
+def mowst_star_loss(
+    weak_logits: Tensor, strong_logits: Tensor, target: Tensor, confidence: Tensor, validate_args: bool = True
+) -> Tensor:
     r"""The Mowst* loss: cross-entropy of the confidence-mixed logits.
 
     .. math:: L = \frac{1}{N} \sum_v \mathrm{CE}\big(C_v z^{weak}_v + (1 - C_v) z^{strong}_v,\; y_v\big)
@@ -137,6 +196,9 @@ def mowst_star_loss(weak_logits: Tensor, strong_logits: Tensor, target: Tensor, 
         strong_logits: ``[N, K]`` logits of the strong expert.
         target: int ``[N]`` class indices, or float ``[N, K]`` class probabilities.
         confidence: ``[N]`` (or ``[N, 1]``) weight of the weak expert, in ``[0, 1]``.
+        validate_args: check the labels' range and that ``C`` lies in ``[0, 1]`` (reads values on the
+            host); :class:`~lightning_logits.modules.mowst.Mowst` passes True on its first step only.
+            Shapes and dtypes are always checked.
 
     Returns:
         Scalar mean over the ``N`` nodes, computed in float32, in the dtype of ``weak_logits``.
@@ -148,8 +210,9 @@ def mowst_star_loss(weak_logits: Tensor, strong_logits: Tensor, target: Tensor, 
         0.3133
     """
     _check_pair(weak_logits, strong_logits)
-    check_target(target, weak_logits.shape[0], weak_logits.shape[1])
-    c = _check_confidence(confidence, weak_logits.shape[0]).float()[:, None]
+    if validate_args:
+        check_target(target, weak_logits.shape[0], weak_logits.shape[1])
+    c = _check_confidence(confidence, weak_logits.shape[0], check_range=validate_args).float()[:, None]
     mixed = c * weak_logits.float() + (1.0 - c) * strong_logits.float()
     return _per_node_ce(mixed, target).mean().to(weak_logits.dtype)
 

@@ -2,21 +2,26 @@
 
 :class:`Mowst` trains both experts and the gate on one graph (one full-batch step per epoch) and
 :class:`GNNClassifier` trains one expert alone, the baseline Mowst is compared with. The losses
-and the inference rules live in :mod:`lightning_logits.functional.mowst`.
+and the inference rules live in :mod:`lightning_logits.functional.mowst`; the turn schedule in
+:mod:`lightning_logits.modules.mowst_schedule`.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_logits.functional.mowst import (
+    check_node_mask,
     mowst_dispersion,
     mowst_expected_accuracy,
     mowst_loss,
@@ -24,15 +29,47 @@ from lightning_logits.functional.mowst import (
     mowst_route,
     mowst_star_loss,
 )
+from lightning_logits.modules.mowst_schedule import DESCRIPTION, PHASE_CODE, MowstSchedule, Plateau, Pretrain
 from lightning_logits.networks.factory import build_expert
 
-__all__ = ["GNNClassifier", "Mowst"]
+__all__ = ["GNNClassifier", "Mowst", "MowstSchedule"]
 
+GNNName = Literal["gcn", "sage", "gat", "gin"]
 GNN_NAMES = ("gcn", "sage", "gat", "gin")
 VARIANTS = ("mowst", "mowst_star")
 GATE_INPUTS = ("dispersion", "dispersion_features")
 INFERENCE = ("expected", "random", "deterministic")
-_TURN_CODE = {"pretrain": 0, "weak": 1, "strong": 2, "joint": 3}
+PRETRAIN = ("none", "strong", "weak", "both", "joint")
+CHECKPOINT_VERSION = 1
+
+
+def _default_adamw(params: Any) -> torch.optim.Optimizer:
+    """The default optimizer of every Mowst/baseline parameter group: AdamW, lr 1e-3, weight decay 5e-4."""
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=5e-4)
+
+
+def build_graph_expert(
+    name: str,
+    num_features: int,
+    num_classes: int,
+    hidden: int,
+    num_layers: int,
+    dropout: float,
+    batch_norm: bool = True,
+    norm: Literal["batch"] | None = None,
+) -> nn.Module:
+    """:func:`~lightning_logits.networks.factory.build_expert`, with an optional BatchNorm after each
+    hidden GNN layer (``norm="batch"``, as in the Mowst authors' GNNs). ``batch_norm`` is the MLP's."""
+    if norm is None or name == "mlp":
+        return build_expert(name, num_features, num_classes, hidden, num_layers, dropout, batch_norm)
+    if norm != "batch":
+        raise ValueError(f"norm must be None or 'batch', got {norm!r}")
+    from torch_geometric.nn import models
+
+    factories = {"gcn": models.GCN, "sage": models.GraphSAGE, "gat": models.GAT, "gin": models.GIN}
+    if name not in factories:
+        raise ValueError(f"unknown expert {name!r}: use one of {('mlp', *factories)} or pass an nn.Module")
+    return factories[name](num_features, hidden, num_layers, num_classes, dropout=dropout, norm="batch_norm")
 
 
 def _train_share(mask: Tensor, trainer: pl.Trainer | None) -> tuple[Tensor, float]:
@@ -63,6 +100,22 @@ def _snapshot(modules: dict[str, nn.Module]) -> dict[str, dict[str, Tensor]]:
     return {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
 
 
+def _apply_snapshot_to_checkpoint(checkpoint: dict[str, Any], best: dict[str, dict[str, Tensor]]) -> None:
+    """Overwrite a checkpoint's weights with a snapshot (``{"weak": state_dict, ...}``) before they are loaded."""
+    state = checkpoint.get("state_dict")
+    if state is None:
+        return
+    for prefix, module_state in best.items():
+        for key, value in module_state.items():
+            state[f"{prefix}.{key}"] = value
+
+
+def _loading_for_evaluation(module: pl.LightningModule) -> bool:
+    """True unless a trainer is resuming ``fit`` (``load_from_checkpoint``, ``trainer.test(ckpt_path=...)``, ...)."""
+    trainer = module._trainer
+    return trainer is None or trainer.state.fn != TrainerFn.FITTING
+
+
 def _log_histogram(module: pl.LightningModule, tag: str, values: Tensor) -> None:
     """Histogram through the logger's experiment when it has ``add_histogram`` (TensorBoard), else nothing."""
     if module._trainer is None or not module.trainer.is_global_zero:
@@ -74,6 +127,11 @@ def _log_histogram(module: pl.LightningModule, tag: str, values: Tensor) -> None
             add(tag, values.detach().float().cpu(), module.global_step)
 
 
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 class Mowst(pl.LightningModule):
     """Mixture of a weak expert (MLP on node features) and a strong expert (GNN), full-batch.
 
@@ -83,19 +141,40 @@ class Mowst(pl.LightningModule):
 
     * ``variant="mowst"``: loss :func:`~lightning_logits.functional.mowst.mowst_loss`. Training
       alternates turns: the weak expert and the gate (strong expert frozen, in eval mode), then the
-      strong expert (weak expert and gate frozen, in eval mode), each with its own AdamW and its own
-      early stopping on ``val/acc``: a turn ends after ``patience`` validations without improvement
-      or ``max_turn_epochs`` epochs, and then the best weights seen so far are restored. Training
-      stops when ``round_patience`` + 1 consecutive rounds (weak turn + strong turn) do not improve.
-      Manual optimization: the frozen expert's outputs are computed once per turn when
-      ``cache_frozen`` (exact: it is deterministic in eval mode).
-    * ``variant="mowst_star"``: one AdamW over everything, loss
+      strong expert (weak expert and gate frozen, in eval mode), each with its own optimizer and its
+      own early stopping on ``val/acc``: a turn ends after ``patience`` validations without
+      improvement (or ``max_turn_epochs`` epochs when set), and then the best weights seen so far
+      are restored. Training stops when more than ``round_patience`` consecutive rounds (weak turn +
+      strong turn) leave the best ``val/acc`` unchanged.
+    * ``variant="mowst_star"``: one optimizer over everything, loss
       :func:`~lightning_logits.functional.mowst.mowst_star_loss`, stops after ``patience``
       validations without improvement.
+    * ``pretrain`` runs before the turns: ``"strong"`` trains the GNN alone with cross-entropy,
+      early-stopped on its own validation accuracy (``pretrain_patience``), and restores its best
+      weights (the authors' setting for Mowst-GCN, ``--submethod pretrain_model2``; what the recipes
+      and the benchmark use); ``"weak"`` the same for the MLP; ``"both"`` the GNN then the MLP;
+      ``"joint"`` both experts together for exactly ``pretrain_epochs`` epochs (the warm-up of earlier
+      releases); ``"none"`` starts with the turns.
+
+    The schedule (:class:`~lightning_logits.modules.mowst_schedule.MowstSchedule`, in
+    :attr:`schedule`) is saved in checkpoints: a run resumed during pretraining or a turn continues
+    it. When Mowst stops itself, the best weights are restored before the last checkpoint is
+    written; a checkpoint loaded for evaluation (``load_from_checkpoint``, ``trainer.test(ckpt_path=...)``)
+    gets the best weights it holds, so it evaluates the model ``fit`` ends with even when
+    ``max_epochs`` ended the run. At the end of ``fit`` the reason for stopping and a table of the
+    turns (turn, epochs, best validation accuracy) go to the ``lightning.pytorch`` logger (INFO).
 
     One epoch is one full-batch optimizer step. Each step trains on the graph's ``train_mask``;
     under DDP every rank holds the whole graph and trains on its share of the training nodes
     (gradients are averaged exactly as one process would compute them).
+
+    Deliberate differences from the official code (facebookresearch/mowst-gnn), all measured
+    side by side on the same graphs: the frozen expert runs in eval mode (no dropout, fixed
+    BatchNorm) and its outputs are cached within a turn (official: train mode, dropout on); the
+    gate is saved and restored with the experts when the best weights are restored (official:
+    never); ``inference="expected"`` reports the exact expectation of random routing (official: the
+    average of 50 draws); Mowst* stops early and applies softmax once before the dispersion
+    (official: no early stopping, and softmax twice at test time).
 
     Args:
         weak: the weak expert, any ``nn.Module`` mapping ``x [N, F]`` to ``[N, K]`` (default: an MLP
@@ -109,15 +188,22 @@ class Mowst(pl.LightningModule):
         hidden, num_layers, dropout: size of the default experts and of the gate MLP.
         batch_norm: BatchNorm in the default weak MLP and in the gate (the official ``no_batch_norm``
             flag turns it off).
-        lr, weight_decay: AdamW of every optimizer.
+        norm: ``"batch"`` adds a BatchNorm after each hidden layer of a named GNN expert (as the
+            authors' GCN); default ``None``.
+        weak_optimizer: callable taking the weak expert's and the gate's parameters and returning
+            their optimizer (in a YAML: ``class_path: torch.optim.AdamW`` with ``init_args``).
+            Default: AdamW, lr 1e-3, weight decay 5e-4.
+        strong_optimizer: the same for the strong expert (Mowst). Same default.
+        joint_optimizer: the same for every parameter at once (Mowst*). Same default.
         patience: validations without improvement that end a turn (Mowst) or training (Mowst*).
-        max_turn_epochs: longest turn in epochs (Mowst); also what alternates turns when no
-            validation runs.
+        max_turn_epochs: longest turn in epochs (Mowst); ``None`` (default): turns end on
+            ``patience`` only. Needed when no validation runs (it then alternates the turns).
         round_patience: rounds without improvement tolerated before stopping (Mowst).
-        pretrain_epochs: epochs of plain cross-entropy training of both experts before the first turn
-            (no early stopping). Recommended (e.g. 20): starting from an untrained GNN, the first
-            weak turn tends to saturate the gate at ``C ~ 1`` (the loss is linear in ``C``), and the
-            GNN then learns little from its ``(1 - C)``-weighted loss (seen on homophilous CSBM graphs).
+        pretrain: ``"none"`` (default), ``"strong"``, ``"weak"``, ``"both"`` or ``"joint"`` (above).
+        pretrain_epochs: ``"joint"``: its number of epochs (required); the early-stopped phases: a
+            cap on their length (0: none).
+        pretrain_patience: validations without improvement that end an early-stopped pretraining
+            phase (default: ``patience``).
         first_turn: ``"weak"`` (as the paper) or ``"strong"``.
         inference: what ``val/acc`` and ``test/acc`` report: ``"expected"`` (exact expected accuracy
             of random routing; the Mowst default), ``"random"`` (one routing drawn with
@@ -125,68 +211,82 @@ class Mowst(pl.LightningModule):
             probabilities: the Mowst* default). All three are logged under their own names too.
         route_seed: seed of the random routing at evaluation.
         cache_frozen: reuse the frozen expert's outputs within a turn.
-        restore_best: load the weights with the best ``val/acc`` when training ends.
+        restore_best: restore the best weights at the end of each turn, pretraining phase and run.
 
-    Logged: ``train/loss``, ``train/turn`` (0 pretrain, 1 weak, 2 strong, 3 joint),
-    ``val/acc``, ``val/acc_expected``, ``val/acc_random``, ``val/acc_deterministic``,
-    ``val/acc_weak``, ``val/acc_strong``, ``val/weak_share`` (share of nodes the random routing sent
-    to the weak expert), ``val/confidence``; the same under ``test/``. A histogram of ``C`` goes to
-    loggers whose experiment has ``add_histogram`` (TensorBoard); the last ``C`` is kept in
-    :attr:`last_confidence`.
+    Logged: ``train/loss``, ``mowst/turn`` (0 joint warm-up, 1 weak, 2 strong, 3 Mowst* joint,
+    4 strong pretraining, 5 weak pretraining; also in the progress bar), ``val/acc``,
+    ``val/acc_expected``, ``val/acc_random``, ``val/acc_deterministic``, ``val/acc_weak``,
+    ``val/acc_strong``, ``mowst/weak_share`` (share of the evaluated nodes the random routing sent to
+    the weak expert) and ``mowst/confidence`` (mean ``C``); under ``test/`` and the same
+    ``mowst/*`` keys in ``trainer.test``. A histogram of ``C`` goes to loggers whose experiment has
+    ``add_histogram`` (TensorBoard); the last ``C`` is kept in :attr:`last_confidence`.
 
     Example:
         >>> from lightning_logits.data.graphs import csbm_graph
         >>> data = csbm_graph(num_nodes=60, num_classes=3, num_features=8)
-        >>> model = Mowst(strong="gcn", num_features=8, num_classes=3, hidden=16)
+        >>> model = Mowst(strong="gcn", num_features=8, num_classes=3, hidden=16, pretrain="strong")
         >>> weak_logits, strong_logits, confidence = model(data.x, data.edge_index)
-        >>> weak_logits.shape, confidence.shape
-        (torch.Size([60, 3]), torch.Size([60]))
+        >>> weak_logits.shape, confidence.shape, model.turn
+        (torch.Size([60, 3]), torch.Size([60]), 'pretrain_strong')
     """
 
     def __init__(
         self,
         weak: nn.Module | None = None,
-        strong: str | nn.Module = "gcn",
-        variant: str = "mowst",
-        gate_input: str = "dispersion",
+        strong: GNNName | nn.Module = "gcn",
+        variant: Literal["mowst", "mowst_star"] = "mowst",
+        gate_input: Literal["dispersion", "dispersion_features"] = "dispersion",
         num_features: int | None = None,
         num_classes: int | None = None,
         hidden: int = 64,
         num_layers: int = 2,
         dropout: float = 0.5,
         batch_norm: bool = True,
-        lr: float = 1e-3,
-        weight_decay: float = 5e-4,
+        norm: Literal["batch"] | None = None,
+        weak_optimizer: OptimizerCallable | None = None,
+        strong_optimizer: OptimizerCallable | None = None,
+        joint_optimizer: OptimizerCallable | None = None,
         patience: int = 20,
-        max_turn_epochs: int = 200,
+        max_turn_epochs: int | None = None,
         round_patience: int = 1,
+        pretrain: Pretrain = "none",
         pretrain_epochs: int = 0,
-        first_turn: str = "weak",
-        inference: str | None = None,
+        pretrain_patience: int | None = None,
+        first_turn: Literal["weak", "strong"] = "weak",
+        inference: Literal["expected", "random", "deterministic"] | None = None,
         route_seed: int = 0,
         cache_frozen: bool = True,
         restore_best: bool = True,
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if gate_input not in GATE_INPUTS:
-            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
-        if inference is not None and inference not in INFERENCE:
-            raise ValueError(f"inference must be one of {INFERENCE} or None, got {inference!r}")
-        if first_turn not in ("weak", "strong"):
-            raise ValueError(f"first_turn must be 'weak' or 'strong', got {first_turn!r}")
+        _check_choice("variant", variant, VARIANTS)
+        _check_choice("gate_input", gate_input, GATE_INPUTS)
+        _check_choice("inference", inference, (*INFERENCE, None))
+        _check_choice("first_turn", first_turn, ("weak", "strong"))
+        _check_choice("pretrain", pretrain, PRETRAIN)
+        _check_choice("norm", norm, ("batch", None))
         if isinstance(strong, str) and strong not in GNN_NAMES:
             raise ValueError(
                 f"strong must be one of {GNN_NAMES} or an nn.Module taking (x, edge_index), got {strong!r}"
             )
-        if min(patience, max_turn_epochs, round_patience + 1, pretrain_epochs + 1) < 1 or max_turn_epochs < 1:
+        if pretrain == "none" and pretrain_epochs > 0:
             raise ValueError(
-                f"need patience >= 1, max_turn_epochs >= 1, round_patience >= 0, pretrain_epochs >= 0; got "
-                f"{patience}, {max_turn_epochs}, {round_patience}, {pretrain_epochs}"
+                f"pretrain_epochs={pretrain_epochs} with pretrain='none': set pretrain='joint' for a fixed joint "
+                "warm-up of both experts (what pretrain_epochs alone meant before), or pretrain='strong' for the "
+                "early-stopped GNN pretraining the authors use"
             )
-        ignore = [name for name, value in (("weak", weak), ("strong", strong)) if isinstance(value, nn.Module)]
+        # validates patience, round_patience, max_turn_epochs, pretrain_epochs with messages naming them
+        MowstSchedule(
+            variant, pretrain, first_turn, patience, max_turn_epochs, round_patience, pretrain_epochs, pretrain_patience
+        )
+        ignore = ["weak_optimizer", "strong_optimizer", "joint_optimizer"]
+        ignore += [name for name, value in (("weak", weak), ("strong", strong)) if isinstance(value, nn.Module)]
         self.save_hyperparameters(ignore=ignore)
+        self.weak_optimizer, self.strong_optimizer, self.joint_optimizer = (
+            weak_optimizer,
+            strong_optimizer,
+            joint_optimizer,
+        )
         self.automatic_optimization = False
         self.variant, self.gate_input = variant, gate_input
         self.inference = inference or ("expected" if variant == "mowst" else "deterministic")
@@ -198,11 +298,13 @@ class Mowst(pl.LightningModule):
         if num_features is not None and num_classes is not None:
             self._build(num_features, num_classes)
         self.last_confidence: Tensor | None = None
-        self._state = self._fresh_state()
+        self.schedule = self._fresh_schedule()
         self._best_state: dict[str, dict[str, Tensor]] | None = None
+        self._phase_best: dict[str, dict[str, Tensor]] | None = None
         self._cache: tuple[tuple[Any, ...], tuple[Tensor, ...]] | None = None
         self._version = 0  # bumped whenever weights are loaded, so cached frozen outputs are dropped
-        self._last_val_acc: float | None = None
+        self._last_val: dict[str, float] | None = None
+        self._train_mask_checked = False
 
     # ----------------------------------------------------------------- building
     def _build(self, num_features: int, num_classes: int) -> None:
@@ -210,21 +312,18 @@ class Mowst(pl.LightningModule):
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         self.num_features, self.num_classes = num_features, num_classes
+        size = (hp["hidden"], hp["num_layers"], hp["dropout"])
         self.weak = (
             self._weak_arg
             if self._weak_arg is not None
-            else build_expert(
-                "mlp", num_features, num_classes, hp["hidden"], hp["num_layers"], hp["dropout"], hp["batch_norm"]
-            )
+            else build_expert("mlp", num_features, num_classes, *size, hp["batch_norm"])
         )
         if isinstance(self._strong_arg, nn.Module):
             self.strong = self._strong_arg
         else:
-            self.strong = build_expert(
-                self._strong_arg, num_features, num_classes, hp["hidden"], hp["num_layers"], hp["dropout"]
-            )
+            self.strong = build_graph_expert(self._strong_arg, num_features, num_classes, *size, norm=hp["norm"])
         gate_in = 2 + (num_features if self.gate_input == "dispersion_features" else 0)
-        self.gate = build_expert("mlp", gate_in, 1, hp["hidden"], hp["num_layers"], hp["dropout"], hp["batch_norm"])
+        self.gate = build_expert("mlp", gate_in, 1, *size, hp["batch_norm"])
         self._built = True
 
     @override
@@ -246,6 +345,14 @@ class Mowst(pl.LightningModule):
             raise ValueError(
                 f"the model has {self.num_classes} classes but {type(datamodule).__name__} has {found[1]}: "
                 f"set num_classes: {found[1]}"
+            )
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.hparams["max_turn_epochs"] is None and self.variant == "mowst" and not self.trainer.limit_val_batches:
+            rank_zero_warn(
+                "Mowst runs without validation and max_turn_epochs=None: turns end on validation patience only, so "
+                "the first turn never ends; set max_turn_epochs or enable validation"
             )
 
     def _require_built(self) -> None:
@@ -275,89 +382,66 @@ class Mowst(pl.LightningModule):
         weak_logits = self.weak(x)
         return weak_logits, self._strong_logits(x, edge_index), self.confidence(weak_logits, x)
 
-    # ----------------------------------------------------------------- turn state
-    def _fresh_state(self) -> dict[str, Any]:
-        first = "pretrain" if self.hparams["pretrain_epochs"] > 0 else self._first_turn()
-        return {
-            "turn": first,
-            "turn_id": 0,
-            "epochs_in_turn": 0,
-            "turn_best": -1.0,
-            "turn_bad": 0,
-            "turn_done": False,
-            "best_val": -1.0,
-            "round_start_best": -1.0,
-            "rounds_bad": 0,
-            "stopped": False,
-        }
-
-    def _first_turn(self) -> str:
-        return "joint" if self.variant == "mowst_star" else self.hparams["first_turn"]
+    # ----------------------------------------------------------------- schedule
+    def _fresh_schedule(self) -> MowstSchedule:
+        hp = self.hparams
+        return MowstSchedule(
+            self.variant,
+            hp["pretrain"],
+            hp["first_turn"],
+            hp["patience"],
+            hp["max_turn_epochs"],
+            hp["round_patience"],
+            hp["pretrain_epochs"],
+            hp["pretrain_patience"],
+        )
 
     @property
     def turn(self) -> str:
-        """The current phase: ``"pretrain"``, ``"weak"``, ``"strong"`` (Mowst) or ``"joint"`` (Mowst*)."""
-        return str(self._state["turn"])
+        """The current phase: ``"pretrain_strong"``, ``"pretrain_weak"``, ``"pretrain_joint"``,
+        ``"weak"``, ``"strong"`` (Mowst) or ``"joint"`` (Mowst*)."""
+        return str(self.schedule.phase)
 
     def _experts(self) -> dict[str, nn.Module]:
         return {"weak": self.weak, "strong": self.strong, "gate": self.gate}
 
-    def _load_best(self) -> None:
-        if self._best_state is None:
+    def _load_snapshot(self, snapshot: dict[str, dict[str, Tensor]] | None) -> None:
+        if snapshot is None:
             return
-        for key, module in self._experts().items():
-            module.load_state_dict(self._best_state[key])
+        modules = self._experts()
+        for key, state in snapshot.items():
+            modules[key].load_state_dict(state)
         self._version += 1
-
-    def _start_turn(self, turn: str) -> None:
-        self._state.update(turn=turn, turn_id=self._state["turn_id"] + 1, epochs_in_turn=0)
-        self._state.update(turn_best=-1.0, turn_bad=0, turn_done=False)
         self._cache = None
 
-    def _advance(self) -> None:
-        """Apply the transition the last epoch asked for (run at the start of a step, so a
-        checkpoint taken between epochs resumes into the same transition)."""
-        s, hp = self._state, self.hparams
-        if s["stopped"]:
-            return
-        if s["turn"] == "pretrain":
-            if s["epochs_in_turn"] >= hp["pretrain_epochs"]:
-                self._start_turn(self._first_turn())
-            return
-        limit_hit = s["epochs_in_turn"] >= hp["max_turn_epochs"] and s["turn"] != "joint"
-        if not (s["turn_done"] or limit_hit):
-            return
-        if hp["restore_best"]:
-            self._load_best()
-        if s["turn"] == "joint":
-            s["stopped"] = True
-            return
-        if s["turn"] != self._first_turn():  # the second turn of a round ends the round
-            s["rounds_bad"] = 0 if s["best_val"] > s["round_start_best"] else s["rounds_bad"] + 1
-            s["round_start_best"] = s["best_val"]
-            if s["rounds_bad"] > hp["round_patience"]:
-                s["stopped"] = True
-                return
-        self._start_turn("strong" if s["turn"] == "weak" else "weak")
+    def _load_best(self) -> None:
+        self._load_snapshot(self._best_state)
 
-    def _record_validation(self, acc: float) -> None:
-        s = self._state
-        if s["turn"] == "pretrain" or s["stopped"]:
+    def _advance(self) -> None:
+        """Apply the transition the schedule has pending: restore the ended phase's best weights,
+        report it, and stop the trainer when the schedule stopped."""
+        schedule = self.schedule
+        ended = schedule.advance()
+        if ended is None:
             return
-        if acc > s["turn_best"]:
-            s["turn_best"], s["turn_bad"] = acc, 0
-        else:
-            s["turn_bad"] += 1
-        if acc > s["best_val"]:
-            s["best_val"] = acc
-            self._best_state = _snapshot(self._experts())
-        if s["turn_bad"] >= self.hparams["patience"]:
-            s["turn_done"] = True
+        if self.hparams["restore_best"]:
+            if ended in ("pretrain_strong", "pretrain_weak"):
+                self._load_snapshot(self._phase_best)
+            elif ended != "pretrain_joint":
+                self._load_best()
+        self._phase_best = None
+        self._cache = None
+        row = schedule.history[-1]
+        best = "" if row["best_val_acc"] is None else f", best val acc {row['best_val_acc']:.4f}"
+        nxt = schedule.stop_reason if schedule.stopped else f"next: {DESCRIPTION[schedule.phase]}"
+        rank_zero_info(f"Mowst: {DESCRIPTION[ended]} ended after {row['epochs']} epochs{best}; {nxt}")
+        if schedule.stopped and self._trainer is not None:
+            self.trainer.should_stop = True
 
     # ----------------------------------------------------------------- training
     def _frozen(self, which: str, x: Tensor, edge_index: Tensor) -> tuple[Tensor, ...]:
         """Outputs of the frozen side, computed in eval mode without gradient, cached within a turn."""
-        key = (self._state["turn_id"], which, self._version, x.data_ptr(), tuple(x.shape), edge_index.data_ptr())
+        key = (self.schedule.turn_id, which, self._version, x.data_ptr(), tuple(x.shape), edge_index.data_ptr())
         if self.hparams["cache_frozen"] and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         with torch.no_grad():
@@ -370,64 +454,83 @@ class Mowst(pl.LightningModule):
             self._cache = (key, out)
         return out
 
-    def _set_modes(self, turn: str) -> None:
-        """Train mode for what this turn trains, eval mode (no dropout, fixed BatchNorm) for the frozen side."""
-        self.weak.train(turn != "strong")
-        self.gate.train(turn != "strong")
-        self.strong.train(turn != "weak")
+    def _set_modes(self, phase: str) -> None:
+        """Train mode for what this phase trains, eval mode (no dropout, fixed BatchNorm) for the frozen side."""
+        self.weak.train(phase in ("weak", "joint", "pretrain_weak", "pretrain_joint"))
+        self.gate.train(phase in ("weak", "joint", "pretrain_joint"))
+        self.strong.train(phase in ("strong", "joint", "pretrain_strong", "pretrain_joint"))
+
+    def _train_mask(self, batch: Any) -> Tensor:
+        mask = batch.train_mask
+        if not self._train_mask_checked or mask.dtype != torch.bool:
+            mask = check_node_mask(mask, batch.num_nodes, "train_mask", allow_empty=False)
+            self._train_mask_checked = True
+        return mask
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
         self._require_built()
         self._advance()
-        if self._state["stopped"]:
+        if self.schedule.stopped:
             self.trainer.should_stop = True
             return None
         x, edge_index, y = batch.x, batch.edge_index, batch.y
-        idx, scale = _train_share(batch.train_mask, self.trainer)
+        first = not self._train_mask_checked  # value checks (host syncs) on the first step only
+        idx, scale = _train_share(self._train_mask(batch), self.trainer)
         opts = self.optimizers()
         optimizers = opts if isinstance(opts, list) else [opts]
-        turn = self._state["turn"]
+        weak_opt, strong_opt = (optimizers[0], optimizers[-1])
+        phase = self.schedule.phase
         ddp = self.trainer.world_size > 1
         extra: Tensor | float = 0.0
         # set every mode explicitly: without validation Lightning never calls train() between epochs
-        self._set_modes(turn)
-        if turn == "pretrain":
+        self._set_modes(phase)
+        if phase == "pretrain_joint":
             weak_logits, strong_logits = self.weak(x), self._strong_logits(x, edge_index)
             loss = F.cross_entropy(weak_logits[idx], y[idx]) + F.cross_entropy(strong_logits[idx], y[idx])
-            stepping = optimizers
-            if ddp:
-                extra = _touch([self.gate])
-        elif turn == "weak":
+            stepping, untouched = optimizers, [self.gate]
+            computed = weak_logits.sum() + strong_logits.sum()
+        elif phase == "pretrain_strong":
+            strong_logits = self._strong_logits(x, edge_index)
+            loss = F.cross_entropy(strong_logits[idx], y[idx])
+            stepping, untouched = [strong_opt], [self.weak, self.gate]
+            computed = strong_logits.sum()
+        elif phase == "pretrain_weak":
+            weak_logits = self.weak(x)
+            loss = F.cross_entropy(weak_logits[idx], y[idx])
+            stepping, untouched = [weak_opt], [self.strong, self.gate]
+            computed = weak_logits.sum()
+        elif phase == "weak":
             (strong_logits,) = self._frozen("strong", x, edge_index)
             weak_logits = self.weak(x)
             conf = self.confidence(weak_logits, x)
-            loss = mowst_loss(weak_logits[idx], strong_logits[idx], y[idx], conf[idx])
-            stepping = optimizers[:1]
-            if ddp:
-                extra = _touch([self.strong])
-        elif turn == "strong":
+            loss = mowst_loss(weak_logits[idx], strong_logits[idx], y[idx], conf[idx], validate_args=first)
+            stepping, untouched = [weak_opt], [self.strong]
+            computed = weak_logits.sum() + conf.sum()
+        elif phase == "strong":
             weak_logits, conf = self._frozen("weak", x, edge_index)
             strong_logits = self._strong_logits(x, edge_index)
-            loss = mowst_loss(weak_logits[idx], strong_logits[idx], y[idx], conf[idx])
-            stepping = optimizers[1:]
-            if ddp:
-                extra = _touch([self.weak, self.gate])
+            loss = mowst_loss(weak_logits[idx], strong_logits[idx], y[idx], conf[idx], validate_args=first)
+            stepping, untouched = [strong_opt], [self.weak, self.gate]
+            computed = strong_logits.sum()
         else:
             weak_logits, strong_logits = self.weak(x), self._strong_logits(x, edge_index)
             conf = self.confidence(weak_logits, x)
-            loss = mowst_star_loss(weak_logits[idx], strong_logits[idx], y[idx], conf[idx])
-            stepping = optimizers
+            loss = mowst_star_loss(weak_logits[idx], strong_logits[idx], y[idx], conf[idx], validate_args=first)
+            stepping, untouched = optimizers, []
+            computed = weak_logits.sum() + strong_logits.sum() + conf.sum()
+        if ddp and untouched:
+            extra = _touch(untouched)
         if idx.numel() == 0:  # this rank has no training node: contribute zero gradients
-            loss = (weak_logits.sum() + strong_logits.sum()) * 0.0
+            loss = computed * 0.0
         for optimizer in stepping:
             optimizer.zero_grad()
         self.manual_backward(loss * scale + extra)
         for optimizer in stepping:
             optimizer.step()
-        self._state["epochs_in_turn"] += 1
+        self.schedule.step_done()
         self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
-        self.log("train/turn", float(_TURN_CODE[turn]), on_step=False, on_epoch=True, batch_size=1)
+        self.log("mowst/turn", float(PHASE_CODE[phase]), on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
         return None
 
     # ----------------------------------------------------------------- evaluation
@@ -435,17 +538,19 @@ class Mowst(pl.LightningModule):
     def evaluate(self, batch: Any, mask: Tensor) -> dict[str, Tensor]:
         """Every accuracy on the nodes of ``mask`` (current mode of the modules: call ``eval()`` first).
 
+        ``mask``: a boolean mask ``[N]`` or an int64 index tensor (validated by
+        :func:`~lightning_logits.functional.mowst.check_node_mask`: a 0/1 integer mask is refused).
         Returns ``acc`` (per ``inference``), ``acc_expected``, ``acc_random``, ``acc_deterministic``,
         ``acc_weak``, ``acc_strong``, ``weak_share`` and ``confidence`` (mean ``C``), plus the
         per-node ``C`` under ``"C"`` (``[N_mask]``).
         """
         weak_logits, strong_logits, conf = self(batch.x, batch.edge_index)
+        m = check_node_mask(mask, weak_logits.shape[0], "mask", allow_empty=False)
         y = batch.y
         generator = torch.Generator(device=conf.device).manual_seed(self.hparams["route_seed"])
         # draw for every node, so a node's draw does not depend on which mask is evaluated
         routed, to_weak = mowst_route(weak_logits, strong_logits, conf, generator=generator)
         det = mowst_predict(weak_logits, strong_logits, conf, variant=self.variant)
-        m = mask
         out = {
             "acc_expected": mowst_expected_accuracy(weak_logits[m], strong_logits[m], y[m], conf[m]),
             "acc_random": (routed[m] == y[m]).float().mean(),
@@ -459,30 +564,50 @@ class Mowst(pl.LightningModule):
         out["C"] = conf[m]
         return out
 
-    def _evaluate_and_log(self, batch: Any, prefix: str) -> float:
+    def _evaluate_and_log(self, batch: Any, prefix: str) -> dict[str, float]:
         self._require_built()
-        results = self.evaluate(batch, getattr(batch, f"{prefix}_mask"))
+        mask = getattr(batch, f"{prefix}_mask", None)
+        if mask is None:
+            raise ValueError(f"the graph has no {prefix}_mask: Mowst evaluates the nodes of batch.{prefix}_mask")
+        try:
+            results = self.evaluate(batch, mask)
+        except ValueError as err:
+            raise ValueError(f"{prefix}_mask: {err}") from err
         conf = results.pop("C")
         self.last_confidence = conf.detach().cpu()
         # every rank evaluates the whole graph, so the values agree across ranks: no sync needed
-        acc = results.pop("acc")
-        self.log(f"{prefix}/acc", acc, prog_bar=True, batch_size=1)
-        self.log_dict({f"{prefix}/{k}": v for k, v in results.items()}, batch_size=1)
+        self.log(f"{prefix}/acc", results["acc"], prog_bar=True, batch_size=1)
+        for key in ("acc_expected", "acc_random", "acc_deterministic", "acc_weak", "acc_strong"):
+            self.log(f"{prefix}/{key}", results[key], batch_size=1)
+        self.log("mowst/weak_share", results["weak_share"], batch_size=1)
+        self.log("mowst/confidence", results["confidence"], batch_size=1)
         if not self.trainer.sanity_checking:
             _log_histogram(self, f"{prefix}/confidence_hist", conf)
-        return float(acc)
+        return {k: float(results[k]) for k in ("acc", "acc_weak", "acc_strong")}
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._last_val_acc = self._evaluate_and_log(batch, "val")
+        self._last_val = self._evaluate_and_log(batch, "val")
 
     @override
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or self._last_val_acc is None:
+        scores, self._last_val = self._last_val, None
+        if self.trainer.sanity_checking or scores is None or self.trainer.state.fn != TrainerFn.FITTING:
             return
-        if self.trainer.state.fn == "fit":
-            self._record_validation(self._last_val_acc)
-        self._last_val_acc = None
+        self._take_validation(scores)
+
+    def _take_validation(self, scores: dict[str, float]) -> None:
+        """Give one validation's accuracies (``acc``, ``acc_weak``, ``acc_strong``) to the schedule,
+        snapshot what improved, and apply the transition (before ModelCheckpoint writes the checkpoint)."""
+        phase = self.schedule.phase
+        score = {"pretrain_strong": scores["acc_strong"], "pretrain_weak": scores["acc_weak"]}.get(phase, scores["acc"])
+        recorded = self.schedule.record(score)
+        if recorded == "phase":
+            expert = "strong" if phase == "pretrain_strong" else "weak"
+            self._phase_best = _snapshot({expert: self._experts()[expert]})
+        elif recorded == "best":
+            self._best_state = _snapshot(self._experts())
+        self._advance()
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
@@ -503,32 +628,54 @@ class Mowst(pl.LightningModule):
 
     @override
     def on_train_end(self) -> None:
+        schedule = self.schedule
         if self.hparams["restore_best"]:
+            if schedule.pretraining and self._phase_best is not None and self._best_state is None:
+                self._load_snapshot(self._phase_best)
             self._load_best()
+        reason = schedule.stop_reason or (
+            f"Mowst: the trainer ended the run (max_epochs, max_steps or another callback) during the "
+            f"{DESCRIPTION[schedule.phase]}; best val/acc {schedule.best_val:.4f}"
+        )
+        rank_zero_info(f"{reason}\nMowst turns:\n{schedule.summary()}")
 
     @override
     def configure_optimizers(self) -> Any:
         self._require_built()
-        hp = self.hparams
-
-        def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
-
         if self.variant == "mowst_star":
-            return adamw([*self.weak.parameters(), *self.gate.parameters(), *self.strong.parameters()])
-        return [adamw([*self.weak.parameters(), *self.gate.parameters()]), adamw(list(self.strong.parameters()))]
+            joint = self.joint_optimizer or _default_adamw
+            return joint([*self.weak.parameters(), *self.gate.parameters(), *self.strong.parameters()])
+        weak = self.weak_optimizer or _default_adamw
+        strong = self.strong_optimizer or _default_adamw
+        return [weak([*self.weak.parameters(), *self.gate.parameters()]), strong(list(self.strong.parameters()))]
 
     # ----------------------------------------------------------------- checkpoints
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mowst_state"] = {"state": dict(self._state), "best": copy.deepcopy(self._best_state)}
+        checkpoint["mowst"] = {
+            "version": CHECKPOINT_VERSION,
+            "schedule": self.schedule.state_dict(),
+            "best": copy.deepcopy(self._best_state),
+            "phase_best": copy.deepcopy(self._phase_best),
+        }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("mowst_state")
+        saved = checkpoint.get("mowst")
         if saved is not None:
-            self._state = dict(saved["state"])
-            self._best_state = saved["best"]
+            if saved.get("version", 0) > CHECKPOINT_VERSION:
+                raise ValueError(
+                    f"this Mowst checkpoint has version {saved['version']}, newer than this library's "
+                    f"{CHECKPOINT_VERSION}: upgrade lightning_logits to load it"
+                )
+            self.schedule.load_state_dict(saved["schedule"])
+            self._best_state, self._phase_best = saved["best"], saved.get("phase_best")
+        elif "mowst_state" in checkpoint:  # unversioned checkpoints of earlier releases
+            self.schedule.load_state_dict(checkpoint["mowst_state"]["state"])
+            self._best_state, self._phase_best = checkpoint["mowst_state"]["best"], None
+        if self.hparams["restore_best"] and _loading_for_evaluation(self) and self._best_state is not None:
+            # evaluate the model fit ends with: its best weights (fit resumes from the raw ones)
+            _apply_snapshot_to_checkpoint(checkpoint, self._best_state)
         self._cache = None
         self._version += 1
 
@@ -537,46 +684,67 @@ class GNNClassifier(pl.LightningModule):
     """One expert trained alone, full-batch, with the same split-across-ranks loss as :class:`Mowst`:
     the baseline of the Mowst benchmarks (``"gcn"``, ``"sage"``, ``"gat"``, ``"gin"`` or ``"mlp"``).
 
-    Stops after ``patience`` validations without a better ``val/acc`` and restores the best weights
-    (``restore_best``). Logged: ``train/loss``, ``val/acc``, ``test/acc``.
+    Stops after ``patience`` validations without a better ``val/acc`` (the rule of Mowst's turns,
+    :class:`~lightning_logits.modules.mowst_schedule.Plateau`) and restores the best weights
+    (``restore_best``) before the last checkpoint is written; a checkpoint loaded for evaluation
+    gets the best weights it holds. Logged: ``train/loss``, ``val/acc``, ``test/acc``.
+
+    Args:
+        model: expert name or any module (called ``model(x, edge_index)``, or ``model(x)`` for ``"mlp"``).
+        norm: ``"batch"``: BatchNorm after each hidden GNN layer (the MLP always has one).
+        optimizer: callable taking the parameters and returning the optimizer. Default: AdamW,
+            lr 1e-3, weight decay 5e-4.
 
     Example:
         >>> from lightning_logits.data.graphs import csbm_graph
         >>> data = csbm_graph(num_nodes=60, num_classes=3, num_features=8)
-        >>> GNNClassifier("gcn", num_features=8, num_classes=3)(data.x, data.edge_index).shape
+        >>> GNNClassifier("gcn", num_features=8, num_classes=3, norm="batch")(data.x, data.edge_index).shape
         torch.Size([60, 3])
     """
 
     def __init__(
         self,
-        model: str | nn.Module = "gcn",
+        model: Literal["gcn", "sage", "gat", "gin", "mlp"] | nn.Module = "gcn",
         num_features: int | None = None,
         num_classes: int | None = None,
         hidden: int = 64,
         num_layers: int = 2,
         dropout: float = 0.5,
-        lr: float = 1e-3,
-        weight_decay: float = 5e-4,
+        norm: Literal["batch"] | None = None,
+        optimizer: OptimizerCallable | None = None,
         patience: int = 20,
         restore_best: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else [])
+        _check_choice("norm", norm, ("batch", None))
+        if isinstance(model, str):
+            _check_choice("model", model, (*GNN_NAMES, "mlp"))
+        Plateau(patience)
+        self.save_hyperparameters(ignore=["optimizer", *(["model"] if isinstance(model, nn.Module) else [])])
+        self.optimizer_factory = optimizer
         self._model_arg = model
         self.model: nn.Module
         self._built = False
         if num_features is not None and num_classes is not None:
             self._build(num_features, num_classes)
-        self._best: dict[str, Any] = {"acc": -1.0, "bad": 0, "state": None}
+        self.plateau = Plateau(patience)
+        self._best_state: dict[str, dict[str, Tensor]] | None = None
         self._last_val_acc: float | None = None
+        self.stop_reason = ""
 
     def _build(self, num_features: int, num_classes: int) -> None:
         hp = self.hparams
         if isinstance(self._model_arg, nn.Module):
             self.model = self._model_arg
         else:
-            self.model = build_expert(
-                self._model_arg, num_features, num_classes, hp["hidden"], hp["num_layers"], hp["dropout"]
+            self.model = build_graph_expert(
+                self._model_arg,
+                num_features,
+                num_classes,
+                hp["hidden"],
+                hp["num_layers"],
+                hp["dropout"],
+                norm=hp["norm"],
             )
         self.uses_graph = self._model_arg != "mlp"
         self._built = True
@@ -598,14 +766,17 @@ class GNNClassifier(pl.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        idx, scale = _train_share(batch.train_mask, self.trainer)
+        mask = batch.train_mask
+        if mask.dtype != torch.bool or self.global_step == 0:
+            mask = check_node_mask(mask, batch.num_nodes, "train_mask", allow_empty=False)
+        idx, scale = _train_share(mask, self.trainer)
         logits = self(batch.x, batch.edge_index)
         loss = F.cross_entropy(logits[idx], batch.y[idx]) if idx.numel() else logits.sum() * 0.0
         self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
         return loss * scale
 
     def _acc(self, batch: Any, prefix: str) -> float:
-        mask = getattr(batch, f"{prefix}_mask")
+        mask = check_node_mask(getattr(batch, f"{prefix}_mask"), batch.num_nodes, f"{prefix}_mask", allow_empty=False)
         acc = (self(batch.x, batch.edge_index)[mask].argmax(1) == batch.y[mask]).float().mean()
         self.log(f"{prefix}/acc", acc, prog_bar=True, batch_size=1)
         return float(acc)
@@ -616,15 +787,24 @@ class GNNClassifier(pl.LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or self._last_val_acc is None or self.trainer.state.fn != "fit":
+        if self.trainer.sanity_checking or self._last_val_acc is None or self.trainer.state.fn != TrainerFn.FITTING:
             return
         acc, self._last_val_acc = self._last_val_acc, None
-        if acc > self._best["acc"]:
-            self._best.update(acc=acc, bad=0, state=_snapshot({"model": self.model}))
-        else:
-            self._best["bad"] += 1
-            if self._best["bad"] >= self.hparams["patience"]:
-                self.trainer.should_stop = True
+        if self.plateau.update(acc):
+            self._best_state = _snapshot({"model": self.model})
+        elif self.plateau.exhausted and not self.stop_reason:
+            self.stop_reason = (
+                f"GNNClassifier stopped: {self.plateau.patience} validations without a better val/acc; "
+                f"best {self.plateau.best:.4f}"
+            )
+            rank_zero_info(self.stop_reason)
+            if self.hparams["restore_best"]:  # before ModelCheckpoint writes the last checkpoint
+                self._restore()
+            self.trainer.should_stop = True
+
+    def _restore(self) -> None:
+        if self._best_state is not None:
+            self.model.load_state_dict(self._best_state["model"])
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
@@ -632,20 +812,32 @@ class GNNClassifier(pl.LightningModule):
 
     @override
     def on_train_end(self) -> None:
-        if self.hparams["restore_best"] and self._best["state"] is not None:
-            self.model.load_state_dict(self._best["state"]["model"])
+        if self.hparams["restore_best"]:
+            self._restore()
 
     @override
     def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(
-            self.model.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
-        )
+        return (self.optimizer_factory or _default_adamw)(self.model.parameters())
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gnn_best"] = copy.deepcopy(self._best)
+        checkpoint["gnn_classifier"] = {
+            "version": CHECKPOINT_VERSION,
+            "best": self.plateau.best,
+            "bad": self.plateau.bad,
+            "state": copy.deepcopy(self._best_state),
+            "stop_reason": self.stop_reason,
+        }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "gnn_best" in checkpoint:
-            self._best = checkpoint["gnn_best"]
+        saved = checkpoint.get("gnn_classifier")
+        if saved is None and "gnn_best" in checkpoint:  # earlier releases
+            old = checkpoint["gnn_best"]
+            saved = {"best": old["acc"], "bad": old["bad"], "state": old["state"], "stop_reason": ""}
+        if saved is None:
+            return
+        self.plateau.best, self.plateau.bad = saved["best"], saved["bad"]
+        self._best_state, self.stop_reason = saved["state"], saved["stop_reason"]
+        if self.hparams["restore_best"] and _loading_for_evaluation(self) and self._best_state is not None:
+            _apply_snapshot_to_checkpoint(checkpoint, self._best_state)
