@@ -48,30 +48,6 @@ def _default_adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=5e-4)
 
 
-def build_graph_expert(
-    name: str,
-    num_features: int,
-    num_classes: int,
-    hidden: int,
-    num_layers: int,
-    dropout: float,
-    batch_norm: bool = True,
-    norm: Literal["batch"] | None = None,
-) -> nn.Module:
-    """:func:`~lightning_logits.networks.factory.build_expert`, with an optional BatchNorm after each
-    hidden GNN layer (``norm="batch"``, as in the Mowst authors' GNNs). ``batch_norm`` is the MLP's."""
-    if norm is None or name == "mlp":
-        return build_expert(name, num_features, num_classes, hidden, num_layers, dropout, batch_norm)
-    if norm != "batch":
-        raise ValueError(f"norm must be None or 'batch', got {norm!r}")
-    from torch_geometric.nn import models
-
-    factories = {"gcn": models.GCN, "sage": models.GraphSAGE, "gat": models.GAT, "gin": models.GIN}
-    if name not in factories:
-        raise ValueError(f"unknown expert {name!r}: use one of {('mlp', *factories)} or pass an nn.Module")
-    return factories[name](num_features, hidden, num_layers, num_classes, dropout=dropout, norm="batch_norm")
-
-
 def _train_share(mask: Tensor, trainer: pl.Trainer | None) -> tuple[Tensor, float]:
     """This rank's training nodes and the factor that makes DDP's gradient average the all-node mean.
 
@@ -321,7 +297,7 @@ class Mowst(pl.LightningModule):
         if isinstance(self._strong_arg, nn.Module):
             self.strong = self._strong_arg
         else:
-            self.strong = build_graph_expert(self._strong_arg, num_features, num_classes, *size, norm=hp["norm"])
+            self.strong = build_expert(self._strong_arg, num_features, num_classes, *size, norm=hp["norm"])
         gate_in = 2 + (num_features if self.gate_input == "dispersion_features" else 0)
         self.gate = build_expert("mlp", gate_in, 1, *size, hp["batch_norm"])
         self._built = True
@@ -737,7 +713,7 @@ class GNNClassifier(pl.LightningModule):
         if isinstance(self._model_arg, nn.Module):
             self.model = self._model_arg
         else:
-            self.model = build_graph_expert(
+            self.model = build_expert(
                 self._model_arg,
                 num_features,
                 num_classes,

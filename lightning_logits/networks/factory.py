@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -65,10 +65,13 @@ def build_expert(
     num_layers: int = 2,
     dropout: float = 0.5,
     batch_norm: bool = True,
+    norm: Literal["batch"] | None = None,
 ) -> nn.Module:
     """An expert by name: ``"mlp"`` (Linear -> BatchNorm -> ReLU -> dropout, ..., Linear; without the
     BatchNorm when ``batch_norm=False``) or a GNN of
     :mod:`torch_geometric.nn.models`: ``"gcn"`` (GCN), ``"sage"`` (GraphSAGE), ``"gat"`` (GAT), ``"gin"`` (GIN).
+    ``norm="batch"`` puts a BatchNorm after each hidden GNN layer (as in the Mowst authors' GNNs);
+    ``batch_norm`` is the MLP's.
 
     Example:
         >>> import torch
@@ -90,7 +93,10 @@ def build_expert(
     factories = {"gcn": models.GCN, "sage": models.GraphSAGE, "gat": models.GAT, "gin": models.GIN}
     if name not in factories:
         raise ValueError(f"unknown expert {name!r}: use one of {('mlp', *factories)} or pass an nn.Module")
-    return factories[name](num_features, hidden, num_layers, num_classes, dropout=dropout)
+    if norm not in (None, "batch"):
+        raise ValueError(f"norm must be None or 'batch', got {norm!r}")
+    extra = {"norm": "batch_norm"} if norm == "batch" else {}
+    return factories[name](num_features, hidden, num_layers, num_classes, dropout=dropout, **extra)
 
 
 def load_teacher(
