@@ -9,8 +9,9 @@ intermediate outputs, target), (4) keeps every term on the device for a deferred
 check and for logging ``train/loss_<name>`` and ``train/loss_total`` (:class:`StepScalars`: no
 host-device sync in a steady-state step), and (5) returns the same structure with the total as
 ``"loss"``. Lightning's DDP wrapper calls ``training_step`` by attribute lookup, so this works
-unchanged under DDP; nothing is written into the module's ``state_dict``. On teardown the original
-``training_step`` is restored and the hooks removed.
+unchanged under DDP; nothing is written into the module's ``state_dict``. The hub also wraps the
+module's ``on_train_epoch_end`` (to check what is pending and log the epoch means). On teardown
+the original ``training_step`` and ``on_train_epoch_end`` are restored and the hooks removed.
 
 A module whose head the tap cannot find opts in with one line: return ``{"loss": loss,
 "logits": logits}`` from ``training_step`` (and ``"target"`` if the batch is not
