@@ -204,7 +204,9 @@ class ReservoirBuffer:
         k = min(int(batch_size), size)
         if k <= 0:
             return torch.empty(0, dtype=torch.int64)
-        u = torch.rand(k, generator=self.generator, dtype=torch.float64).tolist()
+        # .numpy(): the draws come from the buffer's CPU generator, so reading them is no device sync
+        # (and .numpy() could not silently sync: it refuses a CUDA tensor).
+        u = torch.rand(k, generator=self.generator, dtype=torch.float64).numpy()
         chosen: dict[int, None] = {}  # insertion-ordered set
         for i, j in enumerate(range(size - k, size)):
             t = min(int(u[i] * (j + 1)), j)
@@ -360,7 +362,7 @@ class ClassBalancedBuffer(ReservoirBuffer):
                 f"{tuple(labels.shape)}"
             )
         values = labels.detach().cpu().tolist()
-        uniforms = torch.rand(2 * len(values), generator=self.generator, dtype=torch.float64).tolist()
+        uniforms = torch.rand(2 * len(values), generator=self.generator, dtype=torch.float64).numpy()
         written: dict[int, int] = {}  # slot -> position of the last sample written there
         for position, label in enumerate(values):
             u_choose, u_slot = uniforms[2 * position], uniforms[2 * position + 1]
