@@ -409,9 +409,9 @@ class UER(ReplayCallback):
     """Unbiased experience replay: angle-only loss on incoming samples, dot-product loss on replayed ones.
 
     ``L = CE(cos(h, W) / τ, y) + CE(h_m W^T + b, y_m)``: the module's own loss is logged
-    (``train/loss_task``) but not optimized (``replaces_task_loss``). Inference is unchanged:
-    the plain dot-product logits. See the module docstring for what a custom LightningModule
-    must provide.
+    (by the module, e.g. ``train/loss`` for ``Classifier``) but not optimized
+    (``replaces_task_loss``). Inference is unchanged: the plain dot-product logits. See the module
+    docstring for what a custom LightningModule must provide.
 
     Args:
         buffer_size: samples kept in the reservoir (per rank under DDP).
@@ -537,8 +537,8 @@ class ERACE(ReplayCallback):
     present in the incoming batch, whose logits alone enter the incoming samples' softmax (the
     asymmetric cross-entropy), so new classes stop pushing the old classes' logits down; the
     replayed samples use the full softmax. Dot-product logits throughout; inference unchanged.
-    The module's own loss is logged (``train/loss_task``) but not optimized
-    (``replaces_task_loss``). See :func:`~lightning_logits.functional.replay.er_ace_loss` for how
+    The module's own loss is logged (by the module, e.g. ``train/loss`` for ``Classifier``) but
+    not optimized (``replaces_task_loss``). See :func:`~lightning_logits.functional.replay.er_ace_loss` for how
     it relates to the official code, and the module docstring for what a custom LightningModule
     must provide.
 
