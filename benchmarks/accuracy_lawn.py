@@ -1,8 +1,8 @@
 """The LAWN study: tuned baselines against Adam-LAWN and SGD-LAWN, both scopes, small and large batch.
 
 What it compares (issue 15, item 3), on MNIST-1D (4000 training and 1000 test sequences of length
-40, 10 classes; generated offline by the ``mnist1d`` package from its default arguments and cached in
-the temporary folder). The last 20 % of the training sequences are a validation split: every
+40, 10 classes; generated offline by the ``mnist1d`` package from its default arguments, see
+``benchmarks/mnist1d.py``). The last 20 % of the training sequences are a validation split: every
 learning rate and weight decay is chosen on it, never on the test set; the reported runs train on
 the other 80 % and are scored on the test set.
 
@@ -56,6 +56,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from benchmarks.harness import quiet_trainer
+from benchmarks.mnist1d import load_mnist1d
 from lightning_logits.callbacks.lawn import LAWN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,24 +65,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 Data = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # train x/y, validation x/y, test x/y
 
 # ----------------------------------------------------------------------------- data
-
-
-def load_mnist1d() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """MNIST-1D from the package's default arguments (seeded, so always the same), cached on disk."""
-    cache = Path(tempfile.gettempdir()) / "lightning_logits_mnist1d_default.pt"
-    if cache.exists():
-        return torch.load(cache)
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    data = make_dataset(get_dataset_args())
-    tensors = (
-        torch.tensor(data["x"], dtype=torch.float32),
-        torch.tensor(data["y"], dtype=torch.int64),
-        torch.tensor(data["x_test"], dtype=torch.float32),
-        torch.tensor(data["y_test"], dtype=torch.int64),
-    )
-    torch.save(tensors, cache)
-    return tensors
 
 
 def load_digits_flat() -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -32,9 +32,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.harness import quiet_trainer
+from benchmarks.mnist1d import MNIST1DDataModule
 from lightning_logits.callbacks import ContinualMetrics
 from lightning_logits.callbacks.replay import ERACE, UER, ExperienceReplay
 from lightning_logits.data.streams import ClassIncrementalStream
@@ -59,44 +59,6 @@ class MLP(nn.Module):
         return self.fc(self.body(x.flatten(1)))
 
 
-class MNIST1DDataModule(pl.LightningDataModule):
-    """MNIST-1D (Greydanus 2020) from the ``mnist1d`` package: 4000 train / 1000 test signals of 40 samples.
-
-    Generated offline with the package's default arguments (its seed) and cached as a ``.pt`` in
-    ``cache_dir``; inputs are ``[1, 1, 40]`` (a one-row image, so 2-D convolutions apply).
-    """
-
-    def __init__(self, cache_dir: str | Path = ROOT / "data") -> None:
-        super().__init__()
-        self.cache = Path(cache_dir) / "mnist1d.pt"
-        self.train: TensorDataset | None = None
-        self.test: TensorDataset | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train is not None:
-            return
-        if self.cache.exists():
-            data = torch.load(self.cache)
-        else:
-            from mnist1d.data import get_dataset_args, make_dataset
-
-            raw = make_dataset(get_dataset_args())
-            data = {k: torch.as_tensor(raw[k]) for k in ("x", "y", "x_test", "y_test")}
-            self.cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(data, self.cache)
-        shape = (-1, 1, 1, data["x"].shape[1])
-        self.train = TensorDataset(data["x"].float().reshape(shape), data["y"].long())
-        self.test = TensorDataset(data["x_test"].float().reshape(shape), data["y_test"].long())
-
-    def train_dataloader(self) -> DataLoader[Any]:
-        assert self.train is not None
-        return DataLoader(self.train, batch_size=256)
-
-    def test_dataloader(self) -> DataLoader[Any]:
-        assert self.test is not None
-        return DataLoader(self.test, batch_size=256)
-
-
 _MNIST1D: MNIST1DDataModule | None = None
 
 
@@ -105,7 +67,7 @@ def make_stream(stream: str, seed: int) -> ClassIncrementalStream:
         return ClassIncrementalStream("digits", num_tasks=5, batch_size=10, seed=seed)
     global _MNIST1D
     if _MNIST1D is None:  # generated once per process
-        _MNIST1D = MNIST1DDataModule()
+        _MNIST1D = MNIST1DDataModule(val_fraction=0, shape=(1, 1, 40))  # one-row images: 2-D convs apply
         _MNIST1D.setup()
     return ClassIncrementalStream(_MNIST1D, num_tasks=5, batch_size=10, seed=seed)
 

@@ -8,7 +8,9 @@ minimizes ``CE(incoming) + CE(replayed)``, and offers the incoming batch to the 
 ``DataLoader``. ``classifier+er`` is the same model, data, optimizer and method as
 :class:`~lightning_logits.modules.Classifier` + :class:`~lightning_logits.callbacks.ExperienceReplay`
 in a ``Trainer``; ``classifier+uer`` swaps in :class:`~lightning_logits.callbacks.UER`.
-``resnet18_er`` / ``resnet18_uer``: the same pair on timm resnet18 (digits-like 1x32x32 random
+``lightning_er`` is the loop's ER written as the smallest ``LightningModule`` (no code of ours,
+nothing logged): Lightning's own cost per iteration, so ``classifier+er`` / ``lightning_er`` is what
+the library adds. ``resnet18_er`` / ``resnet18_uer``: the same pair on timm resnet18 (digits-like 1x32x32 random
 inputs; smoke: resnet10t at 16x16).
 
 Every case is timed over whole loop iterations (data loading and all of the framework's own
@@ -145,6 +147,33 @@ def plain_loop(make_net: Any, shape: tuple[int, ...]) -> Any:
     return run
 
 
+class HandWrittenER(pl.LightningModule):
+    """The plain loop's ER as the smallest ``LightningModule`` (no lightning_logits code, nothing logged).
+
+    Lightning's own per-step cost: ``classifier+er`` over this case is what the library adds on top.
+    """
+
+    def __init__(self, make_net: Any, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net = make_net()
+        self.shape = shape
+        self.buffer: Reservoir | None = None
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        if self.buffer is None:
+            self.buffer = Reservoir(BUFFER, self.shape, x.device)
+        loss = F.cross_entropy(self.net(x), y)
+        replay = self.buffer.sample(REPLAY)
+        if replay is not None:
+            loss = loss + F.cross_entropy(self.net(replay[0]), replay[1])
+        self.buffer.add(x, y)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
 def speed_cases(smoke: bool) -> list[SpeedCase]:
     def mlp_module() -> Classifier:
         return Classifier(mlp(), num_classes=10, optimizer=lambda p: torch.optim.SGD(p, lr=LR))
@@ -169,6 +198,14 @@ def speed_cases(smoke: bool) -> list[SpeedCase]:
 
     return [
         SpeedCase("loop_er", mlp_module, vectors, run=plain_loop(mlp, (64,))),
+        SpeedCase(
+            "lightning_er",
+            lambda: HandWrittenER(mlp, (64,)),
+            vectors,
+            lambda: [OneThread()],
+            baseline="loop_er",
+            full_iteration=True,
+        ),
         SpeedCase(
             "classifier+er",
             mlp_module,
