@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import override
@@ -131,24 +132,22 @@ class ReservoirBuffer:
         to and its position in the batch. When two samples of one batch draw the same slot, only
         the later one is returned (as if they had been stored one after the other).
         """
-        n = torch.arange(self.seen, self.seen + batch_size, dtype=torch.int64)
+        # A batch is a handful of numbers on the host: numpy costs a fraction of torch's per-op overhead.
+        n = np.arange(self.seen, self.seen + batch_size, dtype=np.int64)
         # j uniform in [0, n] for every sample: an exact draw in float64 for n < 2**50.
-        u = torch.rand(batch_size, generator=self.generator, dtype=torch.float64)
-        j = torch.minimum((u * (n + 1).double()).long(), n)
-        slots = torch.where(n < self.capacity, n, j)
+        u = torch.rand(batch_size, generator=self.generator, dtype=torch.float64).numpy()
+        j = np.minimum((u * (n + 1)).astype(np.int64), n)
+        slots = np.where(n < self.capacity, n, j)
         keep = slots < self.capacity
-        positions = torch.arange(batch_size)[keep]
+        positions = np.arange(batch_size, dtype=np.int64)[keep]
         slots = slots[keep]
-        if slots.numel() > 1:
-            # Keep the last writer of each slot: sort by (slot, position) and take each run's end.
-            key = slots * batch_size + positions
-            order = torch.argsort(key)
-            slots, positions = slots[order], positions[order]
-            last = torch.ones_like(slots, dtype=torch.bool)
-            last[:-1] = slots[1:] != slots[:-1]
-            slots, positions = slots[last], positions[last]
+        if slots.size > 1:
+            # Keep the last writer of each slot; np.unique sorts by slot. On the reversed arrays it
+            # finds each slot's first index, i.e. its last writer in batch order.
+            slots, first = np.unique(slots[::-1], return_index=True)
+            positions = positions[::-1][first]
         self.seen += batch_size
-        return slots, positions
+        return torch.from_numpy(np.ascontiguousarray(slots)), torch.from_numpy(np.ascontiguousarray(positions))
 
     def _decide(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Where the samples of a batch go: ``(slots, positions)`` (see :meth:`slots_for`)."""
