@@ -17,6 +17,9 @@ matrices as heatmaps.
     python -m benchmarks.accuracy_replay                     # full: 2 streams x 2 models x 4 buffers x 5 seeds
     python -m benchmarks.accuracy_replay --streams digits --models mlp --buffers 100 200 --seeds 3   # reduced
     python -m benchmarks.accuracy_replay --smoke             # seconds: checks it runs
+    python -m benchmarks.accuracy_replay --streams mnist1d --models mlp --out runs/a   # one part...
+    python -m benchmarks.accuracy_replay --merge runs/a/replay_accuracy.md runs/b/replay_accuracy.md
+                                                             # ...and the parts joined into one report
 """
 
 from __future__ import annotations
@@ -150,6 +153,68 @@ def plot_heatmaps(matrices: dict[str, torch.Tensor], path: Path, title: str) -> 
     plt.close(fig)
 
 
+_HEADER = (
+    "| stream | model | method | buffer | final avg acc (%) | forgetting (%) | BWT (%) | learning acc (%) | seeds |"
+)
+
+
+def summary(rows: list[str]) -> str:
+    """Final average accuracy and forgetting by method and buffer, one block per (stream, model).
+
+    ``rows`` are the full table's rows (``| stream | model | method | buffer | acc | forgetting | ...``).
+    """
+    cells: dict[tuple[str, str], dict[str, dict[str, tuple[str, str]]]] = {}
+    buffers: dict[tuple[str, str], list[str]] = {}
+    for row in rows:
+        stream, model, method, buffer, acc, forgetting = (c.strip() for c in row.strip("|").split("|")[:6])
+        cells.setdefault((stream, model), {}).setdefault(method, {})[buffer] = (acc, forgetting)
+        if buffer != "-" and buffer not in buffers.setdefault((stream, model), []):
+            buffers[(stream, model)].append(buffer)
+    blocks = []
+    for (stream, model), methods in cells.items():
+        sizes = sorted(buffers.get((stream, model), []), key=int)
+        lines = [
+            f"split {stream}, {model}: final average accuracy (%) / forgetting (%), mean ± std over seeds",
+            "",
+            "| method | " + " | ".join(f"M={b}" for b in sizes) + " |",
+            "|---|" + "---:|" * len(sizes),
+        ]
+        for method, by_buffer in methods.items():
+            if "-" in by_buffer:  # no buffer (fine-tune): the same value in every column
+                acc, forgetting = by_buffer["-"]
+                lines.append(f"| {method} | " + " | ".join(f"{acc} / {forgetting}" for _ in sizes) + " |")
+            else:
+                values = [by_buffer.get(b) for b in sizes]
+                lines.append(f"| {method} | " + " | ".join(f"{v[0]} / {v[1]}" if v else "" for v in values) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def merge(paths: list[Path], out: Path) -> str:
+    """Join the tables of separate runs (e.g. one process per stream and model) into one report."""
+    rows: list[str] = []
+    footers: list[str] = []
+    for path in paths:
+        lines = path.read_text().splitlines()
+        rows += [line for line in lines if line.startswith("| ") and not line.startswith("| stream |")]
+        footers += [line for line in lines if line.startswith("UER temperature")]
+    table = "\n".join(
+        [
+            "### accuracy: replay (5 tasks x 2 classes, online, batch 10, replay batch 10, SGD lr 0.1)",
+            "",
+            _HEADER,
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            *(f"{path.name}: {footer}" for path, footer in zip(paths, footers, strict=False)),
+            "",
+            summary(rows),
+        ]
+    )
+    out.write_text(table + "\n")
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="digits, MLP, 1 seed, buffer 50, 3 batches per task")
@@ -159,7 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--buffers", type=int, nargs="+", default=[50, 100, 200, 500])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", help="join these runs' replay_accuracy.md tables into --out/replay_accuracy.md"
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(merge(args.merge, args.out / "replay_accuracy.md"))
+        return
     warnings.filterwarnings("ignore")
     import logging
 
@@ -201,13 +273,14 @@ def main(argv: list[str] | None = None) -> None:
         [
             "### accuracy: replay (5 tasks x 2 classes, online, batch 10, replay batch 10, SGD lr 0.1)",
             "",
-            "| stream | model | method | buffer | final avg acc (%) | forgetting (%) | BWT (%) "
-            "| learning acc (%) | seeds |",
+            _HEADER,
             "|---|---|---|---:|---:|---:|---:|---:|---:|",
             *rows,
             "",
             "UER temperature 0.09; eval mask 'all'; mean ± std over seeds; "
             f"{elapsed:.0f} s on the CPU" + (" (smoke: 3 batches per task)" if args.smoke else ""),
+            "",
+            summary(rows),
         ]
     )
     print(table)

@@ -135,6 +135,37 @@ def test_accuracy_benchmark_smoke(tmp_path: Path) -> None:
         assert f"| digits | mlp | {method} |" in proc.stdout, proc.stdout
     assert (tmp_path / "replay_accuracy_smoke.md").exists()
     assert (tmp_path / "replay_heatmaps_digits_mlp_smoke.png").exists()
+    assert "split digits, mlp: final average accuracy" in proc.stdout and "| method | M=50 |" in proc.stdout
+
+
+def test_merged_report_pivots_every_run_by_method_and_buffer(tmp_path: Path) -> None:
+    from benchmarks.accuracy_replay import _HEADER, merge
+
+    def table(rows: list[str], seconds: int) -> str:
+        return "\n".join(["### t", "", _HEADER, "|---|", *rows, "", f"UER temperature 0.09; {seconds} s"])
+
+    (tmp_path / "a.md").write_text(
+        table(
+            [
+                "| digits | mlp | finetune | - | 17.0 ± 1.0 | 90.0 ± 2.0 | -90.0 ± 2.0 | 88.0 ± 1.0 | 5 |",
+                "| digits | mlp | er | 50 | 70.0 ± 3.0 | 20.0 ± 4.0 | -20.0 ± 4.0 | 90.0 ± 1.0 | 5 |",
+                "| digits | mlp | er | 200 | 80.0 ± 3.0 | 10.0 ± 4.0 | -10.0 ± 4.0 | 90.0 ± 1.0 | 5 |",
+            ],
+            11,
+        )
+    )
+    (tmp_path / "b.md").write_text(
+        table(["| mnist1d | mlp | er | 100 | 30.0 ± 3.0 | 50.0 ± 4.0 | -50.0 ± 4.0 | 70.0 ± 1.0 | 5 |"], 22)
+    )
+    report = merge([tmp_path / "a.md", tmp_path / "b.md"], tmp_path / "all.md")
+    assert (tmp_path / "all.md").read_text().strip() == report.strip()
+    assert report.count("| digits | mlp |") == 3 and "| mnist1d | mlp | er | 100 |" in report
+    assert "a.md: UER temperature 0.09; 11 s" in report and "b.md: UER temperature 0.09; 22 s" in report
+    digits = report[report.index("split digits, mlp") :]
+    assert "| method | M=50 | M=200 |" in digits  # buffers sorted as numbers
+    assert "| finetune | 17.0 ± 1.0 / 90.0 ± 2.0 | 17.0 ± 1.0 / 90.0 ± 2.0 |" in digits
+    assert "| er | 70.0 ± 3.0 / 20.0 ± 4.0 | 80.0 ± 3.0 / 10.0 ± 4.0 |" in digits
+    assert "split mnist1d, mlp" in report and "| er | 30.0 ± 3.0 / 50.0 ± 4.0 |" in report
 
 
 def test_mnist1d_stream_is_class_incremental(tmp_path: Path) -> None:
