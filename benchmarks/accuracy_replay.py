@@ -4,8 +4,9 @@ Streams: split digits (scikit-learn's 8x8 digits, embedded) and split MNIST-1D (
 package's procedurally generated 40-sample signals, made offline and cached), each 5 tasks of 2
 classes, seen once in batches of 10 with a replay batch of 10 (the online continual learning
 protocol). Models: an MLP (in -> 256 -> 256 -> 10) and the reduced ResNet18 of the literature
-(``reduced_resnet18``: width 20, 3x3 stem, no max-pool; digits as 1x8x8 images, MNIST-1D as
-1x1x40). SGD lr 0.1 without momentum. Methods: ``finetune`` (no replay: the lower bound),
+(``reduced_resnet18``: width 20, 3x3 stem, no max-pool; digits as 1x16x16 images (upsampled:
+at 8x8 its last stage's map is 1x1, too small for BatchNorm on a task's last batch of one sample),
+MNIST-1D as 1x1x40). SGD lr 0.1 without momentum. Methods: ``finetune`` (no replay: the lower bound),
 ``er``, ``er_ace``, ``uer-all`` / ``uer-seen`` / ``uer-present`` (UER's incoming-softmax mask).
 Evaluation: ``ContinualMetrics`` with ``eval_mask="all"`` (argmax over every class). The seed
 sets the class order, the in-task order, the initialization and the buffer's random stream.
@@ -65,9 +66,12 @@ class MLP(nn.Module):
 _MNIST1D: MNIST1DDataModule | None = None
 
 
-def make_stream(stream: str, seed: int) -> ClassIncrementalStream:
+def make_stream(stream: str, seed: int, model: str = "mlp") -> ClassIncrementalStream:
     if stream == "digits":
-        return ClassIncrementalStream("digits", num_tasks=5, batch_size=10, seed=seed)
+        # The ResNet sees 16x16 digits: its three stride-2 stages turn 8x8 into a 1x1 map, where a
+        # task's last batch of one sample leaves BatchNorm a single value per channel (an error).
+        size = 16 if model == "reduced_resnet18" else 8
+        return ClassIncrementalStream("digits", num_tasks=5, batch_size=10, seed=seed, image_size=size)
     global _MNIST1D
     if _MNIST1D is None:  # generated once per process
         _MNIST1D = MNIST1DDataModule(val_fraction=0, shape=(1, 1, 40))  # one-row images: 2-D convs apply
@@ -110,7 +114,7 @@ def run_one(stream: str, model: str, method: str, buffer_size: int, seed: int, l
         callbacks=callbacks,
         default_root_dir=tempfile.mkdtemp(prefix="ll_replay_"),  # ContinualMetrics writes its matrix here
     )
-    trainer.fit(module, datamodule=make_stream(stream, seed))
+    trainer.fit(module, datamodule=make_stream(stream, seed, model))
     metrics = callbacks[0]
     assert isinstance(metrics, ContinualMetrics) and metrics.accuracy_matrix is not None
     return metrics.accuracy_matrix.clone()

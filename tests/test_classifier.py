@@ -49,6 +49,16 @@ def test_wrong_batch_shape_names_the_shape_and_the_fix() -> None:
         module.training_step((torch.randn(2, 1, 32, 32), torch.tensor([0, 12])), 0)
 
 
+def test_a_single_sample_batch_on_a_1x1_map_names_the_cause_and_the_fix() -> None:
+    # reduced_resnet18 turns 8x8 digits into a 1x1 map: a task's last batch of one sample leaves
+    # BatchNorm one value per channel
+    module = Classifier("reduced_resnet18", num_classes=10, in_chans=1)
+    with pytest.raises(ValueError, match=r"batch of shape \(1, 1, 8, 8\).*1x1.*image_size: 16.*drop_last"):
+        module.training_step((torch.randn(1, 1, 8, 8), torch.tensor([3])), 0)
+    loss = module.training_step((torch.randn(1, 1, 16, 16), torch.tensor([3])), 0)["loss"]  # 2x2: trains
+    assert torch.isfinite(loss)
+
+
 def test_head_and_num_classes_disagreement_is_reported() -> None:
     module = Classifier(TinyNet(num_classes=5), num_classes=7)
     with pytest.raises(ValueError, match=r"logits of shape \(2, 5\) but num_classes is 7"):

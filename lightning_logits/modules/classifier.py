@@ -150,6 +150,15 @@ class Classifier(pl.LightningModule):
                 "Check the data's channels and image size against the model "
                 "(e.g. model_kwargs: {in_chans: 1} for grayscale)"
             ) from err
+        except ValueError as err:
+            if "more than 1 value per channel" not in str(err):
+                raise
+            raise ValueError(
+                f"{type(self.model).__name__} failed on a training batch of shape {tuple(x.shape)}: {err}. "
+                "A BatchNorm layer saw one value per channel: a batch of one sample whose feature map has "
+                "shrunk to 1x1. Use larger inputs (e.g. image_size: 16 for digits with reduced_resnet18), "
+                "or a loader with drop_last=True"
+            ) from err
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"the model returned logits of shape {tuple(logits.shape)} but num_classes is "
