@@ -194,26 +194,26 @@ def summary(rows: list[str]) -> str:
     return "\n\n".join(blocks)
 
 
+def report(rows: list[str], notes: list[str]) -> str:
+    """The full table of ``rows``, the ``notes`` under it, then the :func:`summary`."""
+    title = "### accuracy: replay (5 tasks x 2 classes, online, batch 10, replay batch 10, SGD lr 0.1)"
+    return "\n".join(
+        [title, "", _HEADER, "|---|---|---|---:|---:|---:|---:|---:|---:|", *rows, "", *notes, "", summary(rows)]
+    )
+
+
 def merge(paths: list[Path], out: Path) -> str:
     """Join the tables of separate runs (e.g. one process per stream and model) into one report."""
     rows: list[str] = []
     footers: list[str] = []
     for path in paths:
         lines = path.read_text().splitlines()
-        rows += [line for line in lines if line.startswith("| ") and not line.startswith("| stream |")]
+        start = lines.index(_HEADER) + 2  # the full table: after its header and separator, up to a blank line
+        end = lines.index("", start) if "" in lines[start:] else len(lines)
+        rows += lines[start:end]
         footers += [line for line in lines if line.startswith("UER temperature")]
-    table = "\n".join(
-        [
-            "### accuracy: replay (5 tasks x 2 classes, online, batch 10, replay batch 10, SGD lr 0.1)",
-            "",
-            _HEADER,
-            "|---|---|---|---:|---:|---:|---:|---:|---:|",
-            *rows,
-            "",
-            *(f"{path.name}: {footer}" for path, footer in zip(paths, footers, strict=False)),
-            "",
-            summary(rows),
-        ]
+    table = report(
+        rows, [f"{path.parent.name}/{path.name}: {note}" for path, note in zip(paths, footers, strict=False)]
     )
     out.write_text(table + "\n")
     return table
@@ -273,20 +273,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"split {stream}, {model}: mean accuracy matrix R[i, j] (%) over {len(seeds)} seed(s)",
             )
     elapsed = time.time() - start
-    table = "\n".join(
-        [
-            "### accuracy: replay (5 tasks x 2 classes, online, batch 10, replay batch 10, SGD lr 0.1)",
-            "",
-            _HEADER,
-            "|---|---|---|---:|---:|---:|---:|---:|---:|",
-            *rows,
-            "",
-            "UER temperature 0.09; eval mask 'all'; mean ± std over seeds; "
-            f"{elapsed:.0f} s on the CPU" + (" (smoke: 3 batches per task)" if args.smoke else ""),
-            "",
-            summary(rows),
-        ]
-    )
+    note = "UER temperature 0.09; eval mask 'all'; mean ± std over seeds; " + f"{elapsed:.0f} s on the CPU"
+    table = report(rows, [note + (" (smoke: 3 batches per task)" if args.smoke else "")])
     print(table)
     suffix = "_smoke" if args.smoke else ""
     (args.out / f"replay_accuracy{suffix}.md").write_text(table + "\n")

@@ -160,8 +160,11 @@ def test_merged_report_pivots_every_run_by_method_and_buffer(tmp_path: Path) -> 
     )
     report = merge([tmp_path / "a.md", tmp_path / "b.md"], tmp_path / "all.md")
     assert (tmp_path / "all.md").read_text().strip() == report.strip()
+    assert merge([tmp_path / "all.md"], tmp_path / "again.md").count("| digits | mlp |") == 3  # summaries not rows
     assert report.count("| digits | mlp |") == 3 and "| mnist1d | mlp | er | 100 |" in report
-    assert "a.md: UER temperature 0.09; 11 s" in report and "b.md: UER temperature 0.09; 22 s" in report
+    assert (
+        f"{tmp_path.name}/a.md: UER temperature 0.09; 11 s" in report and "/b.md: UER temperature 0.09; 22 s" in report
+    )
     digits = report[report.index("split digits, mlp") :]
     assert "| method | M=50 | M=200 |" in digits  # buffers sorted as numbers
     assert "| finetune | 17.0 ± 1.0 / 90.0 ± 2.0 | 17.0 ± 1.0 / 90.0 ± 2.0 |" in digits
