@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.harness import SpeedCase
+from benchmarks.harness import OneThread, SpeedCase
 from lightning_logits.callbacks.replay import UER, ExperienceReplay
 from lightning_logits.modules.classifier import Classifier
 
@@ -62,18 +62,6 @@ class StreamData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader[Any]:
         return DataLoader(_stream(self.samples, self.shape), batch_size=BATCH, shuffle=False)
-
-
-class OneThread(Callback):
-    """Train on one CPU thread (restored afterwards), as the plain loop does: steadier on a shared machine."""
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._threads = torch.get_num_threads()
-        if pl_module.device.type == "cpu":
-            torch.set_num_threads(1)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        torch.set_num_threads(self._threads)
 
 
 class Reservoir:

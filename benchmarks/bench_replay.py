@@ -20,11 +20,10 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from benchmarks.harness import SpeedCase
+from benchmarks.harness import OneThread, SpeedCase
 from lightning_logits.callbacks.replay import ERACE, UER, ExperienceReplay, ReplayCallback
 from lightning_logits.data.digits import DigitsDataModule
 from lightning_logits.modules.classifier import Classifier
@@ -51,18 +50,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: Any) -> Any:
         return self.fc(self.features(x))
-
-
-class OneThread(Callback):
-    """Run the fit on one CPU thread, then restore: small steps on a shared machine time steadier."""
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._threads = torch.get_num_threads()
-        if pl_module.device.type == "cpu":
-            torch.set_num_threads(1)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        torch.set_num_threads(self._threads)
 
 
 class BufferShare(Callback):

@@ -118,6 +118,21 @@ def _sync(pl_module: pl.LightningModule) -> None:
         torch.cuda.synchronize(pl_module.device)
 
 
+class OneThread(Callback):
+    """Train on one CPU thread (restored afterwards), as a plain loop timed beside it does.
+
+    Small steps time steadier on a shared machine this way.
+    """
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._threads = torch.get_num_threads()
+        if pl_module.device.type == "cpu":
+            torch.set_num_threads(1)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.set_num_threads(self._threads)
+
+
 def quiet_trainer(**overrides: Any) -> pl.Trainer:
     """A one-device CPU ``Trainer`` with no logger, checkpoints, progress bar, summary or sanity check.
 
