@@ -841,3 +841,35 @@ def test_optimizers_come_from_the_config() -> None:
     default = Mowst(num_features=6, num_classes=3, hidden=8, variant="mowst_star").configure_optimizers()
     assert isinstance(default, torch.optim.AdamW)
     assert default.defaults["lr"] == 1e-3 and default.defaults["weight_decay"] == 5e-4
+
+
+@pytest.mark.parametrize("kind", ["mowst", "gnn"])
+def test_training_nodes_are_read_from_the_mask_once_not_every_epoch(kind: str) -> None:
+    # `nonzero` on the train mask reads it on the host: a device sync per epoch on a GPU.
+    from tests.sync_counter import HostReadCounter
+
+    def nonzero_calls(epochs: int) -> int:
+        pl.seed_everything(0)
+        if kind == "mowst":
+            module: pl.LightningModule = make_mowst(pretrain="none", patience=1000, round_patience=1000)
+        else:
+            module = GNNClassifier("gcn", num_features=6, num_classes=3, hidden=8, patience=1000, optimizer=adamw(0.01))
+        with HostReadCounter() as counter:
+            counter.active = True
+            _fit(module, small_graph(), epochs, limit_val_batches=0)
+        return counter.by_kind["nonzero"]
+
+    assert nonzero_calls(3) == nonzero_calls(9) >= 1
+
+
+def test_train_shares_reread_an_edited_or_new_mask() -> None:
+    from lightning_logits.modules.mowst import _TrainShares
+
+    shares = _TrainShares()
+    mask = torch.tensor([True, False, True, True])
+    idx, scale = shares(mask, None)
+    assert idx.tolist() == [0, 2, 3] and scale == 1.0
+    assert shares(mask, None)[0] is idx  # the same tensor, unchanged: cached
+    mask[0] = False  # an in-place edit bumps the version counter
+    assert shares(mask, None)[0].tolist() == [2, 3]
+    assert shares(torch.tensor([False, True, False, False]), None)[0].tolist() == [1]

@@ -207,6 +207,39 @@ def test_uer_loss_replay_term_is_plain_cross_entropy_and_zero_without_replay() -
     assert float(uer_loss(h, y, w, bias=b, temperature=0.5)) == pytest.approx(float(alone))
 
 
+def test_uer_loss_with_replay_logits_equals_recomputing_them() -> None:
+    # The callback hands over the logits the head already computed; value and every gradient must
+    # be those of the path that recomputes them from the replayed features.
+    g = torch.Generator().manual_seed(3)
+    w0, b0 = torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
+    h0, hm0 = torch.randn(5, 6, generator=g), torch.randn(3, 6, generator=g)
+    y, ym = torch.tensor([0, 1, 2, 3, 0]), torch.tensor([3, 1, 1])
+    grads = []
+    for reuse in (False, True):
+        w, b, h, hm = (t.clone().requires_grad_(True) for t in (w0, b0, h0, hm0))
+        if reuse:
+            loss = uer_loss(h, y, w, replay_target=ym, replay_logits=torch.nn.functional.linear(hm, w, b))
+        else:
+            loss = uer_loss(h, y, w, hm, ym, bias=b)
+        loss.backward()
+        grads.append([float(loss)] + [t.grad for t in (w, b, h, hm)])
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for a, b_ in zip(grads[0][1:], grads[1][1:], strict=True):
+        torch.testing.assert_close(a, b_)
+    h, w = h0, w0
+    with pytest.raises(ValueError, match="not both"):
+        uer_loss(h, y, w, hm0, ym, replay_logits=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="replay_target with replay_logits"):
+        uer_loss(h, y, w, replay_logits=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="C=5"):
+        uer_loss(h, y, w, replay_target=ym, replay_logits=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="shape"):
+        uer_loss(h, y, w, replay_target=ym[:2], replay_logits=torch.zeros(3, 4))
+    assert float(uer_loss(h, y, w, replay_target=ym[:0], replay_logits=torch.zeros(0, 4))) == pytest.approx(
+        float(uer_loss(h, y, w))
+    )
+
+
 def test_uer_loss_mask_excludes_classes_from_softmax_and_their_gradient() -> None:
     h = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]], requires_grad=True)

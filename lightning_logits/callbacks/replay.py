@@ -499,7 +499,7 @@ class UER(ReplayCallback):
                 "softmax) and they get no gradient from the cosine term. Check for dead units before the head."
             )
         mask = self._logit_mask(target, weight.shape[0])
-        if features is None:
+        if logits is None:
             loss = uer_loss(
                 current, target, weight, temperature=self.temperature, logit_mask=mask, validate_args=validate
             )
@@ -508,13 +508,13 @@ class UER(ReplayCallback):
                 # multiple keeps it in the graph: DDP fails on parameters without a gradient.
                 loss = loss + 0.0 * self.head.bias.sum()
             return loss
+        # The head already computed the replayed logits in the replay forward: reuse them.
         return uer_loss(
             current,
             target,
             weight,
-            replay_features=features,
             replay_target=replay_target,
-            bias=self.head.bias,
+            replay_logits=logits,
             temperature=self.temperature,
             logit_mask=mask,
             validate_args=validate,

@@ -67,6 +67,22 @@ def _check_labels(target: Tensor, num_samples: int, num_classes: int, name: str,
         raise TypeError(f"{name} must be an integer tensor, got dtype {target.dtype}")
 
 
+def _replay_term(
+    replay_logits: Tensor, replay_target: Tensor, num_classes: int, reference: str, validate_args: bool
+) -> Tensor | float:
+    """Mean cross-entropy of replayed ``[M, C]`` logits over all classes (0 for ``M = 0``), after the checks.
+
+    ``reference`` names what fixes ``C`` in the error message (the head's weight, the incoming logits).
+    """
+    _check_matrix(replay_logits, "replay_logits", "[M, C] (replayed batch, classes)", validate_args)
+    if replay_logits.shape[1] != num_classes:
+        raise ValueError(f"replay_logits have C={replay_logits.shape[1]} classes but {reference} C={num_classes}")
+    _check_labels(replay_target, replay_logits.shape[0], num_classes, "replay_target", validate_args)
+    if replay_logits.shape[0] == 0:
+        return 0.0
+    return F.cross_entropy(replay_logits.float(), replay_target.long())
+
+
 def _unit_rows(x: Tensor, eps: float) -> Tensor:
     """``x / (||x|| + eps)`` row-wise, with no gradient through rows that are exactly zero.
 
@@ -76,8 +92,9 @@ def _unit_rows(x: Tensor, eps: float) -> Tensor:
     most ``1 / (||x|| + eps) < 1 / eps``.
     """
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    unit = x / (norm + eps)
-    return torch.where(norm > 0, unit, torch.zeros_like(unit))
+    # The choice is made on the [N, 1] norms, not on [N, D]: dividing a zero row by +inf gives 0
+    # and a zero gradient on both sides of the division, and costs one full-size op, not three.
+    return x / torch.where(norm > 0, norm + eps, math.inf)
 
 
 def cosine_logits(features: Tensor, weight: Tensor, eps: float = 1e-6, validate_args: bool = True) -> Tensor:
@@ -131,6 +148,7 @@ def uer_loss(
     temperature: float = 0.09,
     logit_mask: Tensor | None = None,
     validate_args: bool = True,
+    replay_logits: Tensor | None = None,
 ) -> Tensor:
     """The UER loss: angle-only cross-entropy on incoming samples, full cross-entropy on replayed ones.
 
@@ -151,6 +169,10 @@ def uer_loss(
         validate_args: check values on the host (finite inputs, labels in range, labels inside
             the mask); a device sync. Shapes and dtypes are always checked. Callbacks pass
             ``True`` on their first step only.
+        replay_logits: ``[M, C]`` dot-product logits of the replayed batch when the head has
+            already computed them (``replay_features @ weight.T + bias``); the replay term then
+            uses them instead of recomputing them (pass ``replay_target`` with them, and leave
+            ``replay_features`` out). ``None``: computed from ``replay_features``.
 
     Returns:
         A float32 scalar.
@@ -198,6 +220,14 @@ def uer_loss(
         logits = logits.masked_fill(~logit_mask, float("-inf"))
     loss = F.cross_entropy(logits, target.long())
 
+    if replay_logits is not None:
+        if replay_features is not None:
+            raise ValueError(
+                "pass replay_features or replay_logits, not both (the logits are computed from the features)"
+            )
+        if replay_target is None:
+            raise ValueError("pass replay_target with replay_logits")
+        return loss + _replay_term(replay_logits, replay_target, num_classes, "the head weight has", validate_args)
     if (replay_features is None) != (replay_target is None):
         raise ValueError("pass replay_features and replay_target together (or neither)")
     if replay_features is not None and replay_target is not None:
@@ -282,14 +312,7 @@ def er_ace_loss(
     if (replay_logits is None) != (replay_target is None):
         raise ValueError("pass replay_logits and replay_target together (or neither)")
     if replay_logits is not None and replay_target is not None:
-        _check_matrix(replay_logits, "replay_logits", "[M, C] (replayed batch, classes)", validate_args)
-        if replay_logits.shape[1] != num_classes:
-            raise ValueError(
-                f"replay_logits have C={replay_logits.shape[1]} classes but the incoming logits C={num_classes}"
-            )
-        _check_labels(replay_target, replay_logits.shape[0], num_classes, "replay_target", validate_args)
-        if replay_logits.shape[0] > 0:
-            loss = loss + F.cross_entropy(replay_logits.float(), replay_target.long())
+        loss = loss + _replay_term(replay_logits, replay_target, num_classes, "the incoming logits have", validate_args)
     return loss
 
 

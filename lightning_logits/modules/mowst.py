@@ -62,6 +62,32 @@ def _train_share(mask: Tensor, trainer: pl.Trainer | None) -> tuple[Tensor, floa
     return share, share.numel() * world / max(nodes.numel(), 1)
 
 
+class _TrainShares:
+    """:func:`_train_share` computed once per mask: ``nonzero`` reads the mask on the host (a device sync).
+
+    A full-batch graph hands the same mask tensor to every step (``GraphDataModule`` keeps one
+    device copy), so the indices are reused while the tensor object, its version counter (bumped by
+    any in-place edit), the world size and the rank are unchanged; a new or edited mask is read again.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Tensor, int, int, int] | None = None
+        self._value: tuple[Tensor, float] | None = None
+
+    def __call__(self, mask: Tensor, trainer: pl.Trainer | None) -> tuple[Tensor, float]:
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        key = self._key
+        if key is not None and self._value is not None and key[0] is mask and key[1:] == (mask._version, world, rank):
+            return self._value
+        self._value = _train_share(mask, trainer)
+        # The key holds the mask itself: its memory cannot be reused by another tensor meanwhile.
+        self._key = (mask, mask._version, world, rank)
+        return self._value
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled (ddp_spawn, deepcopy) without the cached tensors
+        return {"_key": None, "_value": None}
+
+
 def _touch(modules: list[nn.Module]) -> Tensor | float:
     """A zero that depends on every parameter: DDP's reducer then sees a gradient for each one."""
     total: Tensor | float = 0.0
@@ -281,6 +307,7 @@ class Mowst(pl.LightningModule):
         self._version = 0  # bumped whenever weights are loaded, so cached frozen outputs are dropped
         self._last_val: dict[str, float] | None = None
         self._train_mask_checked = False
+        self._train_shares = _TrainShares()
 
     # ----------------------------------------------------------------- building
     def _build(self, num_features: int, num_classes: int) -> None:
@@ -452,7 +479,7 @@ class Mowst(pl.LightningModule):
             return None
         x, edge_index, y = batch.x, batch.edge_index, batch.y
         first = not self._train_mask_checked  # value checks (host syncs) on the first step only
-        idx, scale = _train_share(self._train_mask(batch), self.trainer)
+        idx, scale = self._train_shares(self._train_mask(batch), self.trainer)
         opts = self.optimizers()
         optimizers = opts if isinstance(opts, list) else [opts]
         weak_opt, strong_opt = (optimizers[0], optimizers[-1])
@@ -704,6 +731,7 @@ class GNNClassifier(pl.LightningModule):
         if num_features is not None and num_classes is not None:
             self._build(num_features, num_classes)
         self.plateau = Plateau(patience)
+        self._train_shares = _TrainShares()
         self._best_state: dict[str, dict[str, Tensor]] | None = None
         self._last_val_acc: float | None = None
         self.stop_reason = ""
@@ -745,7 +773,7 @@ class GNNClassifier(pl.LightningModule):
         mask = batch.train_mask
         if mask.dtype != torch.bool or self.global_step == 0:
             mask = check_node_mask(mask, batch.num_nodes, "train_mask", allow_empty=False)
-        idx, scale = _train_share(mask, self.trainer)
+        idx, scale = self._train_shares(mask, self.trainer)
         logits = self(batch.x, batch.edge_index)
         loss = F.cross_entropy(logits[idx], batch.y[idx]) if idx.numel() else logits.sum() * 0.0
         self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
