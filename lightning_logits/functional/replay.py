@@ -220,25 +220,21 @@ def uer_loss(
         logits = logits.masked_fill(~logit_mask, float("-inf"))
     loss = F.cross_entropy(logits, target.long())
 
-    if replay_logits is not None:
-        if replay_features is not None:
-            raise ValueError(
-                "pass replay_features or replay_logits, not both (the logits are computed from the features)"
-            )
-        if replay_target is None:
-            raise ValueError("pass replay_target with replay_logits")
-        return loss + _replay_term(replay_logits, replay_target, num_classes, "the head weight has", validate_args)
-    if (replay_features is None) != (replay_target is None):
-        raise ValueError("pass replay_features and replay_target together (or neither)")
-    if replay_features is not None and replay_target is not None:
+    if replay_logits is not None and replay_features is not None:
+        raise ValueError("pass replay_features or replay_logits, not both (the logits are computed from the features)")
+    if replay_logits is not None and replay_target is None:
+        raise ValueError("pass replay_target with replay_logits")
+    if replay_logits is None:
+        if (replay_features is None) != (replay_target is None):
+            raise ValueError("pass replay_features and replay_target together (or neither)")
+        if replay_features is None:
+            return loss
         _check_matrix(replay_features, "replay_features", "[M, D] (replayed batch, feature dimension)", validate_args)
         if replay_features.shape[1] != dim:
             raise ValueError(f"replay_features have D={replay_features.shape[1]} but the head weight expects D={dim}")
-        _check_labels(replay_target, replay_features.shape[0], num_classes, "replay_target", validate_args)
-        if replay_features.shape[0] > 0:
-            replay_logits = F.linear(replay_features.float(), weight.float(), None if bias is None else bias.float())
-            loss = loss + F.cross_entropy(replay_logits, replay_target.long())
-    return loss
+        replay_logits = F.linear(replay_features.float(), weight.float(), None if bias is None else bias.float())
+    assert replay_target is not None  # every path without it returned or raised above
+    return loss + _replay_term(replay_logits, replay_target, num_classes, "the head weight has", validate_args)
 
 
 def replay_cross_entropy(logits: Tensor, target: Tensor, validate_args: bool = True) -> Tensor:

@@ -65,9 +65,10 @@ def _train_share(mask: Tensor, trainer: pl.Trainer | None) -> tuple[Tensor, floa
 class _TrainShares:
     """:func:`_train_share` computed once per mask: ``nonzero`` reads the mask on the host (a device sync).
 
-    A full-batch graph hands the same mask tensor to every step (``GraphDataModule`` keeps one
-    device copy), so the indices are reused while the tensor object, its version counter (bumped by
-    any in-place edit), the world size and the rank are unchanged; a new or edited mask is read again.
+    A full-batch graph hands the same mask tensor to every step (Lightning's batch transfer calls
+    PyG's ``Data.to``, which moves the graph's tensors in place, once), so the indices are reused
+    while the tensor object, its version counter (bumped by any in-place edit), the world size and
+    the rank are unchanged; a new or edited mask is read again.
     """
 
     def __init__(self) -> None:
