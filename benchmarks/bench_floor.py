@@ -8,6 +8,9 @@ minimizes ``CE(incoming) + CE(replayed)``, and offers the incoming batch to the 
 ``DataLoader``. ``classifier+er`` is the same model, data, optimizer and method as
 :class:`~lightning_logits.modules.Classifier` + :class:`~lightning_logits.callbacks.ExperienceReplay`
 in a ``Trainer``; ``classifier+uer`` swaps in :class:`~lightning_logits.callbacks.UER`.
+``loop_uer`` is UER in the same hand-written loop (cosine logits at temperature 0.09 for the
+incoming batch, plain cross-entropy for the replayed one): its extra time over ``loop_er`` is what
+the method itself costs, to set against ``classifier+uer`` over ``classifier+er``.
 ``lightning_er`` is the loop's ER written as the smallest ``LightningModule`` (no code of ours,
 nothing logged): Lightning's own cost per iteration, so ``classifier+er`` / ``lightning_er`` is what
 the library adds. ``resnet18_er`` / ``resnet18_uer``: the same pair on timm resnet18 (digits-like 1x32x32 random
@@ -39,6 +42,7 @@ from lightning_logits.callbacks.replay import UER, ExperienceReplay
 from lightning_logits.modules.classifier import Classifier
 
 BATCH, REPLAY, BUFFER, LR = 10, 10, 200, 0.1
+UER_TEMPERATURE = 0.09
 THROUGHPUT_TARGET = 0.85
 
 
@@ -93,8 +97,14 @@ class Reservoir:
         return self.inputs.index_select(0, index), self.labels.index_select(0, index)
 
 
-def plain_loop(make_net: Any, shape: tuple[int, ...]) -> Any:
-    """``run(steps, warmup, accelerator, compile)``: ER as a hand-written loop; per-iteration times."""
+def plain_loop(make_net: Any, shape: tuple[int, ...], method: str = "er") -> Any:
+    """``run(steps, warmup, accelerator, compile)``: ER or UER as a hand-written loop; per-iteration times.
+
+    ``method="uer"``: the incoming batch's loss is the cross-entropy of its cosine logits at
+    temperature 0.09 (``F.normalize`` on the features and on the head's weight; ``make_net`` must
+    return ``nn.Sequential(body, head)``), the replayed batch's is the plain cross-entropy: the least
+    a user's own loop would compute for UER, so ``loop_uer`` minus ``loop_er`` is the method's own cost.
+    """
 
     def run(steps: int, warmup: int, accelerator: str, compiled: bool) -> list[float]:
         use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
@@ -105,6 +115,9 @@ def plain_loop(make_net: Any, shape: tuple[int, ...]) -> Any:
         try:
             net = make_net().to(device)
             model = torch.compile(net) if compiled else net
+            body, head = net[0], net[-1]
+            if compiled and method == "uer":
+                body = torch.compile(body)
             optimizer = torch.optim.SGD(net.parameters(), lr=LR)
             buffer = Reservoir(BUFFER, shape, device)
             loader = DataLoader(_stream(20_000, shape), batch_size=BATCH, shuffle=False)
@@ -112,7 +125,11 @@ def plain_loop(make_net: Any, shape: tuple[int, ...]) -> Any:
             start = time.perf_counter()
             for i, (x, y) in enumerate(loader):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = F.cross_entropy(model(x), y)
+                if method == "uer":
+                    cosine = F.normalize(body(x), dim=1) @ F.normalize(head.weight, dim=1).T
+                    loss = F.cross_entropy(cosine / UER_TEMPERATURE, y)
+                else:
+                    loss = F.cross_entropy(model(x), y)
                 replay = buffer.sample(REPLAY)
                 if replay is not None:
                     loss = loss + F.cross_entropy(model(replay[0]), replay[1])
@@ -186,6 +203,7 @@ def speed_cases(smoke: bool) -> list[SpeedCase]:
 
     return [
         SpeedCase("loop_er", mlp_module, vectors, run=plain_loop(mlp, (64,))),
+        SpeedCase("loop_uer", mlp_module, vectors, run=plain_loop(mlp, (64,), "uer"), baseline="loop_er"),
         SpeedCase(
             "lightning_er",
             lambda: HandWrittenER(mlp, (64,)),

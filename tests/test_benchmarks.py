@@ -40,6 +40,7 @@ def test_floor_speed_smoke_times_the_loop_bare_lightning_and_ours() -> None:
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
     for case, baseline in [
         ("lightning_er", "loop_er"),
+        ("loop_uer", "loop_er"),
         ("classifier+er", "loop_er"),
         ("classifier+uer", "classifier+er"),
         ("resnet18_uer", "resnet18_er"),
