@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -97,7 +97,7 @@ class Reservoir:
         return self.inputs.index_select(0, index), self.labels.index_select(0, index)
 
 
-def plain_loop(make_net: Any, shape: tuple[int, ...], method: str = "er") -> Any:
+def plain_loop(make_net: Any, shape: tuple[int, ...], method: Literal["er", "uer"] = "er") -> Any:
     """``run(steps, warmup, accelerator, compile)``: ER or UER as a hand-written loop; per-iteration times.
 
     ``method="uer"``: the incoming batch's loss is the cross-entropy of its cosine logits at
@@ -115,9 +115,10 @@ def plain_loop(make_net: Any, shape: tuple[int, ...], method: str = "er") -> Any
         try:
             net = make_net().to(device)
             model = torch.compile(net) if compiled else net
-            body, head = net[0], net[-1]
-            if compiled and method == "uer":
-                body = torch.compile(body)
+            if method == "uer":  # only UER needs the head's input: ER runs any network
+                body, head = net[0], net[-1]
+                if compiled:
+                    body = torch.compile(body)
             optimizer = torch.optim.SGD(net.parameters(), lr=LR)
             buffer = Reservoir(BUFFER, shape, device)
             loader = DataLoader(_stream(20_000, shape), batch_size=BATCH, shuffle=False)
