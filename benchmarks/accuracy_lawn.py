@@ -19,7 +19,17 @@ Arms (``--arms``): ``Adam`` (no weight decay), ``Adam+L2`` (Adam's coupled ``wei
 weight decay anywhere, as the ICLR 2022 text describes it). Every arm: linear warm-up over the first
 5 % of the steps, then cosine decay to zero, ``--epochs`` epochs, batch sizes ``--batch-sizes``.
 Each arm's learning rate (and weight decay, where it has one) is the best point of a small grid by
-final validation accuracy with seed 0; then ``--seeds`` seeds (1000, 1001, ...) train with it.
+final validation accuracy with seed 0; then ``--seeds`` seeds (1000, 1001, ...) train with it. The
+LAWN arms have no weight decay to tune, and the free phase is the quantity under study, so the
+learning rate of each (optimizer, scope) pair is tuned once, at the free phase ``--tune-free-fraction``
+(10 %), and shared by every free phase of that pair.
+
+Every finished run is appended to a JSON file (``--cache``; the first file is written, all are
+read), so an interrupted study resumes where it stopped and several processes can each run some
+columns and be merged: ``--report-only`` writes the report and plots from the cached runs alone,
+with the seeds each cell has (shown as ``n=`` where a cell has fewer than the others). Seeds run
+seed-major (every arm of a column with seed 1000, then 1001, ...), so a study stopped early has
+the same number of seeds in every arm of a column, give or take one.
 
 Reported (Markdown, ``--out``): test accuracy (mean ± std over seeds), final training loss (the
 cross-entropy on the training split in eval mode), the chosen hyperparameters, LAWN's gain over its
@@ -32,13 +42,18 @@ epochs, measured on a fixed probe of 512 training sequences in eval mode.
 
 A reduced run (fewer epochs, seeds, grid points, free phases) is one command line, for example
 ``--models mlp --epochs 30 --seeds 2 --grid-points 2 --free-fractions 0.1``; the report states
-every setting it ran with.
+every setting it ran with. Two processes on two cores, merged:
+
+    python -m benchmarks.accuracy_lawn --models cnn --batch-sizes 128 --cache a.json &
+    python -m benchmarks.accuracy_lawn --models cnn --batch-sizes 2000 --cache b.json &
+    wait; python -m benchmarks.accuracy_lawn --report-only --cache a.json b.json
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import math
 import statistics
@@ -167,9 +182,12 @@ def make_arms(names: list[str], free_fractions: list[float]) -> list[Arm]:
 
 
 # Small grids; --grid-points k keeps k points of each, spread evenly (the middle ones first for k=1).
-LR_GRID = {"adam": [3e-4, 1e-3, 3e-3, 1e-2], "sgd": [0.01, 0.03, 0.1, 0.3]}
+# The learning-rate grids reach higher than they first did: with 20 epochs every arm of both batch sizes
+# chose the top of [3e-4 .. 1e-2] (Adam) and [0.01 .. 0.3] (SGD) on the validation split.
+LR_GRID = {"adam": [1e-3, 3e-3, 1e-2, 3e-2], "sgd": [0.03, 0.1, 0.3, 1.0]}
 WD_GRID = {"l2": [1e-5, 1e-4, 1e-3], "decoupled": [1e-3, 1e-2, 1e-1], "none": [0.0]}
 SGD_WD_GRID = [1e-5, 1e-4, 5e-4]
+LR_ABOVE = {"adam": 0.1, "sgd": 3.0}  # the next point of each grid's 1-3-10 progression (--lr-edge)
 
 
 def thin(grid: list[float], points: int) -> list[float]:
@@ -295,6 +313,52 @@ def run_one(
 # ----------------------------------------------------------------------------- the study
 
 
+class RunCache:
+    """Finished runs in JSON files, keyed by everything that determines a run; the first file is written.
+
+    Tuning runs keep only their scores; reported runs keep their norm curves too (4 significant
+    digits), for the plots.
+    """
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.path = paths[0] if paths else None
+        self.runs: dict[str, dict[str, object]] = {}
+        for path in paths:
+            if path.exists():
+                self.runs.update(json.loads(path.read_text()))
+        self._own: dict[str, dict[str, object]] = (
+            json.loads(self.path.read_text()) if self.path is not None and self.path.exists() else {}
+        )
+
+    @staticmethod
+    def key(dataset: str, model: str, batch: int, epochs: int, arm: Arm, lr: float, wd: float, seed: int) -> str:
+        return f"{dataset}|{model}|{batch}|{epochs}|{arm.name}|{arm.scope}|{arm.free_fraction:g}|{lr:g}|{wd:g}|{seed}"
+
+    def get(self, key: str) -> RunResult | None:
+        entry = self.runs.get(key)
+        if entry is None:
+            return None
+        return RunResult(**entry)  # type: ignore[arg-type]
+
+    def put(self, key: str, result: RunResult, curves: bool) -> None:
+        entry: dict[str, object] = {
+            "val_accuracy": result.val_accuracy,
+            "test_accuracy": result.test_accuracy,
+            "train_loss": result.train_loss,
+            "seconds": round(result.seconds, 2),
+        }
+        if curves:
+            entry["weight_norm"] = {k: [float(f"{v:.4g}") for v in vs] for k, vs in result.weight_norm.items()}
+            entry["logit_norm"] = [float(f"{v:.4g}") for v in result.logit_norm]
+        self.runs[key] = entry
+        self._own[key] = entry
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(".tmp")
+            partial.write_text(json.dumps(self._own))
+            partial.replace(self.path)  # atomic: a killed study never leaves a half-written cache
+
+
 @dataclass
 class Cell:
     """One (model, batch size, arm): the chosen hyperparameters, the tuning scores and the seeds' runs."""
@@ -305,10 +369,143 @@ class Cell:
     runs: list[RunResult]
 
 
+def tuning_arm(arm: Arm, tune_free_fraction: float) -> Arm:
+    """The arm whose grid search sets ``arm``'s hyperparameters (LAWN arms share one per optimizer and scope)."""
+    if arm.scope is None:
+        return arm
+    return Arm(arm.name, arm.family, arm.decay, arm.scope, tune_free_fraction)
+
+
+def run_study(
+    columns: list[tuple[str, int]],
+    arms: list[Arm],
+    *,
+    data: Data,
+    dataset: str,
+    epochs: int,
+    seeds: int,
+    grid_points: int,
+    tune_free_fraction: float,
+    cache: RunCache,
+    report_only: bool,
+) -> dict[tuple[str, int, Arm], Cell]:
+    """Tune every arm of each column on the validation split, then train ``seeds`` seeds seed-major.
+
+    With ``report_only`` nothing is trained: cells whose tuning is complete get the cached seeds
+    they have; the others are left out.
+    """
+
+    def run(model: str, batch: int, arm: Arm, lr: float, wd: float, seed: int, curves: bool) -> RunResult | None:
+        key = RunCache.key(dataset, model, batch, epochs, arm, lr, wd, seed)
+        cached = cache.get(key)
+        if cached is not None or report_only:
+            return cached
+        cache.put(key, run_one(model, arm, lr, wd, batch, epochs, data, seed), curves)
+        return cache.get(key)  # as stored (curves rounded), so a report from the cache alone is the same
+
+    # Every column is tuned before any seed runs, and seeds run seed-major across columns: a study
+    # stopped early has the same seeds, give or take one, in every arm of every column.
+    chosen: dict[tuple[str, int, Arm], tuple[float, float, list[tuple[float, float, float]]]] = {}
+    for (model, batch), arm in itertools.product(columns, arms):
+        tuner = tuning_arm(arm, tune_free_fraction)
+        if (model, batch, tuner) in chosen:
+            continue
+        grid = grid_for(tuner, grid_points)
+        tuning = []
+        for lr, wd in grid:
+            result = run(model, batch, tuner, lr, wd, seed=0, curves=False)
+            if result is not None:
+                tuning.append((lr, wd, result.val_accuracy))
+        if len(tuning) < len(grid):
+            continue  # report-only and this arm's tuning is unfinished
+        best_lr, best_wd, _ = max(tuning, key=lambda t: t[2])
+        chosen[(model, batch, tuner)] = (best_lr, best_wd, tuning)
+        print(f"{model} batch {batch:5d} {tuner.label:32s} tuned: lr {best_lr:g} wd {best_wd:g}", flush=True)
+    runs: dict[tuple[str, int, Arm], list[RunResult]] = {}
+    for seed, (model, batch), arm in itertools.product(range(1000, 1000 + seeds), columns, arms):
+        setting = chosen.get((model, batch, tuning_arm(arm, tune_free_fraction)))
+        if setting is None:
+            continue
+        result = run(model, batch, arm, setting[0], setting[1], seed, curves=True)
+        if result is not None:
+            runs.setdefault((model, batch, arm), []).append(result)
+            if not report_only:
+                print(
+                    f"{model} batch {batch:5d} {arm.label:32s} seed {seed}: test {result.test_accuracy:.2f}", flush=True
+                )
+    cells: dict[tuple[str, int, Arm], Cell] = {}
+    for (model, batch, arm), arm_runs in runs.items():
+        lr, wd, tuning = chosen[(model, batch, tuning_arm(arm, tune_free_fraction))]
+        cells[(model, batch, arm)] = Cell(lr, wd, tuning, arm_runs)
+    return cells
+
+
+def lr_edge_check(
+    columns: list[tuple[str, int]],
+    arms: list[Arm],
+    *,
+    data: Data,
+    dataset: str,
+    epochs: int,
+    grid_points: int,
+    tune_free_fraction: float,
+    cache: RunCache,
+    report_only: bool,
+) -> list[str]:
+    """Would the learning rate after the grid's top (:data:`LR_ABOVE`, at every weight decay) have won on validation?
+
+    Seed 0 and the validation split only, as in the tuning; nothing reported changes. A run whose
+    free phase diverges (LAWN refuses non-finite norms) counts as 0 %. Returns Markdown lines.
+    """
+    lines = [
+        "",
+        "Tuning check: the learning rate after the grid's top (Adam 0.1, SGD 3), seed 0, validation accuracy (%):",
+        "",
+        "| column | arm | grid's best (lr / wd: val) | above the grid (lr / best wd: val) | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    tuners = list(dict.fromkeys(tuning_arm(arm, tune_free_fraction) for arm in arms))
+    for (model, batch), tuner in itertools.product(columns, tuners):
+        grid = grid_for(tuner, grid_points)
+        scores = [cache.get(RunCache.key(dataset, model, batch, epochs, tuner, lr, wd, 0)) for lr, wd in grid]
+        if any(score is None for score in scores):
+            continue  # this arm's tuning is unfinished
+        best_lr, best_wd, best = max(
+            ((lr, wd, r.val_accuracy) for (lr, wd), r in zip(grid, scores, strict=True) if r is not None),
+            key=lambda t: t[2],
+        )
+        above = LR_ABOVE[tuner.family]
+        tried = []
+        for wd in sorted({wd for _, wd in grid}):
+            key = RunCache.key(dataset, model, batch, epochs, tuner, above, wd, 0)
+            if cache.get(key) is None and not report_only:
+                try:
+                    cache.put(key, run_one(model, tuner, above, wd, batch, epochs, data, seed=0), curves=False)
+                except FloatingPointError:  # LAWN refuses the non-finite norms of a diverged free phase
+                    cache.put(key, RunResult(0.0, 0.0, float("nan")), curves=False)
+            result = cache.get(key)
+            if result is not None:
+                tried.append((wd, result.val_accuracy))
+        if not tried:
+            continue
+        wd, val = max(tried, key=lambda t: t[1])
+        verdict = "higher lr wins" if val > best else "grid holds"
+        lines.append(
+            f"| {model}, batch {batch} | {tuner.label} | {best_lr:g} / {best_wd:g}: {best:.2f} | "
+            f"{above:g} / {wd:g}: {val:.2f} | {verdict} |"
+        )
+    return lines
+
+
 def _mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def base_arm(arm: Arm, arms: list[Arm]) -> Arm | None:
+    """The plain optimizer a LAWN arm is compared with: Adam for Adam-LAWN, SGD (tuned decay) for SGD-LAWN."""
+    return next((a for a in arms if a.scope is None and a.name == {"adam": "Adam", "sgd": "SGD"}[arm.family]), None)
 
 
 def write_report(
@@ -319,33 +516,63 @@ def write_report(
     settings: list[str],
     path: Path,
 ) -> str:
+    """Markdown tables, one column per (model, batch size); a missing cell is "-", a short one says its ``n``."""
     head = "| arm | " + " | ".join(f"{m}, batch {b}" for m, b in columns) + " |"
     rule = "|---|" + "---|" * len(columns)
+    most = {
+        (m, b): max((len(c.runs) for (cm, cb, _), c in cells.items() if (cm, cb) == (m, b)), default=0)
+        for m, b in columns
+    }
+
+    def row(arm: Arm, show: object) -> str:
+        values = []
+        for m, b in columns:
+            cell = cells.get((m, b, arm))
+            if cell is None:
+                values.append("-")
+                continue
+            text = show(cell)  # type: ignore[operator]
+            values.append(text if len(cell.runs) == most[(m, b)] else f"{text} (n={len(cell.runs)})")
+        return f"| {arm.label} | " + " | ".join(values) + " |"
+
     lines = [header, "", "Test accuracy (%), mean ± std over seeds:", "", head, rule]
+    lines += [row(arm, lambda c: _mean_std([r.test_accuracy for r in c.runs])) for arm in arms]
+    lines += [
+        "",
+        "Validation accuracy (%) of the same runs, mean ± std (the split any choice between arms, such as a "
+        "default scope or free phase, is made on):",
+        "",
+        head,
+        rule,
+    ]
+    lines += [row(arm, lambda c: _mean_std([r.val_accuracy for r in c.runs])) for arm in arms]
+    lines += [
+        "",
+        "LAWN minus its base optimizer, paired by seed (same data order and initialization), mean ± std of the "
+        "differences in test accuracy (points):",
+        "",
+        head,
+        rule,
+    ]
     for arm in arms:
-        cells_row = [_mean_std([r.test_accuracy for r in cells[(m, b, arm)].runs]) for m, b in columns]
-        lines.append(f"| {arm.label} | " + " | ".join(cells_row) + " |")
-    lines += ["", "LAWN minus its base optimizer (difference of the mean test accuracies, points):", "", head, rule]
-    for arm in arms:
-        if arm.scope is None:
-            continue
-        base = next((a for a in arms if a.name == arm.family.replace("adam", "Adam").replace("sgd", "SGD")), None)
+        base = base_arm(arm, arms) if arm.scope is not None else None
         if base is None:
             continue
         diffs = []
         for m, b in columns:
-            lawn = statistics.mean(r.test_accuracy for r in cells[(m, b, arm)].runs)
-            plain = statistics.mean(r.test_accuracy for r in cells[(m, b, base)].runs)
-            diffs.append(f"{lawn - plain:+.2f}")
+            lawn, plain = cells.get((m, b, arm)), cells.get((m, b, base))
+            if lawn is None or plain is None:
+                diffs.append("-")
+                continue
+            # both lists run from seed 1000 up (seed-major order): their common prefix pairs the seeds
+            pairs = [x.test_accuracy - y.test_accuracy for x, y in zip(lawn.runs, plain.runs, strict=False)]
+            text = f"{statistics.mean(pairs):+.2f}" + (f" ± {statistics.stdev(pairs):.2f}" if len(pairs) > 1 else "")
+            diffs.append(text)
         lines.append(f"| {arm.label} minus {base.label} | " + " | ".join(diffs) + " |")
     lines += ["", "Final training loss (cross-entropy on the training split, eval mode), mean ± std:", "", head, rule]
-    for arm in arms:
-        cells_row = [_mean_std([r.train_loss for r in cells[(m, b, arm)].runs], 4) for m, b in columns]
-        lines.append(f"| {arm.label} | " + " | ".join(cells_row) + " |")
+    lines += [row(arm, lambda c: _mean_std([r.train_loss for r in c.runs], 4)) for arm in arms]
     lines += ["", "Mean logit norm on the probe at the end (mean over seeds):", "", head, rule]
-    for arm in arms:
-        cells_row = [f"{statistics.mean(r.logit_norm[-1] for r in cells[(m, b, arm)].runs):.1f}" for m, b in columns]
-        lines.append(f"| {arm.label} | " + " | ".join(cells_row) + " |")
+    lines += [row(arm, lambda c: f"{statistics.mean(r.logit_norm[-1] for r in c.runs):.1f}") for arm in arms]
     lines += [
         "",
         "Chosen on the validation split, seed 0 (lr / weight decay; best validation accuracy):",
@@ -353,13 +580,7 @@ def write_report(
         head,
         rule,
     ]
-    for arm in arms:
-        cells_row = []
-        for m, b in columns:
-            cell = cells[(m, b, arm)]
-            best = max(score for _, _, score in cell.tuning)
-            cells_row.append(f"{cell.lr:g} / {cell.wd:g} ({best:.1f})")
-        lines.append(f"| {arm.label} | " + " | ".join(cells_row) + " |")
+    lines += [row(arm, lambda c: f"{c.lr:g} / {c.wd:g} ({max(t[2] for t in c.tuning):.1f})") for arm in arms]
     total = sum(r.seconds for cell in cells.values() for r in cell.runs)
     lines += [
         "",
@@ -383,7 +604,10 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = {m: list(cells[(m, b, arms[0])].runs[0].weight_norm) for m, b in columns}
+    columns = [(m, b) for m, b in columns if any((m, b, arm) in cells for arm in arms)]
+    layers = {
+        m: list(next(cells[(m, b, a)] for a in arms if (m, b, a) in cells).runs[0].weight_norm) for m, b in columns
+    }
     width = 1 + max(len(v) for v in layers.values())
     fig, axes = plt.subplots(len(columns), width, figsize=(3.6 * width, 3.0 * len(columns)), squeeze=False)
     for row, (m, b) in enumerate(columns):
@@ -391,6 +615,8 @@ def plot(
         for column, (title, layer) in enumerate(panels):
             ax = axes[row][column]
             for index, arm in enumerate(arms):
+                if (m, b, arm) not in cells:
+                    continue
                 runs = cells[(m, b, arm)].runs
                 curves = torch.tensor([r.logit_norm if layer is None else r.weight_norm[layer] for r in runs])
                 style = "-" if arm.scope is None else ("--" if arm.scope == "final" else ":")
@@ -404,7 +630,12 @@ def plot(
         for column in range(len(panels), width):
             axes[row][column].axis("off")
     axes[0][0].legend(fontsize=5)
-    fig.suptitle("LAWN study: mean over seeds (solid: baselines, dashed: scope final, dotted: scope all)", fontsize=9)
+    free = sorted({100 * a.free_fraction for a in arms if a.scope is not None})
+    fig.suptitle(
+        f"LAWN study: mean over seeds (solid: baselines, dashed: scope final, dotted: scope all; LAWN free phase "
+        f"{', '.join(f'{f:g}%' for f in free)})",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -416,6 +647,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds-long check: digits, 2 epochs, 1 seed")
     parser.add_argument("--models", nargs="+", default=["cnn", "mlp"], choices=sorted(MODELS))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 2000])
+    parser.add_argument(
+        "--columns", nargs="+", default=None, help="model:batch pairs (e.g. cnn:128 mlp:2000) instead of the product"
+    )
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument(
@@ -423,15 +657,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--free-fractions", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.25])
     parser.add_argument("--grid-points", type=int, default=4, help="points kept of each lr / wd grid (1-4)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "lawn_accuracy.md")
-    parser.add_argument("--plot", type=Path, default=RESULTS / "lawn_norms.png")
+    parser.add_argument(
+        "--tune-free-fraction", type=float, default=0.1, help="free phase at which each LAWN pair's lr is tuned"
+    )
+    parser.add_argument(
+        "--plot-free-fraction", type=float, default=0.1, help="free phase of the LAWN arms drawn in the plot"
+    )
+    parser.add_argument("--cache", nargs="+", type=Path, default=[], help="JSON run caches: the first is written")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: report the cached runs")
+    parser.add_argument(
+        "--lr-edge", action="store_true", help="also check one learning rate above each grid (seed 0, validation)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "lawn_study.md")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "lawn_study.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead and noise
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    tune_free, plot_free = args.tune_free_fraction, args.plot_free_fraction
     if args.smoke:
         data, dataset = with_validation(*load_digits_flat()), "digits (smoke)"
         models, batch_sizes, epochs, seeds, grid_points = ["mlp"], [64, 512], 2, 1, 1
-        free_fractions = [0.5]
+        free_fractions, tune_free, plot_free = [0.5], 0.5, 0.5
         out = Path(tempfile.gettempdir()) / "lawn_accuracy_smoke.md"  # the smoke run's files are not results
         plot_path = Path(tempfile.gettempdir()) / "lawn_norms_smoke.png"
     else:
@@ -440,35 +686,65 @@ def main(argv: list[str] | None = None) -> None:
         grid_points, free_fractions, out, plot_path = args.grid_points, args.free_fractions, args.out, args.plot
     arms = make_arms(args.arms, free_fractions)
     columns = list(itertools.product(models, batch_sizes))
-    cells: dict[tuple[str, int, Arm], Cell] = {}
+    if args.columns and not args.smoke:
+        columns = [(m, int(b)) for m, b in (c.split(":") for c in args.columns)]
+        models, batch_sizes = sorted({m for m, _ in columns}), sorted({b for _, b in columns})
+    cache = RunCache(args.cache)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for (model, batch), arm in itertools.product(columns, arms):
-            tuning = []
-            for lr, wd in grid_for(arm, grid_points):
-                result = run_one(model, arm, lr, wd, batch, epochs, data, seed=0)
-                tuning.append((lr, wd, result.val_accuracy))
-            lr, wd, _ = max(tuning, key=lambda t: t[2])
-            runs = [run_one(model, arm, lr, wd, batch, epochs, data, seed=1000 + s) for s in range(seeds)]
-            cells[(model, batch, arm)] = Cell(lr, wd, tuning, runs)
-            accs = _mean_std([r.test_accuracy for r in runs])
-            print(f"{model} batch {batch:5d} {arm.label:32s} lr {lr:g} wd {wd:g}: test {accs}", flush=True)
+        cells = run_study(
+            columns,
+            arms,
+            data=data,
+            dataset=dataset,
+            epochs=epochs,
+            seeds=seeds,
+            grid_points=grid_points,
+            tune_free_fraction=tune_free,
+            cache=cache,
+            report_only=args.report_only,
+        )
+    if not cells:
+        raise SystemExit("no finished cell to report: run the study first (without --report-only), or pass its --cache")
+    columns = [(m, b) for m, b in columns if any((m, b, arm) in cells for arm in arms)]
+    fewest, most = min(len(c.runs) for c in cells.values()), max(len(c.runs) for c in cells.values())
+    seeds_text = f"{seeds} seed(s)" if fewest == most == seeds else f"{fewest}-{most} of {seeds} seeds"
     _, y, x_val, _, x_test, _ = data
     header = (
         f"# LAWN study: {dataset} ({len(y)} train / {len(x_val)} validation / {len(x_test)} test), "
-        f"{seeds} seed(s), {epochs} epochs"
+        f"{seeds_text}, {epochs} epochs"
     )
     settings = [
-        f"models {models}, batch sizes {batch_sizes}, {epochs} epochs, {seeds} seed(s) (1000...), free phases "
+        f"models {models}, batch sizes {batch_sizes}, {epochs} epochs, {seeds_text} (1000...), free phases "
         f"{[f'{100 * f:g}%' for f in free_fractions]}, {grid_points} point(s) per lr / wd grid",
         f"lr grids {dict((k, thin(v, grid_points)) for k, v in LR_GRID.items())}; weight decay grids: Adam+L2 "
         f"{thin(WD_GRID['l2'], grid_points)}, AdamW {thin(WD_GRID['decoupled'], grid_points)}, SGD "
-        f"{thin(SGD_WD_GRID, grid_points)}; LAWN arms: no weight decay",
+        f"{thin(SGD_WD_GRID, grid_points)}; LAWN arms: no weight decay, lr tuned per (optimizer, scope) at "
+        f"free phase {100 * tune_free:g}% and shared by every free phase",
         "schedule: linear warm-up over 5 % of the steps, cosine to 0; SGD momentum 0.9; selection by final "
         "validation accuracy of seed 0",
     ]
+    if args.lr_edge:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            edge = lr_edge_check(
+                columns,
+                arms,
+                data=data,
+                dataset=dataset,
+                epochs=epochs,
+                grid_points=grid_points,
+                tune_free_fraction=tune_free,
+                cache=cache,
+                report_only=args.report_only,
+            )
+        settings.append("tuning check (--lr-edge): below the tables")
     text = write_report(cells, columns, arms, header, settings, out)
-    plot(cells, columns, arms, epochs, plot_path)
+    if args.lr_edge:
+        text += "\n".join(edge) + "\n"
+        out.write_text(text)
+    plotted = [arm for arm in arms if arm.scope is None or math.isclose(arm.free_fraction, plot_free)]
+    plot(cells, columns, plotted, epochs, plot_path)
     print(text)
     print(f"wrote {out} and {plot_path}")
 

@@ -538,11 +538,52 @@ def test_skipped_amp_step_does_not_rescale() -> None:
     assert frobenius_norm(w).item() == pytest.approx(1.0)
 
 
-def test_default_layers_on_a_normalized_cnn() -> None:
+def test_default_scope_is_every_weight() -> None:
+    # The study's choice (README, LAWN): on a BatchNorm CNN the conv that feeds the norm is constrained too.
+    assert LAWN().scope == "all"
+    module = _cnn_module()
+    lawn = LAWN(free_steps=1)
+    _fit(module, [lawn], datamodule=_images(), max_epochs=1)
+    assert lawn.param_names == ["model.features.0.weight", "model.fc.weight"]
+    for name, param in module.named_parameters():
+        if name in lawn.param_names:
+            assert frobenius_norm(param).item() == pytest.approx(lawn.norms[name], rel=1e-6)
+
+
+class TokenNet(nn.Module):
+    """A position embedding, a class token and a zero attention-bias table beside two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.randn(1, 4, 8) * 0.02)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8) * 1e-6)
+        self.attention_biases = nn.Parameter(torch.zeros(2, 4))  # LeViT starts these at zero
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), x.view(len(x), 3, 8)], 1) + self.pos_embed
+        return self.head(torch.relu(self.body(tokens)).mean(1)) + self.attention_biases[:, :3].sum(0)  # per class
+
+
+def test_all_scope_constrains_weights_not_embeddings_tokens_or_bias_tables() -> None:
+    torch.manual_seed(0)
+    module = Classifier(TokenNet(), num_classes=3, optimizer=_adam)
+    data = TensorDataModule(torch.randn(16, 24), torch.arange(16) % 3, batch_size=4)
+    lawn = LAWN(free_steps=1)  # the zero bias table would have no norm to hold
+    _fit(module, [lawn], datamodule=data, max_epochs=1)
+    assert lawn.param_names == ["model.body.weight", "model.head.weight"]
+    params = dict(module.named_parameters())
+    for name in lawn.param_names:
+        assert frobenius_norm(params[name]).item() == pytest.approx(lawn.norms[name], rel=1e-6)
+    assert params["model.attention_biases"].abs().sum() > 0  # free, and it moved
+
+
+def test_final_scope_layers_on_a_normalized_cnn() -> None:
     torch.manual_seed(0)
     module = Classifier(TinyNet(num_classes=4), optimizer=_adam)
     x, y = torch.randn(32, 1, 8, 8), torch.arange(32) % 4
-    lawn = LAWN(free_steps=1)
+    lawn = LAWN(free_steps=1, scope="final")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = fast_trainer(max_epochs=2, limit_val_batches=0, callbacks=[lawn])
@@ -589,8 +630,9 @@ def test_scope_picks_the_weights_and_holds_every_norm(scope: Any, layers: list[s
 
 
 def test_warns_on_non_homogeneous_activation() -> None:
+    # The check belongs to the "final" search (the homogeneous sub-network after the last norm layer).
     with pytest.warns(UserWarning, match=r"non-homogeneous activation\(s\) Tanh .*model.body.1"):
-        _fit(_mlp_module(), [LAWN(free_steps=1)], max_epochs=1, quiet=False)
+        _fit(_mlp_module(), [LAWN(free_steps=1, scope="final")], max_epochs=1, quiet=False)
 
 
 def test_weight_decay_warns_or_errors() -> None:
@@ -629,7 +671,7 @@ def _adamw(params: Any) -> torch.optim.Optimizer:
 
 @pytest.mark.parametrize(
     "options",
-    [{"scope": "all"}, {"layers": ["model.fc"]}, {}],  # {}: the default search, weight decay on the head
+    [{"scope": "all"}, {"layers": ["model.fc"]}, {"scope": "final"}],  # final: weight decay on the head
     ids=["all", "layers", "final-head"],
 )
 def test_weight_decay_is_caught_when_the_fit_starts(options: dict[str, Any]) -> None:
@@ -641,7 +683,7 @@ def test_weight_decay_is_caught_when_the_fit_starts(options: dict[str, Any]) -> 
 
 
 def test_weight_decay_off_the_head_is_caught_before_the_first_backward() -> None:
-    # No normalization: the default search constrains the body too, known once the first forward ran.
+    # No normalization: the "final" search constrains the body too, known once the first forward ran.
     module = _mlp_module()
     module.configure_optimizers = lambda: torch.optim.AdamW(  # type: ignore[method-assign]
         [
@@ -651,7 +693,8 @@ def test_weight_decay_off_the_head_is_caught_before_the_first_backward() -> None
     )
     before = [p.detach().clone() for p in module.parameters()]
     with pytest.raises(ValueError, match=r"group 0 \(weight_decay=0.1\).*model.body.0.weight"):
-        trainer = fast_trainer(max_epochs=1, limit_val_batches=0, callbacks=[LAWN(on_weight_decay="error")])
+        lawn = LAWN(scope="final", on_weight_decay="error")
+        trainer = fast_trainer(max_epochs=1, limit_val_batches=0, callbacks=[lawn])
         trainer.fit(module, datamodule=_blobs())
     assert trainer.global_step == 0
     assert all(p.grad is None for p in module.parameters())  # no backward ran
@@ -894,9 +937,11 @@ def test_digits_recipe_trains_into_the_constrained_phase(tmp_path: Path) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert lawn.phase == "constrained" and lawn.param_names == ["model.fc.weight"]
-    head = cli.model.model.fc.weight  # type: ignore[union-attr]
-    assert frobenius_norm(head).item() == pytest.approx(lawn.norms["model.fc.weight"], rel=1e-6)
+    assert lawn.phase == "constrained" and lawn.scope == "all"
+    assert "model.fc.weight" in lawn.param_names and "model.conv1.0.weight" in lawn.param_names
+    params = dict(cli.model.named_parameters())
+    for name in lawn.param_names:  # float32 norms of conv weights with millions of entries: rel 1e-5
+        assert frobenius_norm(params[name]).item() == pytest.approx(lawn.norms[name], rel=1e-5)
     metrics = (tmp_path / "digits_adam_lawn" / "version_0" / "metrics.csv").read_text()
     assert "lawn/logit_norm" in metrics and "lawn/weight_norm/model.fc.weight" in metrics
 
