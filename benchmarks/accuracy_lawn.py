@@ -515,6 +515,7 @@ def write_report(
     header: str,
     settings: list[str],
     path: Path,
+    appendix: list[str] | None = None,
 ) -> str:
     """Markdown tables, one column per (model, batch size); a missing cell is "-", a short one says its ``n``."""
     head = "| arm | " + " | ".join(f"{m}, batch {b}" for m, b in columns) + " |"
@@ -588,6 +589,7 @@ def write_report(
         "",
         *[f"- {s}" for s in settings],
         f"- training time of the reported runs: {total:.0f} s",
+        *(appendix or []),
     ]
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -690,20 +692,19 @@ def main(argv: list[str] | None = None) -> None:
         columns = [(m, int(b)) for m, b in (c.split(":") for c in args.columns)]
         models, batch_sizes = sorted({m for m, _ in columns}), sorted({b for _, b in columns})
     cache = RunCache(args.cache)
+    # what the study and its tuning check both need to find (or train) a run
+    shared = dict(
+        data=data,
+        dataset=dataset,
+        epochs=epochs,
+        grid_points=grid_points,
+        tune_free_fraction=tune_free,
+        cache=cache,
+        report_only=args.report_only,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cells = run_study(
-            columns,
-            arms,
-            data=data,
-            dataset=dataset,
-            epochs=epochs,
-            seeds=seeds,
-            grid_points=grid_points,
-            tune_free_fraction=tune_free,
-            cache=cache,
-            report_only=args.report_only,
-        )
+        cells = run_study(columns, arms, seeds=seeds, **shared)
     if not cells:
         raise SystemExit("no finished cell to report: run the study first (without --report-only), or pass its --cache")
     columns = [(m, b) for m, b in columns if any((m, b, arm) in cells for arm in arms)]
@@ -727,22 +728,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.lr_edge:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            edge = lr_edge_check(
-                columns,
-                arms,
-                data=data,
-                dataset=dataset,
-                epochs=epochs,
-                grid_points=grid_points,
-                tune_free_fraction=tune_free,
-                cache=cache,
-                report_only=args.report_only,
-            )
+            edge = lr_edge_check(columns, arms, **shared)
         settings.append("tuning check (--lr-edge): below the tables")
-    text = write_report(cells, columns, arms, header, settings, out)
-    if args.lr_edge:
-        text += "\n".join(edge) + "\n"
-        out.write_text(text)
+    text = write_report(cells, columns, arms, header, settings, out, edge if args.lr_edge else [])
     plotted = [arm for arm in arms if arm.scope is None or math.isclose(arm.free_fraction, plot_free)]
     plot(cells, columns, plotted, epochs, plot_path)
     print(text)
