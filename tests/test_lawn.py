@@ -719,17 +719,21 @@ def test_constructor_and_layer_errors() -> None:
         _fit(_mlp_module(), [LAWN(layers=["model.nope"])], max_epochs=1)
 
 
-def test_refuses_sharded_strategies() -> None:
+def test_refuses_strategies_that_flatten_weights_and_accepts_model_parallel() -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
     module = _mlp_module()
-    with pytest.raises(RuntimeError, match="sharded strategy FSDPStrategy"):
+    with pytest.raises(RuntimeError, match=r"does not support FSDPStrategy.*ModelParallelStrategy"):
         LAWN().setup(SimpleNamespace(strategy=FSDPStrategy()), module, "fit")  # type: ignore[arg-type]
 
     class DeepSpeedStrategy(SingleDeviceStrategy):  # stands in for the real one (deepspeed not installed)
         pass
 
-    with pytest.raises(RuntimeError, match="sharded strategy DeepSpeedStrategy"):
+    with pytest.raises(RuntimeError, match="does not support DeepSpeedStrategy"):
         LAWN().setup(SimpleNamespace(strategy=DeepSpeedStrategy("cpu")), module, "fit")  # type: ignore[arg-type]
     LAWN().setup(SimpleNamespace(strategy=SingleDeviceStrategy("cpu")), module, "fit")  # type: ignore[arg-type]
+    # FSDP2 keeps one DTensor per weight: supported (the 2-process run is in tests/test_sharded.py)
+    LAWN().setup(SimpleNamespace(strategy=ModelParallelStrategy()), module, "fit")  # type: ignore[arg-type]
 
 
 class KeepsLogits(Classifier):

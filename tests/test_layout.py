@@ -18,6 +18,7 @@ FLOORS: dict[str, int] = {
     "teacher_cache": 2,
     "metrics": 2,
     "loss_terms": 3,
+    "parallel": 3,
     "callbacks": 4,
     "modules": 4,
     "data": 4,

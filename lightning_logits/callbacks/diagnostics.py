@@ -95,6 +95,12 @@ class DiagnosticsReport:
     shift: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def _whole(tensor: Tensor) -> Tensor:
+    """The whole tensor of a parameter sharded with FSDP2 (a DTensor: gathered from every rank), else itself."""
+    full = getattr(tensor, "full_tensor", None)
+    return (full() if callable(full) else tensor).detach()
+
+
 class LogitDiagnostics(Callback):
     """Diagnose a classifier from its logits at validation and/or test end.
 
@@ -330,8 +336,8 @@ class LogitDiagnostics(Callback):
         bias = getattr(self._tap.head, "bias", None)
         if not isinstance(weight, Tensor) or weight.ndim != 2:
             return None, None
-        w = weight.detach().double().cpu()
-        b = bias.detach().double().cpu() if isinstance(bias, Tensor) else None
+        w = _whole(weight).double().cpu()
+        b = _whole(bias).double().cpu() if isinstance(bias, Tensor) else None
         return w, b
 
     def _fit_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule, eval_out: _Outputs) -> _Outputs:
@@ -384,8 +390,9 @@ class LogitDiagnostics(Callback):
         self.last_report = report
         for key, value in report.metrics.items():
             pl_module.log(f"{self.name}/{stage}/{key}", value, sync_dist=False)
-        if self.plots and trainer.is_global_zero:
-            log_dir = trainer.log_dir or trainer.default_root_dir
+        # Trainer.log_dir broadcasts from rank 0 under a distributed strategy: every rank must ask.
+        log_dir = (trainer.log_dir or trainer.default_root_dir) if self.plots else None
+        if log_dir is not None and trainer.is_global_zero:
             plot_diagnostics(report, Path(log_dir) / self.name, prefix=f"{stage}_epoch{trainer.current_epoch}")
 
     def compute(

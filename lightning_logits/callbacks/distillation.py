@@ -10,7 +10,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -36,6 +36,8 @@ from lightning_logits.loss_terms import (
 )
 from lightning_logits.networks.factory import load_teacher, teacher_fingerprint
 from lightning_logits.networks.heads import AUX_ATTRIBUTE, aux_modules, count_classes, find_classifier, first_tensor
+from lightning_logits.networks.sharding import shard_model
+from lightning_logits.parallel import sharding_mesh
 from lightning_logits.teacher_cache import TeacherLogitCache, dataset_labels, label_fingerprint
 
 __all__ = ["ResizeInput", "TeacherDistillation"]
@@ -166,6 +168,11 @@ class TeacherDistillation(LossTermCallback):
         precision: teacher weights and inputs in ``"bf16"`` or ``"16"``; ``None`` keeps float32.
             (Under ``precision="bf16-mixed"`` the teacher also runs under autocast.)
         channels_last: convert the teacher and its inputs to channels_last memory format.
+        teacher_sharding: under Lightning's ``ModelParallelStrategy``: ``"replicated"`` (default: every
+            rank holds the whole frozen teacher) or ``"full"`` (the teacher is sharded with FSDP2 over the
+            student's mesh, block by block, and all-gathered one block at a time for its forward: about
+            1/N of its memory per rank; it has no gradients and no optimizer state). A teacher given as an
+            ``nn.Module`` is sharded in place. Under every other strategy the teacher is replicated.
         input_transform: a callable applied to the student's input before the teacher (e.g.
             :class:`ResizeInput` for a ViT/CNN pair with different input sizes).
         name: the loss term's name (default: the value of ``loss``, or ``"distill"`` for a callable).
@@ -201,6 +208,7 @@ class TeacherDistillation(LossTermCallback):
         channels_last: bool = False,
         input_transform: Callable[[Tensor], Tensor] | None = None,
         name: str | None = None,
+        teacher_sharding: Literal["replicated", "full"] = "replicated",
     ) -> None:
         loss_name: str
         if isinstance(loss, str):
@@ -230,6 +238,13 @@ class TeacherDistillation(LossTermCallback):
                 f"chunk_size must be None or a positive number of positions (and None for DIST), got {chunk_size} "
                 f"with loss={loss_name!r}"
             )
+        if teacher_sharding not in ("replicated", "full"):
+            raise ValueError(
+                f"teacher_sharding must be 'replicated' (whole teacher on every rank) or 'full' (FSDP2 shards under "
+                f"ModelParallelStrategy), got {teacher_sharding!r}"
+            )
+        if teacher_sharding == "full" and cache is not None:
+            raise ValueError("teacher_sharding='full' shards a teacher, but cache= runs none: drop one of the two")
         if not isinstance(channels_last, bool):
             raise ValueError(f"TeacherDistillation: channels_last must be True or False, got {channels_last!r}")
         if input_transform is not None and not callable(input_transform):
@@ -259,6 +274,7 @@ class TeacherDistillation(LossTermCallback):
         self.precision = None if precision is None else str(precision)
         self.channels_last = channels_last
         self.input_transform = input_transform
+        self.teacher_sharding = teacher_sharding
         self.teacher: nn.Module | None = None
         self.cache: TeacherLogitCache | None = None
         # Absolute paths of the given files, recorded beside them: a resume from another directory finds them.
@@ -368,9 +384,15 @@ class TeacherDistillation(LossTermCallback):
                 f"the teacher has {teacher_classes} classes but the student has {student_classes}: pass a "
                 "teacher trained on the same labels"
             )
+        self.fingerprint = teacher_fingerprint(teacher)  # of the whole weights, before any sharding
+        if self.teacher_sharding == "full":
+            mesh = sharding_mesh(pl_module)
+            if mesh is not None:
+                # Frozen: no gradients, so no reduce-scatter and no optimizer state; each unit's gathered
+                # weights are freed right after its forward.
+                shard_model(teacher, mesh, requires_grad=False, reshard_after_forward=True, shard_root=True)
         self.teacher = teacher
         self._dtype = dtype
-        self.fingerprint = teacher_fingerprint(teacher)
         self._check_same_teacher()
 
     def _check_same_teacher(self) -> None:

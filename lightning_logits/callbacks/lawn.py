@@ -61,9 +61,11 @@ FREE = "free"
 CONSTRAINED = "constrained"
 STATE_VERSION = 2
 
-# Strategies that shard parameters: a rank holds only a slice of a weight, so its local norm is not
-# the layer's norm. Matched by class name so that DeepSpeed need not be installed to check.
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+# Strategies whose sharded parameters are not one tensor per weight: FSDP1 flattens a unit's weights into
+# one FlatParameter (sharded across ranks, weights cut at arbitrary offsets), DeepSpeed ZeRO-3 partitions
+# them into its own flat buffers. Matched by class name so that DeepSpeed need not be installed to check.
+# ModelParallelStrategy (FSDP2) keeps one DTensor per weight: functional.lawn reduces norms over its shards.
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 
 
 class LAWN(Callback):
@@ -177,6 +179,7 @@ class LAWN(Callback):
         self._loaded_scope: str | None = None
 
         # Per-fit runtime.
+        self._named_parameters: dict[str, nn.Parameter] = {}
         self._params: dict[str, nn.Parameter] = {}
         # optimizer id -> (its constrained weights, their target norms as one tensor on their device)
         self._per_optimizer: dict[int, tuple[list[nn.Parameter], Tensor]] = {}
@@ -200,12 +203,12 @@ class LAWN(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
-        sharded = names.intersection(_SHARDED_STRATEGIES)
-        if sharded:
+        if names.intersection(_UNSUPPORTED_STRATEGIES):
             raise RuntimeError(
-                f"LAWN does not support the sharded strategy {type(trainer.strategy).__name__}: each rank "
-                "holds a shard of a weight, so the layer's norm would need a reduction over shards that this "
-                "callback does not do. Use strategy='ddp' (or a single device), or run without LAWN."
+                f"LAWN does not support {type(trainer.strategy).__name__}: it flattens the weights of a unit into "
+                "buffers cut across ranks, so a layer's weight is no tensor whose norm can be held. Use "
+                "ModelParallelStrategy (FSDP2: one sharded DTensor per weight, supported), strategy='ddp', or one "
+                "device."
             )
         if self.layers is not None:
             match_layers(pl_module, self.layers)  # a pattern that matches nothing fails now, not at step 0
@@ -213,6 +216,7 @@ class LAWN(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The optimizers exist now (configure_optimizers ran): hooks, and every check that needs them.
+        self._named_parameters = dict(pl_module.named_parameters())
         for optimizer in trainer.optimizers:
             register = getattr(optimizer, "register_step_post_hook", None)
             if not callable(register):
@@ -254,6 +258,7 @@ class LAWN(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._named_parameters = {}
         self._params.clear()
         self._per_optimizer.clear()
 
@@ -348,7 +353,9 @@ class LAWN(Callback):
             )
 
     def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        parameters = dict(pl_module.named_parameters())
+        # The parameters as the optimizers hold them, recorded when the fit started: under FSDP2 a module
+        # registers its gathered (temporary) parameters during its forward, when the trace binds them.
+        parameters = self._named_parameters or dict(pl_module.named_parameters())
         missing = [n for n in self.param_names if n not in parameters]
         if missing:
             raise RuntimeError(

@@ -76,6 +76,16 @@ _CUSTOM_MODULE_HELP = (
 )
 
 
+def _check_gathered(weight: Tensor) -> None:
+    if hasattr(weight, "to_local"):
+        raise RuntimeError(
+            "UER reads the classifier head's whole weight after the forward, but FSDP2 has resharded it (the head "
+            "sits in an FSDP unit created with reshard_after_forward=True). Keep the head in the root unit with "
+            "FSDP's default (lightning_logits.networks.shard_model does: blocks reshard, the root keeps its weights "
+            "until the backward), or use strategy='ddp'"
+        )
+
+
 @contextlib.contextmanager
 def _record_head(head: nn.Module) -> Iterator[list[tuple[Tensor, Tensor]]]:
     """Record ``(features, logits)`` of every call of ``head`` inside the block.
@@ -491,6 +501,7 @@ class UER(ReplayCallback):
                 f"the head's input has shape {tuple(current.shape)}; UER needs [N, D]. {_CUSTOM_MODULE_HELP}"
             )
         weight = self.head.weight
+        _check_gathered(weight)
         validate = self.validate_args
         # Checked on the first step only: reading the features on the host costs a device sync.
         if validate and bool((current.detach().abs().amax(dim=1) == 0).any()):

@@ -15,6 +15,14 @@ phase is over. Each optimizer step it
 Inner products and norms are over all entries of the tensor (Frobenius), one number per tensor,
 computed in at least float32 so that half-precision weights do not lose the constraint.
 
+**Sharded weights.** A weight sharded with FSDP2 (a ``DTensor``, e.g. under Lightning's
+``ModelParallelStrategy``) holds only a slice per rank. The functions that work on several tensors
+(:func:`frobenius_norms`, :func:`project_to_tangent_`, :func:`rescale_to_norm_`) then sum the
+squares and inner products of the local shards and reduce those sums over the mesh dimensions the
+weight is sharded on (a ``Partial`` DTensor made whole: one all-reduce per call, on the device,
+with no host synchronization), so every rank uses the norm of the whole tensor and updates its own
+shard in place.
+
 The callback :class:`lightning_logits.callbacks.lawn.LAWN` applies these to a LightningModule.
 """
 
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,6 +60,11 @@ def _check_pair(grad: Tensor, weight: Tensor) -> None:
         )
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if _is_dtensor(weight) and _reduction(grad) != _reduction(weight):
+        raise ValueError(
+            "grad and weight are sharded differently (or only one is a DTensor): pass the gradient of this very "
+            "weight (param.grad for an FSDP2 param)"
+        )
 
 
 def _check_norm(norm: float | Tensor) -> None:
@@ -107,12 +121,44 @@ def project_to_tangent(grad: Tensor, weight: Tensor, eps: float = 0.0) -> Tensor
     return (g - coefficient * w).to(grad.dtype)
 
 
-def _groups(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
-    # foreach kernels and stacked per-tensor numbers need one device: group the indices by device.
-    groups: dict[torch.device, list[int]] = {}
+def _is_dtensor(tensor: Tensor) -> bool:
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local")
+
+
+def _reduction(tensor: Tensor) -> Any:
+    """What a per-tensor sum over ``tensor``'s entries must be reduced over: ``None`` for a plain tensor,
+    else the DTensor's mesh and, per mesh dimension, whether the tensor is sharded along it."""
+    if not _is_dtensor(tensor):
+        return None
+    placements = tuple(p.is_shard() for p in tensor.placements)  # type: ignore[attr-defined]
+    if any(p.is_partial() for p in tensor.placements):  # type: ignore[attr-defined]
+        raise ValueError("a weight with a Partial placement (pending reduction) has no norm yet: redistribute it first")
+    return (tensor.device_mesh, placements)  # type: ignore[attr-defined]
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def _groups(tensors: Sequence[Tensor]) -> dict[Any, list[int]]:
+    # foreach kernels and stacked per-tensor numbers need one device, and sharded tensors one way to
+    # reduce their sums: group the indices by (device, reduction).
+    groups: dict[Any, list[int]] = {}
     for index, tensor in enumerate(tensors):
-        groups.setdefault(tensor.device, []).append(index)
+        groups.setdefault((tensor.device, _reduction(tensor)), []).append(index)
     return groups
+
+
+def _sum_over_shards(values: Tensor, reduction: Any) -> Tensor:
+    """Sum per-shard partial sums ``values`` over the mesh dimensions the tensors are sharded on."""
+    if reduction is None or not any(reduction[1]):
+        return values
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh, sharded = reduction
+    placements = [Partial("sum") if is_shard else Replicate() for is_shard in sharded]
+    partial = DTensor.from_local(values, device_mesh=mesh, placements=placements, run_check=False)
+    return partial.full_tensor()
 
 
 def _working_copies(tensors: list[Tensor]) -> tuple[list[Tensor], bool]:
@@ -136,7 +182,20 @@ def frobenius_norms(weights: Sequence[Tensor]) -> Tensor:
     if not tensors:
         return torch.zeros(0)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+    if not any(_is_dtensor(t) for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+    # Sharded: the squares of the local shards' norms, summed over the shards, per group.
+    groups = _groups(tensors)
+    out: list[Tensor | None] = [None] * len(tensors)
+    for (_, reduction), indices in groups.items():
+        local = [_local(tensors[i]) for i in indices]
+        squares = torch.stack(torch._foreach_norm(local, 2, dtype=dtype)).square()
+        norms = _sum_over_shards(squares, reduction).sqrt()
+        for i, norm in zip(indices, norms.unbind(), strict=True):
+            out[i] = norm
+    if len({n.device for n in out if n is not None}) > 1:
+        raise ValueError("frobenius_norms needs all weights on one device")
+    return torch.stack([n for n in out if n is not None])
 
 
 @torch.no_grad()
@@ -159,21 +218,25 @@ def project_to_tangent_(grads: Sequence[Tensor], weights: Sequence[Tensor], eps:
         raise ValueError(f"got {len(grads)} gradients for {len(weights)} weights: pass one gradient per weight")
     for grad, weight in zip(grads, weights, strict=True):
         _check_pair(grad, weight)
-    for indices in _groups(weights).values():
-        g_list, copied_g = _working_copies([grads[i] for i in indices])
-        w_list, _ = _working_copies([weights[i].detach() for i in indices])
+    for (_, reduction), indices in _groups(weights).items():
+        local_grads = [_local(grads[i]) for i in indices]
+        g_list, copied_g = _working_copies(local_grads)
+        w_list, _ = _working_copies([_local(weights[i].detach()) for i in indices])
         if any(g.dtype != w.dtype for g, w in zip(g_list, w_list, strict=True)):
             g_list, copied_g = [g.to(w.dtype) for g, w in zip(g_list, w_list, strict=True)], True
-        w_dot_w = torch.stack([torch.dot(w.reshape(-1), w.reshape(-1)) for w in w_list]) + eps
-        g_dot_w = torch.stack([torch.dot(g.reshape(-1), w.reshape(-1)) for g, w in zip(g_list, w_list, strict=True)])
+        dots = [torch.dot(w.reshape(-1), w.reshape(-1)) for w in w_list]
+        dots += [torch.dot(g.reshape(-1), w.reshape(-1)) for g, w in zip(g_list, w_list, strict=True)]
+        # One reduction over the shards for both inner products (a no-op for plain tensors).
+        w_dot_w, g_dot_w = _sum_over_shards(torch.stack(dots), reduction).chunk(2)
+        w_dot_w = w_dot_w + eps
         # Branch-free (no host sync on accelerators): a zero weight gets coefficient 0.
         nonzero = w_dot_w > 0
         coefficient = torch.where(nonzero, g_dot_w / torch.where(nonzero, w_dot_w, 1.0), 0.0)
         # g -= c * W without a temporary the size of the weights.
         torch._foreach_addcmul_(g_list, w_list, list(coefficient.unbind()), value=-1)
         if copied_g:
-            for i, g in zip(indices, g_list, strict=True):
-                grads[i].copy_(g)
+            for local, g in zip(local_grads, g_list, strict=True):
+                local.copy_(g)
 
 
 def rescale_to_norm(weight: Tensor, norm: float | Tensor) -> Tensor:
@@ -228,9 +291,15 @@ def rescale_to_norm_(weights: Sequence[Tensor], norms: Sequence[float | Tensor] 
     if not isinstance(norms, Tensor):
         for norm in norms:
             _check_norm(norm)
-    for device, indices in _groups(weights).items():
-        w_list, copied = _working_copies([weights[i] for i in indices])
-        current = frobenius_norms(w_list)
+    for (device, reduction), indices in _groups(weights).items():
+        local_weights = [_local(weights[i]) for i in indices]
+        w_list, copied = _working_copies(local_weights)
+        if reduction is None:
+            current = frobenius_norms(w_list)
+        else:
+            dtype = torch.float64 if any(w.dtype == torch.float64 for w in w_list) else torch.float32
+            squares = torch.stack(torch._foreach_norm(w_list, 2, dtype=dtype)).square()
+            current = _sum_over_shards(squares, reduction).sqrt()
         if isinstance(norms, Tensor):
             target = norms.to(device=device, dtype=current.dtype)
             if len(indices) != len(weights):
@@ -242,5 +311,5 @@ def rescale_to_norm_(weights: Sequence[Tensor], norms: Sequence[float | Tensor] 
         scale = torch.where(nonzero, target / torch.where(nonzero, current, 1.0), 1.0)
         torch._foreach_mul_(w_list, list(scale.unbind()))
         if copied:
-            for i, w in zip(indices, w_list, strict=True):
-                weights[i].copy_(w)
+            for local, w in zip(local_weights, w_list, strict=True):
+                local.copy_(w)

@@ -18,6 +18,8 @@ from lightning_logits.functional._checks import check_target, hard_target
 from lightning_logits.loss_terms import StepScalars
 from lightning_logits.networks.factory import build_model
 from lightning_logits.networks.heads import AUX_ATTRIBUTE, count_classes
+from lightning_logits.networks.sharding import ShardingChoice, reshard, shard_model
+from lightning_logits.parallel import sharding_mesh
 
 _ACC_EVERY = 50
 
@@ -46,6 +48,24 @@ class Classifier(pl.LightningModule):
             ``class_path`` such as ``torch.optim.AdamW`` with ``init_args``). Default: AdamW, lr 1e-3.
         lr_scheduler: a callable that takes the optimizer and returns a scheduler, stepped each
             epoch (``ReduceLROnPlateau`` monitors ``val/loss``). Default: none.
+        sharding: what FSDP2 shards under Lightning's ``ModelParallelStrategy`` (ignored under any
+            other strategy): ``"auto"`` (default: the model's blocks, found by
+            :func:`~lightning_logits.networks.sharding.find_blocks`, each its own unit, then the rest
+            of the model and the auxiliary heads), dotted names / ``fnmatch`` patterns of the blocks
+            (``["model.blocks.*"]``), ``"model"`` (the whole model as one unit) or ``"off"``
+            (``ModelParallelStrategy`` then replicates nothing and is refused: use DDP).
+        sharding_mixed_precision: FSDP2 mixed precision: bfloat16 parameters for compute, float32
+            gradient reduction; the sharded weights and optimizer state stay float32. Default ``False``.
+        reshard_after_forward: free each block's gathered parameters after its forward (default
+            ``True``; ``False`` trades memory for less communication). The rest of the model keeps its
+            gathered parameters until the backward (FSDP2's rule for the root).
+        activation_checkpointing: recompute each block's activations in the backward (default ``False``).
+
+    Under ``Trainer(strategy=ModelParallelStrategy(...))`` :meth:`configure_model` shards the model
+    with FSDP2 (:func:`~lightning_logits.networks.sharding.shard_model`); under every other strategy
+    the model is left as it is. ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``
+    splits the data over the N ranks as DDP does; with its defaults on one node
+    (``data_parallel_size=1``) every rank sees the same batches and only memory is saved.
 
     Logged: ``train/loss`` (each step every ``log_every_n_steps``, and the epoch mean), ``train/acc``
     (epoch); ``val/loss``, ``val/acc``, ``val/acc_top5`` (more than 5
@@ -72,6 +92,10 @@ class Classifier(pl.LightningModule):
         cutmix_alpha: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        sharding: ShardingChoice | list[str] = "auto",
+        sharding_mixed_precision: bool = False,
+        reshard_after_forward: bool = True,
+        activation_checkpointing: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -104,6 +128,14 @@ class Classifier(pl.LightningModule):
         self.focal_gamma = focal_gamma
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        if isinstance(sharding, str) and sharding not in ("auto", "model", "off"):
+            raise ValueError(
+                f"sharding must be 'auto', 'model', 'off' or a list of module names/patterns, got {sharding!r}"
+            )
+        self.sharding = sharding
+        self.sharding_mixed_precision = sharding_mixed_precision
+        self.reshard_after_forward = reshard_after_forward
+        self.activation_checkpointing = activation_checkpointing
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             from timm.data import Mixup
@@ -177,6 +209,27 @@ class Classifier(pl.LightningModule):
             )
 
     @override
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 under ``ModelParallelStrategy``; do nothing under any other strategy."""
+        mesh = sharding_mesh(self)
+        if mesh is None:
+            return
+        if self.sharding == "off":
+            raise ValueError(
+                "Classifier(sharding='off') under ModelParallelStrategy: the strategy needs a sharded model. "
+                "Use sharding='auto' (or 'model'), or strategy='ddp' to replicate the model"
+            )
+        shard_model(
+            self,
+            mesh,
+            blocks=self.sharding,
+            param_dtype=torch.bfloat16 if self.sharding_mixed_precision else None,
+            reduce_dtype=torch.float32 if self.sharding_mixed_precision else None,
+            reshard_after_forward=self.reshard_after_forward,
+            activation_checkpointing=self.activation_checkpointing,
+        )
+
+    @override
     def on_train_start(self) -> None:
         self._validated = False  # value checks (labels, finite logits) run on the first step of each fit
         self._train_scalars.reset()
@@ -248,6 +301,18 @@ class Classifier(pl.LightningModule):
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
+
+    @override
+    def on_validation_end(self) -> None:
+        reshard(self)  # FSDP2's root unit keeps its gathered weights after a forward with no backward
+
+    @override
+    def on_test_end(self) -> None:
+        reshard(self)
+
+    @override
+    def on_predict_end(self) -> None:
+        reshard(self)
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:

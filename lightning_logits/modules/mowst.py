@@ -331,6 +331,17 @@ class Mowst(pl.LightningModule):
         self._built = True
 
     @override
+    def configure_model(self) -> None:
+        """Refuse ``ModelParallelStrategy``: Mowst trains full-batch on one graph (see the class docstring)."""
+        if self.device_mesh is not None:
+            raise RuntimeError(
+                "Mowst does not run under ModelParallelStrategy: it trains full-batch on one whole graph, whose "
+                "experts are small next to the graph, so sharding their weights saves nothing while every rank "
+                "still holds the graph. Use strategy='ddp' (each rank trains on its share of the training nodes) "
+                "or one device"
+            )
+
+    @override
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         found = (getattr(datamodule, "num_features", None), getattr(datamodule, "num_classes", None))

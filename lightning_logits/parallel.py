@@ -1,0 +1,49 @@
+"""What our callbacks and modules need to know about Lightning's strategies (which one runs, its mesh).
+
+Lightning does the distributed work; this module only reads the strategy, so that every method
+answers "am I sharded, and over which mesh?" the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_logits.networks.sharding import fsdp_mesh
+
+__all__ = ["is_model_parallel", "sharding_mesh"]
+
+_warned_replicated_data = False
+
+
+def is_model_parallel(trainer: pl.Trainer) -> bool:
+    """Whether ``trainer`` runs Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallel)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def sharding_mesh(pl_module: pl.LightningModule) -> Any:
+    """The mesh FSDP2 shards ``pl_module`` over, or ``None`` when not under ``ModelParallelStrategy``.
+
+    See :func:`~lightning_logits.networks.sharding.fsdp_mesh`. Warns once when the strategy's data
+    parallel size is 1 while several ranks run (``ModelParallelStrategy()``'s default on one node):
+    every rank then trains on the same batches.
+    """
+    global _warned_replicated_data
+    mesh = pl_module.device_mesh
+    if mesh is None:
+        return None
+    chosen = fsdp_mesh(mesh)
+    if mesh.ndim == 2 and mesh["tensor_parallel"].size() > 1 and not _warned_replicated_data:
+        _warned_replicated_data = True
+        rank_zero_warn(
+            f"ModelParallelStrategy with tensor_parallel_size={mesh['tensor_parallel'].size()} and "
+            f"data_parallel_size={mesh['data_parallel'].size()}: lightning_logits applies FSDP2 and no "
+            "tensor-parallel plan, so the model is sharded over the tensor-parallel ranks too, but Lightning gives "
+            "those ranks the same batches (only memory is saved). To split the data over every rank, pass "
+            "ModelParallelStrategy(data_parallel_size=<world size>, tensor_parallel_size=1)"
+        )
+    return chosen
