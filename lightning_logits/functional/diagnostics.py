@@ -191,7 +191,22 @@ def energy_score(logits: Tensor, temperature: float = 1.0, validate_args: bool =
 
 @dataclass
 class ViMSubspace:
-    """What :func:`fit_vim` fits: origin ``u``, residual basis ``null_space`` ``[D, D - dim]``, ``alpha``."""
+    """What :func:`fit_vim` fits: origin ``u``, residual basis ``null_space`` ``[D, D - dim]``, ``alpha``.
+
+    Attributes:
+        origin: ``[D]``, the point ``u = -pinv(W) b`` the features are centred on.
+        null_space: ``[D, D - dim]``, the basis of the residual space (eigenvectors outside the
+            principal space of the centred training features).
+        alpha: scale matching the residual norm to the max logit on the training features.
+        dim: dimension of the principal space.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> sub = fit_vim(torch.randn(64, 8, generator=g), torch.randn(3, 8, generator=g), torch.zeros(3))
+        >>> isinstance(sub, ViMSubspace), sub.feature_dim, tuple(sub.origin.shape), tuple(sub.null_space.shape)
+        (True, 8, (8,), (8, 4))
+    """
 
     origin: Tensor
     null_space: Tensor
