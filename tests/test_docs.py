@@ -7,7 +7,7 @@ directory; a page that loads the digits teacher (``runs/distillation/teacher/tea
 made by a fixture. The examples keep their documented budgets (``max_epochs=8``, ...), which would take
 minutes here: while they run, ``lightning.pytorch.Trainer`` is replaced by a subclass that caps the
 budget at 1 epoch of 2 batches (fewer when the example asks for fewer), and ``LogitDiagnostics``,
-which evaluates every OOD and shifted loader on its own, gets the same cap of 2 batches per loader
+which evaluates every OOD and shifted loader on its own, gets a cap of 1 batch per loader
 unless the example sets one. Everything else (models, data, callbacks, arguments) runs exactly as
 written, so a renamed argument, a wrong import or a changed API fails here.
 """
@@ -71,8 +71,8 @@ def docs_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     original_init = LogitDiagnostics.__init__
 
     def capped_init(self: LogitDiagnostics, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("max_batches", _MAX_BATCHES)
-        kwargs.setdefault("max_fit_batches", _MAX_BATCHES)
+        kwargs.setdefault("max_batches", 1)
+        kwargs.setdefault("max_fit_batches", 1)
         original_init(self, *args, **kwargs)
 
     monkeypatch.setattr(LogitDiagnostics, "__init__", capped_init)
