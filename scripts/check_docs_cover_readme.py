@@ -21,6 +21,7 @@ MOVED = [
     ("](#troubleshooting)", "](../troubleshooting.md)"),
     ("](#data-without-internet)", "](data.md)"),
     ("](benchmarks/results/", "](results/"),
+    ('(see "Logit diagnostics")', "(see [Logit diagnostics](../guides/diagnostics.md))"),
     ("Every number in this README was measured on", "Every number on these pages was measured on"),
     (
         "The default is the one the study below supports:",
