@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import pkgutil
 import re
 import warnings
@@ -240,3 +241,25 @@ def test_public_name_has_a_docstring_with_an_example(module: str, name: str) -> 
         runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
         runner.run(test)
         assert runner.summarize(verbose=False).failed == 0, f"{module}.{name}'s example fails"
+
+
+# --------------------------------------------------------------------------- README and the reference's rewriting
+def test_readme_links_point_at_files() -> None:
+    """The README's relative links (to the pages, read on GitHub) name files that exist."""
+    links = [link for link in re.findall(r"\]\(([^)#\s]+)", (ROOT / "README.md").read_text()) if "://" not in link]
+    assert len(links) >= 10
+    assert [link for link in links if not (ROOT / link).is_file()] == []
+
+
+def test_reference_rewrites_sphinx_habits_to_markdown() -> None:
+    spec = importlib.util.spec_from_file_location("griffe_examples", DOCS / "hooks" / "griffe_examples.py")
+    assert spec is not None and spec.loader is not None
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    text = (
+        "Sum.\n\n    .. math::\n        L = x^2\n\n"
+        "    See :func:`kd_loss` and :class:`~a.b.LogitTap`.\n\nExample:\n    >>> 1\n    1"
+    )
+    assert hook.rewrite(text) == (
+        "Sum.\n\n    ```tex\n    L = x^2\n    ```\n\n    See `kd_loss` and `LogitTap`.\n\nExamples:\n    >>> 1\n    1"
+    )
