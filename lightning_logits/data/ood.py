@@ -98,6 +98,14 @@ def shape_images(n: int, image_size: int = 8, seed: int = 0) -> Tensor:
     Strokes have intensity ``1`` like the digits' ink, so the images look like "other shapes"
     rather than noise. Each image holds one to three shapes.
 
+    Args:
+        n: number of images ``N``.
+        image_size: side ``S`` of the images.
+        seed: seed of the shapes.
+
+    Returns:
+        ``[N, 1, S, S]`` float images in ``[-1, 1]``.
+
     Example:
         >>> x = shape_images(3, seed=1)
         >>> tuple(x.shape), bool((x > 0).any())

@@ -445,6 +445,13 @@ def mano_criterion(logits: Tensor, validate_args: bool = True) -> Tensor:
     ``(1/N) sum_n (1/C) sum_k -log softmax(z_n)_k``. Large when predictions are peaked
     (confident); MaNo uses softmax above its threshold and the Taylor normalization below.
 
+    Args:
+        logits: ``[N, C]`` logits of one data set.
+        validate_args: check the logits are finite (a host sync).
+
+    Returns:
+        A scalar tensor, computed in at least float32 (float64 stays float64).
+
     Example:
         >>> import math, torch
         >>> round(mano_criterion(torch.zeros(2, 4)).item(), 6) == round(math.log(4), 6)
@@ -463,6 +470,11 @@ def mano_select_normalization(
     shifted set, and reuse it for every set of the study, so that the scores of all sets are on
     one scale; do the same: choose once (e.g. on ID validation logits) and pass
     ``normalization=`` to :func:`mano_score` for every set.
+
+    Args:
+        logits: ``[N, C]`` logits of the set that decides (ID validation logits).
+        threshold: the criterion's threshold (5, the official value).
+        validate_args: check the logits are finite (a host sync).
 
     Example:
         >>> import torch
@@ -729,6 +741,16 @@ def fit_temperature(
 
     Optimizes ``log T`` with LBFGS (strong-Wolfe line search) in float64, so ``T > 0``.
     Divide test logits by the returned ``T`` before the softmax; predictions do not change.
+
+    Args:
+        logits: ``[N, C]`` validation logits.
+        target: ``[N]`` int64 labels in ``[0, C)``.
+        max_iter: LBFGS iterations.
+        init: starting temperature.
+        validate_args: check the logits are finite and the labels in range (a host sync).
+
+    Returns:
+        The temperature ``T > 0`` as a Python float.
 
     Example:
         >>> import torch
