@@ -27,6 +27,14 @@ from typing_extensions import override
 __all__ = ["BUFFER_KINDS", "ClassBalancedBuffer", "ReservoirBuffer", "make_buffer"]
 
 BUFFER_KINDS = ("reservoir", "balanced")
+"""The replay buffer kinds :func:`make_buffer` and the replay callbacks' ``buffer=`` accept.
+
+Example:
+    >>> BUFFER_KINDS
+    ('reservoir', 'balanced')
+    >>> type(make_buffer(BUFFER_KINDS[1], capacity=10)).__name__
+    'ClassBalancedBuffer'
+"""
 
 _FIELDS = ("inputs", "labels", "logits", "task_ids")
 

@@ -53,6 +53,19 @@ def check_finite_loss(name: str, value: Tensor, step: int) -> None:
 
     This reads the value on the host (a device sync); the training step uses :class:`StepScalars`
     instead, which checks on the device and reads one flag every ``log_every_n_steps`` steps.
+
+    Args:
+        name: the loss's name, for the message.
+        value: a scalar tensor.
+        step: the global step, for the message.
+
+    Example:
+        >>> import torch
+        >>> check_finite_loss("kd", torch.tensor(0.5), step=3)  # finite: nothing happens
+        >>> check_finite_loss("kd", torch.tensor(float("nan")), step=12)
+        Traceback (most recent call last):
+        ...
+        FloatingPointError: loss term 'kd' is nan at global step 12: training stopped...
     """
     if not bool(torch.isfinite(value.detach()).all()):
         _raise_non_finite(name, float(value.detach().float().flatten()[0]), step, step)
@@ -67,7 +80,25 @@ def _raise_non_finite(name: str, value: float, step: int, checked_at: int) -> No
 
 
 def is_logging_step(trainer: pl.Trainer) -> bool:
-    """Whether Lightning sends step metrics to the loggers after this training step (``log_every_n_steps``)."""
+    """Whether Lightning sends step metrics to the loggers after this training step (``log_every_n_steps``).
+
+    Example:
+        >>> import torch
+        >>> import lightning.pytorch as pl
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_logits.modules import Classifier
+        >>> class Record(pl.Callback):
+        ...     seen = []
+        ...     def on_train_batch_end(self, trainer, *args):
+        ...         self.seen.append(is_logging_step(trainer))
+        >>> trainer = pl.Trainer(max_steps=6, log_every_n_steps=3, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        ...                      callbacks=[Record()])
+        >>> data = DataLoader(TensorDataset(torch.randn(48, 4), torch.randint(0, 3, (48,))), batch_size=8)
+        >>> trainer.fit(Classifier(torch.nn.Sequential(torch.nn.Linear(4, 3))), data)
+        >>> Record.seen  # every third step
+        [False, False, True, False, False, True]
+    """
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True))
 
@@ -260,6 +291,30 @@ class StepContext:
         task_loss: the module's own loss (the ``"loss"`` entry of ``output``).
         tap: the hub's :class:`~lightning_logits.networks.heads.LogitTap`, holding the forward passes that
             ran inside ``training_step`` (``None`` when no registered callback needs it).
+
+    Its properties read the step for a term: ``logits`` (``[N, C]``, or ``[B, T, V]`` for a
+    sequence model), ``features`` (``[N, D]``, entering the head), ``target``, ``input`` and
+    ``layer_output(name)``; each comes from ``training_step``'s output when it returns that key,
+    otherwise from the tap or the batch.
+
+    Example:
+        >>> import torch
+        >>> import lightning.pytorch as pl
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_logits.modules import Classifier
+        >>> class Shapes(LossTermCallback):
+        ...     seen = []
+        ...     def loss_term(self, context):
+        ...         shapes = context.logits.shape, context.features.shape, context.target.shape
+        ...         self.seen.append(tuple(tuple(s) for s in shapes))
+        ...         return context.logits.new_zeros(())
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                      enable_model_summary=False, accelerator="cpu", callbacks=[Shapes("shapes")])
+        >>> data = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))), batch_size=16)
+        >>> trainer.fit(Classifier(net), data)
+        >>> Shapes.seen  # logits [N, C], features entering the head [N, D], target [N]
+        [((16, 3), (16, 8), (16,))]
     """
 
     trainer: pl.Trainer
@@ -339,7 +394,20 @@ class StepContext:
 class LossTermHub:
     """Wraps a LightningModule's ``training_step`` to add the terms of registered callbacks.
 
-    Use :meth:`attach` rather than the constructor; one hub exists per module.
+    Use :meth:`attach` rather than the constructor; one hub exists per module. Loss-term callbacks
+    attach it in ``setup`` and detach it at ``teardown``; nothing of it enters the module's
+    ``state_dict``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_logits.modules import Classifier
+        >>> module = Classifier(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+        >>> hub = LossTermHub.attach(module)
+        >>> LossTermHub.attach(module) is hub, "training_step" in vars(module)  # one hub; the step is wrapped
+        (True, True)
+        >>> hub.detach()
+        >>> LossTermHub.get(module) is None, "training_step" in vars(module)  # the module's own step is back
+        (True, False)
     """
 
     ATTRIBUTE = "_lightning_logits_hub"

@@ -304,6 +304,16 @@ def build_teacher_cache(
 
     Returns:
         The cache, opened for reading.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> teacher = nn.Linear(3, 6)
+        >>> batches = [(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), torch.arange(4))]  # (input, target, index)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     cache = build_teacher_cache(teacher, batches, tmp, k=6, num_samples=4)  # k = C: exact
+        ...     torch.allclose(cache.logits(torch.arange(4)), teacher(batches[0][0]).detach(), atol=1e-2)
+        True
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")

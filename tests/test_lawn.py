@@ -539,7 +539,7 @@ def test_skipped_amp_step_does_not_rescale() -> None:
 
 
 def test_default_scope_is_every_weight() -> None:
-    # The study's choice (README, LAWN): on a BatchNorm CNN the conv that feeds the norm is constrained too.
+    # The study's choice (docs/benchmarks.md, LAWN): on a BatchNorm CNN the conv that feeds the norm is constrained too.
     assert LAWN().scope == "all"
     module = _cnn_module()
     lawn = LAWN(free_steps=1)

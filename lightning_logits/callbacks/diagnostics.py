@@ -482,6 +482,23 @@ def plot_diagnostics(report: DiagnosticsReport, out_dir: Path, prefix: str = "")
     Reliability diagram (before/after temperature scaling), ID vs OOD score histograms (one panel
     per score, when there are OOD sets), risk-coverage curves (one per score), and estimated vs
     true accuracy on the shifted sets (when there are any). Needs matplotlib.
+
+    Args:
+        report: what one evaluation computed (:class:`LogitDiagnostics` keeps the last one per stage).
+        out_dir: the folder to write into (created).
+        prefix: put before each file name (``"<prefix>_reliability.png"``).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> g = torch.Generator().manual_seed(0)
+        >>> confidence = torch.rand(200, generator=g, dtype=torch.float64)
+        >>> correct = torch.rand(200, generator=g, dtype=torch.float64) < confidence
+        >>> report = DiagnosticsReport("test", confidences=confidence, correct=correct,
+        ...                            id_scores={"msp": confidence}, ood_scores={"noise": {"msp": confidence / 2}})
+        >>> paths = plot_diagnostics(report, Path(tempfile.mkdtemp()), prefix="test")
+        >>> [p.name for p in paths]
+        ['test_reliability.png', 'test_score_histograms.png', 'test_risk_coverage.png']
     """
     try:
         import matplotlib

@@ -7,7 +7,7 @@ the hyperparameter. Which weights are constrained is ``scope``: ``"all"`` (the d
 trainable weight with two or more dimensions, the ones that feed normalization layers included (the
 later texts' "layer-wise" form); ``"final"`` takes the layers after the last normalization layer
 (arXiv v1's "final homogeneous sub-network", see :mod:`lightning_logits.networks.lawn`). The
-default follows the MNIST-1D study in ``benchmarks/accuracy_lawn.py`` (README, "LAWN"): ``"all"``
+default follows the MNIST-1D study in ``benchmarks/accuracy_lawn.py`` (docs/benchmarks.md, "LAWN"): ``"all"``
 scored higher than ``"final"`` overall on the validation split (level on the CNN, higher on the MLP).
 
 How it acts on a training step, in the constrained phase:
@@ -83,7 +83,7 @@ class LAWN(Callback):
             layer-wise). ``"final"``: the layers that run after the last normalization layer, found
             by tracing the first training step (for a network without normalization, every layer
             that runs; arXiv 2108.05839 v1). Biases and normalization parameters stay free in both.
-            The default is the study's choice (README, "LAWN"); checkpoints of version 1, made
+            The default is the study's choice (docs/benchmarks.md, "LAWN"); checkpoints of version 1, made
             before the option existed, resume as ``"final"``.
         layers: module names or ``fnmatch`` patterns, relative to the LightningModule (for
             :class:`~lightning_logits.modules.Classifier`: ``["model.fc"]``, ``["model.head*"]``),

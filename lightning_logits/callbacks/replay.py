@@ -128,6 +128,20 @@ class ReplayCallback(LossTermCallback):
         buffer: the rank's buffer (:class:`~lightning_logits.buffers.ReservoirBuffer` or
             :class:`~lightning_logits.buffers.ClassBalancedBuffer`).
         buffer_seconds: time spent in buffer operations when ``profile_buffer`` is on.
+
+    Example:
+        A replay method of your own: cross-entropy on the replayed batch, added to the module's
+        loss on the incoming batch (what :class:`ExperienceReplay` does), written as a subclass.
+
+        >>> import torch.nn.functional as F
+        >>> class MyReplay(ReplayCallback):
+        ...     def replay_loss(self, context, features, logits, replay_target):
+        ...         if logits is None:  # the buffer is still empty
+        ...             return context.task_loss.new_zeros(())
+        ...         return F.cross_entropy(logits, replay_target)
+        >>> replay = MyReplay(buffer_size=50, replay_batch_size=10, name="my_replay")
+        >>> replay.name, replay.buffer_size, type(replay.buffer).__name__
+        ('my_replay', 50, 'ReservoirBuffer')
     """
 
     needs_tap = True

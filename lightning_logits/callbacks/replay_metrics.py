@@ -227,6 +227,20 @@ def plot_accuracy_matrix(matrix: Tensor, path: str | Path, title: str | None = N
     """Draw ``R[i, j]`` (rows: after task i; columns: task j) as an annotated heatmap PNG.
 
     Raises ``ImportError`` when matplotlib cannot be imported.
+
+    Args:
+        matrix: ``[T, T]`` accuracies in ``[0, 1]`` (entries above the diagonal are not drawn).
+        path: the PNG to write.
+        title: the figure's title.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> matrix = torch.tensor([[0.9, 0.0], [0.7, 0.8]])
+        >>> path = Path(tempfile.mkdtemp()) / "accuracy.png"
+        >>> plot_accuracy_matrix(matrix, path, title="two tasks")
+        >>> path.read_bytes()[1:4]
+        b'PNG'
     """
     import matplotlib
 

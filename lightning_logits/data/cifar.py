@@ -99,7 +99,20 @@ class CIFARDataModule(pl.LightningDataModule):
 
 
 class CIFAR10DataModule(CIFARDataModule):
-    """CIFAR-10 (50k/10k 32x32 colour images, 10 classes). See :class:`CIFARDataModule`."""
+    """CIFAR-10 (50k/10k 32x32 colour images, 10 classes). See :class:`CIFARDataModule`.
+
+    Batches are ``(input [B, 3, 32, 32], target [B])``. The data is not shipped: set
+    ``download=True`` once with internet, or extract ``cifar-10-batches-py`` under ``data_dir``.
+
+    Example:
+        >>> dm = CIFAR10DataModule(data_dir="no/such/folder")
+        >>> dm.num_classes, dm.in_channels
+        (10, 3)
+        >>> dm.setup("fit")  # no local copy and download=False: the error says what to do
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: CIFAR10DataModule: no data set at '...cifar-10-batches-py'. Set download: true ...
+    """
 
     num_classes = 10
     folder = "cifar-10-batches-py"
@@ -113,7 +126,20 @@ class CIFAR10DataModule(CIFARDataModule):
 
 
 class CIFAR100DataModule(CIFARDataModule):
-    """CIFAR-100 (50k/10k 32x32 colour images, 100 classes). See :class:`CIFARDataModule`."""
+    """CIFAR-100 (50k/10k 32x32 colour images, 100 classes). See :class:`CIFARDataModule`.
+
+    Batches are ``(input [B, 3, 32, 32], target [B])``. The data is not shipped: set
+    ``download=True`` once with internet, or extract ``cifar-100-python`` under ``data_dir``.
+
+    Example:
+        >>> dm = CIFAR100DataModule(data_dir="no/such/folder", batch_size=64)
+        >>> dm.num_classes, dm.folder
+        (100, 'cifar-100-python')
+        >>> dm.prepare_data()
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: CIFAR100DataModule: no data set at '...cifar-100-python'. Set download: true ...
+    """
 
     num_classes = 100
     folder = "cifar-100-python"

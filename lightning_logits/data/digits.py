@@ -30,7 +30,18 @@ class IndexedTensorDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
 
 
 def load_digits_tensors(image_size: int = 8) -> tuple[Tensor, Tensor]:
-    """All 1797 digits as ``[N, 1, S, S]`` float images in ``[-1, 1]`` and ``[N]`` int64 labels."""
+    """All 1797 digits as ``[N, 1, S, S]`` float images in ``[-1, 1]`` and ``[N]`` int64 labels.
+
+    Args:
+        image_size: side ``S`` of the returned images (8, the original size, or larger: resized).
+
+    Example:
+        >>> images, labels = load_digits_tensors(image_size=16)
+        >>> images.shape, labels.shape, labels.unique().tolist()
+        (torch.Size([1797, 1, 16, 16]), torch.Size([1797]), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+        >>> bool(images.min() >= -1) and bool(images.max() <= 1)
+        True
+    """
     from sklearn.datasets import load_digits
 
     data = load_digits()

@@ -37,8 +37,15 @@ class CSBMConfig:
         avg_degree: mean degree of the undirected graph.
         num_features: feature dimension ``F``.
         feature_signal: length of the class means; 0 makes features pure noise (unit-variance noise).
-        train_ratio, val_ratio: split sizes; the rest is the test set.
+        train_ratio: share of the nodes in the training split.
+        val_ratio: share of the nodes in the validation split; the rest is the test set.
         seed: seed of everything random here (graph, features, split).
+
+    Example:
+        >>> config = CSBMConfig(num_nodes=400, num_classes=4, homophily=0.2, seed=1)
+        >>> graph = csbm_graph(config)
+        >>> graph.x.shape, round(edge_homophily(graph.edge_index, graph.y), 1)
+        (torch.Size([400, 32]), 0.2)
     """
 
     num_nodes: int = 1000
@@ -55,7 +62,20 @@ class CSBMConfig:
 def random_split_masks(
     num_nodes: int, train_ratio: float, val_ratio: float, generator: torch.Generator
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Disjoint random boolean masks ``[N]`` (train, val, test) of the given sizes."""
+    """Disjoint random boolean masks ``[N]`` (train, val, test) of the given sizes.
+
+    Args:
+        num_nodes: ``N``.
+        train_ratio: share of the nodes in the training mask (at least one node).
+        val_ratio: share in the validation mask; the rest goes to the test mask.
+        generator: the random stream of the permutation.
+
+    Example:
+        >>> import torch
+        >>> train, val, test = random_split_masks(10, 0.5, 0.2, torch.Generator().manual_seed(0))
+        >>> int(train.sum()), int(val.sum()), int(test.sum()), bool((train & val).any())
+        (5, 2, 3, False)
+    """
     if not (train_ratio > 0 and val_ratio >= 0 and train_ratio + val_ratio <= 1):
         raise ValueError(
             f"need 0 < train_ratio, 0 <= val_ratio and train_ratio + val_ratio <= 1, got "
@@ -73,7 +93,18 @@ def random_split_masks(
 
 
 def edge_homophily(edge_index: Tensor, y: Tensor) -> float:
-    """Share of (directed) edges whose two ends have the same label; ``nan`` without edges."""
+    """Share of (directed) edges whose two ends have the same label; ``nan`` without edges.
+
+    Args:
+        edge_index: ``[2, E]`` int64 edges (source row, target row).
+        y: ``[N]`` node labels.
+
+    Example:
+        >>> import torch
+        >>> edges = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 0]])  # 0-1 and 1-0 join class 0; 2-3 and 3-0 do not
+        >>> edge_homophily(edges, torch.tensor([0, 0, 1, 2]))
+        0.5
+    """
     if edge_index.shape[1] == 0:
         return float("nan")
     return float((y[edge_index[0]] == y[edge_index[1]]).float().mean())
@@ -153,7 +184,9 @@ def networkx_graph(
             ``"davis_southern_women_graph"`` with ``label_attr="bipartite"``, ...).
         label_attr: the node attribute holding the class (strings or ints are mapped to ``0..K-1``
             in sorted order).
-        train_ratio, val_ratio, seed: the random split.
+        train_ratio: share of the nodes in the training split.
+        val_ratio: share of the nodes in the validation split (the rest is the test split).
+        seed: seed of the random split.
 
     Example:
         >>> data = networkx_graph("karate_club_graph")
@@ -256,7 +289,8 @@ class GraphDataModule(pl.LightningDataModule):
     Args:
         root: where Planetoid/OGB files live.
         download: allow Planetoid/OGB downloads (internet); off by default: a missing dataset is an error.
-        label_attr, split_seed: for ``networkx`` graphs.
+        label_attr: the node attribute holding the class, for ``networkx`` graphs.
+        split_seed: seed of the random split of ``networkx`` graphs.
 
     ``setup("fit")`` fails when the training or the validation split selects no node.
 

@@ -48,7 +48,21 @@ __all__ = [
 Corruption = Literal["gaussian_noise", "gaussian_blur", "contrast", "rotation"]
 OODSet = Literal["noise", "shapes", "held_out"]
 CORRUPTIONS: tuple[str, ...] = ("gaussian_noise", "gaussian_blur", "contrast", "rotation")
+"""The corruptions :func:`corrupt_images` applies, each at severities 1-5.
+
+Example:
+    >>> import torch
+    >>> images = torch.zeros(2, 1, 8, 8)
+    >>> [tuple(corrupt_images(images, c, severity=3).shape) for c in CORRUPTIONS] == [(2, 1, 8, 8)] * 4
+    True
+"""
 OOD_SETS: tuple[str, ...] = ("noise", "shapes", "held_out")
+"""The offline OOD sets of :class:`DigitsShiftDataModule`: uniform noise, random shapes, held-out digit classes.
+
+Example:
+    >>> OOD_SETS
+    ('noise', 'shapes', 'held_out')
+"""
 OOD_LABEL = -1
 
 # Severity 1..5 parameters, for images in [-1, 1] (noise std on that scale, blur sigma in 8x8
@@ -83,6 +97,14 @@ def shape_images(n: int, image_size: int = 8, seed: int = 0) -> Tensor:
 
     Strokes have intensity ``1`` like the digits' ink, so the images look like "other shapes"
     rather than noise. Each image holds one to three shapes.
+
+    Args:
+        n: number of images ``N``.
+        image_size: side ``S`` of the images.
+        seed: seed of the shapes.
+
+    Returns:
+        ``[N, 1, S, S]`` float images in ``[-1, 1]``.
 
     Example:
         >>> x = shape_images(3, seed=1)
@@ -331,6 +353,15 @@ class CIFAR10ShiftDataModule(CIFAR10DataModule):
         ood_size: samples per OOD set (default 10000).
         download_ood: download SVHN when missing.
         **kwargs: passed to :class:`CIFAR10DataModule`.
+
+    Example:
+        >>> dm = CIFAR10ShiftDataModule(corruptions_dir="no/such/CIFAR-10-C", severities=(3,), ood_sets=("noise",))
+        >>> dm.num_classes, dm.severities
+        (10, (3,))
+        >>> dm.shifted_dataloaders()
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no CIFAR-10-C at '...CIFAR-10-C' (labels.npy missing); download CIFAR-10-C.tar from ...
     """
 
     def __init__(

@@ -191,7 +191,22 @@ def energy_score(logits: Tensor, temperature: float = 1.0, validate_args: bool =
 
 @dataclass
 class ViMSubspace:
-    """What :func:`fit_vim` fits: origin ``u``, residual basis ``null_space`` ``[D, D - dim]``, ``alpha``."""
+    """What :func:`fit_vim` fits: origin ``u``, residual basis ``null_space`` ``[D, D - dim]``, ``alpha``.
+
+    Attributes:
+        origin: ``[D]``, the point ``u = -pinv(W) b`` the features are centred on.
+        null_space: ``[D, D - dim]``, the basis of the residual space (eigenvectors outside the
+            principal space of the centred training features).
+        alpha: scale matching the residual norm to the max logit on the training features.
+        dim: dimension of the principal space.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> sub = fit_vim(torch.randn(64, 8, generator=g), torch.randn(3, 8, generator=g), torch.zeros(3))
+        >>> isinstance(sub, ViMSubspace), sub.feature_dim, tuple(sub.origin.shape), tuple(sub.null_space.shape)
+        (True, 8, (8,), (8, 4))
+    """
 
     origin: Tensor
     null_space: Tensor
@@ -430,6 +445,13 @@ def mano_criterion(logits: Tensor, validate_args: bool = True) -> Tensor:
     ``(1/N) sum_n (1/C) sum_k -log softmax(z_n)_k``. Large when predictions are peaked
     (confident); MaNo uses softmax above its threshold and the Taylor normalization below.
 
+    Args:
+        logits: ``[N, C]`` logits of one data set.
+        validate_args: check the logits are finite (a host sync).
+
+    Returns:
+        A scalar tensor, computed in at least float32 (float64 stays float64).
+
     Example:
         >>> import math, torch
         >>> round(mano_criterion(torch.zeros(2, 4)).item(), 6) == round(math.log(4), 6)
@@ -448,6 +470,11 @@ def mano_select_normalization(
     shifted set, and reuse it for every set of the study, so that the scores of all sets are on
     one scale; do the same: choose once (e.g. on ID validation logits) and pass
     ``normalization=`` to :func:`mano_score` for every set.
+
+    Args:
+        logits: ``[N, C]`` logits of the set that decides (ID validation logits).
+        threshold: the criterion's threshold (5, the official value).
+        validate_args: check the logits are finite (a host sync).
 
     Example:
         >>> import torch
@@ -714,6 +741,16 @@ def fit_temperature(
 
     Optimizes ``log T`` with LBFGS (strong-Wolfe line search) in float64, so ``T > 0``.
     Divide test logits by the returned ``T`` before the softmax; predictions do not change.
+
+    Args:
+        logits: ``[N, C]`` validation logits.
+        target: ``[N]`` int64 labels in ``[0, C)``.
+        max_iter: LBFGS iterations.
+        init: starting temperature.
+        validate_args: check the logits are finite and the labels in range (a host sync).
+
+    Returns:
+        The temperature ``T > 0`` as a Python float.
 
     Example:
         >>> import torch

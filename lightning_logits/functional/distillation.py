@@ -64,9 +64,23 @@ __all__ = [
 ]
 
 DistillationLossName = Literal["kd", "nkd", "dkd", "dist", "dhkd"]
+"""The names of the built-in losses, the keys of :data:`DISTILLATION_LOSSES` (``TeacherDistillation(loss=...)``).
 
-#: Each loss's default temperature (KD 4, NKD 1, DKD 4 as mdistiller's CIFAR config, DIST 1, DHKD 2).
+Example:
+    >>> from typing import get_args
+    >>> get_args(DistillationLossName) == tuple(DISTILLATION_LOSSES)
+    True
+"""
+
 DEFAULT_TEMPERATURE: dict[str, float] = {"kd": 4.0, "nkd": 1.0, "dkd": 4.0, "dist": 1.0, "dhkd": 2.0}
+"""Each loss's default temperature (KD 4, NKD 1, DKD 4 as mdistiller's CIFAR config, DIST 1, DHKD 2).
+
+``TeacherDistillation`` uses it when ``temperature`` is not given.
+
+Example:
+    >>> DEFAULT_TEMPERATURE["kd"], DEFAULT_TEMPERATURE["nkd"]
+    (4.0, 1.0)
+"""
 
 _STANDARDIZE_EPS = 1e-7  # the official repository's epsilon
 _PEARSON_EPS = 1e-8  # DIST's epsilon
@@ -473,7 +487,11 @@ def nkd_loss(
             ``[..., C]`` soft scores (after mixup/cutmix), whose argmax is the target class.
         temperature: temperature ``T > 0`` of the non-target part (default 1.0; 3.0 on CIFAR-100).
         gamma: weight of the non-target part (default 1.5; 1.0 for DeiT pairs, 3.5 on CIFAR-100).
-        mask, ignore_index, standardize, chunk_size, validate_args: as in :func:`kd_loss`.
+        mask: as in :func:`kd_loss`.
+        ignore_index: as in :func:`kd_loss`.
+        standardize: as in :func:`kd_loss`.
+        chunk_size: as in :func:`kd_loss`.
+        validate_args: as in :func:`kd_loss`.
 
     Returns:
         A scalar, computed in float32 and returned in the dtype of ``logits``.
@@ -536,7 +554,11 @@ def dkd_loss(
         temperature: ``T > 0`` (default 4.0, mdistiller's CIFAR-100 config; 1.0 on ImageNet).
         alpha: TCKD weight (default 1.0).
         beta: NCKD weight (default 8.0 on CIFAR-100; 0.5 for ImageNet ResNet34 -> ResNet18).
-        mask, ignore_index, standardize, chunk_size, validate_args: as in :func:`kd_loss`.
+        mask: as in :func:`kd_loss`.
+        ignore_index: as in :func:`kd_loss`.
+        standardize: as in :func:`kd_loss`.
+        chunk_size: as in :func:`kd_loss`.
+        validate_args: as in :func:`kd_loss`.
 
     Returns:
         A scalar, computed in float32 and returned in the dtype of ``logits``.
@@ -593,7 +615,12 @@ def dhkd_loss(
         logits: ``[..., C]`` logits of the student's auxiliary head.
         teacher_logits: ``[..., C]`` teacher logits; detached here.
         temperature: ``T > 0`` (default 2.0, the official ``--BinaryKL_T``).
-        target, mask, ignore_index, standardize, chunk_size, validate_args: as in :func:`kd_loss`.
+        target: as in :func:`kd_loss`.
+        mask: as in :func:`kd_loss`.
+        ignore_index: as in :func:`kd_loss`.
+        standardize: as in :func:`kd_loss`.
+        chunk_size: as in :func:`kd_loss`.
+        validate_args: as in :func:`kd_loss`.
 
     Returns:
         A scalar, computed in float32 and returned in the dtype of ``logits``.
@@ -661,7 +688,11 @@ def dist_loss(
         temperature: ``T > 0`` (default 1.0).
         beta: weight of the inter-class (per-position) relation (default 1.0).
         gamma: weight of the intra-class (per-class, across positions) relation (default 1.0).
-        target, mask, ignore_index, standardize, validate_args: as in :func:`kd_loss`.
+        target: as in :func:`kd_loss`.
+        mask: as in :func:`kd_loss`.
+        ignore_index: as in :func:`kd_loss`.
+        standardize: as in :func:`kd_loss`.
+        validate_args: as in :func:`kd_loss`.
         chunk_size: must be ``None``.
 
     Returns:
@@ -719,6 +750,20 @@ DISTILLATION_LOSSES: dict[str, Callable[..., Tensor]] = {
     "dist": dist_loss,
     "dhkd": dhkd_loss,
 }
+"""The distillation losses by name: ``"kd"``, ``"nkd"``, ``"dkd"``, ``"dist"``, ``"dhkd"``.
+
+``TeacherDistillation(loss=<name>)`` and :func:`get_distillation_loss` look names up here; every
+value takes ``(logits [..., C], teacher_logits [..., C], target=..., temperature=..., mask=...,
+validate_args=..., **hyperparameters)`` and returns a scalar.
+
+Example:
+    >>> import torch
+    >>> sorted(DISTILLATION_LOSSES)
+    ['dhkd', 'dist', 'dkd', 'kd', 'nkd']
+    >>> z = torch.tensor([[2.0, 0.0, -1.0]])
+    >>> float(DISTILLATION_LOSSES["kd"](z, z, temperature=4.0))
+    0.0
+"""
 
 
 def get_distillation_loss(loss: str | Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -186,9 +186,11 @@ class Mowst(pl.LightningModule):
             and depth) or any module called as ``strong(x, edge_index) -> [N, K]``.
         variant: ``"mowst"`` or ``"mowst_star"``.
         gate_input: ``"dispersion"`` (``[N, 2]``) or ``"dispersion_features"`` (``[N, 2 + F]``).
-        num_features, num_classes: read off the DataModule (``num_features``/``num_classes``) when
-            ``None``.
-        hidden, num_layers, dropout: size of the default experts and of the gate MLP.
+        num_features: input feature width; read off the DataModule (``num_features``) when ``None``.
+        num_classes: class count; read off the DataModule (``num_classes``) when ``None``.
+        hidden: hidden width of the default experts and of the gate MLP.
+        num_layers: layer count of the default experts and of the gate MLP.
+        dropout: dropout of the default experts and of the gate MLP.
         batch_norm: BatchNorm in the default weak MLP and in the gate (the official ``no_batch_norm``
             flag turns it off).
         norm: ``"batch"`` adds a BatchNorm after each hidden layer of a named GNN expert (as the

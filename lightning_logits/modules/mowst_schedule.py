@@ -11,6 +11,14 @@ from typing import Any, Literal
 __all__ = ["Phase", "Plateau", "MowstSchedule"]
 
 Phase = Literal["pretrain_strong", "pretrain_weak", "pretrain_joint", "weak", "strong", "joint"]
+"""The phases of a Mowst run: pretraining (strong, weak or joint), then weak and strong turns (Mowst)
+or joint training (Mowst*); :attr:`MowstSchedule.phase` is one of them.
+
+Example:
+    >>> from typing import get_args
+    >>> get_args(Phase)[3:]
+    ('weak', 'strong', 'joint')
+"""
 Pretrain = Literal["none", "strong", "weak", "both", "joint"]
 PRETRAIN_PHASES: dict[str, list[Phase]] = {
     "none": [],

@@ -17,6 +17,13 @@ from torch import Tensor, nn
 __all__ = ["TORCHVISION_PREFIX", "build_expert", "build_model", "load_teacher", "teacher_fingerprint"]
 
 TORCHVISION_PREFIX = "torchvision/"
+"""Model names starting with it are torchvision models (``"torchvision/resnet18"``); others are timm names.
+
+Example:
+    >>> net = build_model(TORCHVISION_PREFIX + "resnet18", num_classes=10)
+    >>> type(net).__module__
+    'torchvision.models.resnet'
+"""
 
 
 def build_model(model: str | nn.Module, num_classes: int | None, pretrained: bool = False, **kwargs: Any) -> nn.Module:

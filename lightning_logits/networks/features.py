@@ -31,12 +31,34 @@ __all__ = [
 ]
 
 PoolMode = Literal["flat", "nchw", "nhwc", "cls", "tokens"]
-"""How a layer's output becomes ``[N, D]``: see :func:`pool_feature`."""
+"""How a layer's output becomes ``[N, D]``: see :func:`pool_feature`.
+
+Example:
+    >>> import torch
+    >>> tokens = torch.randn(2, 5, 8)  # [N, L, D] with a class token first
+    >>> pool_feature(tokens, "cls").shape, pool_feature(tokens, "tokens", prefix_tokens=1).shape
+    (torch.Size([2, 8]), torch.Size([2, 8]))
+"""
 
 
 @dataclass
 class FeatureLayer:
-    """Where the intermediate feature comes from and how it becomes ``[N, C_mid]``."""
+    """Where the intermediate feature comes from and how it becomes ``[N, C_mid]``.
+
+    Attributes:
+        name: dotted path of the module, relative to the LightningModule (what the tap hooks).
+        pool: how its output becomes ``[N, C_mid]``: ``"nchw"`` / ``"nhwc"`` (average over a 4-D
+            map), ``"cls"`` / ``"tokens"`` (class token or mean of ``[N, L, D]`` tokens), ``"flat"``
+            (already ``[N, D]``), or ``None`` to decide from the output's number of dimensions.
+        channels: ``C_mid`` when known without running the model.
+        prefix_tokens: tokens skipped by ``"tokens"`` pooling (class and register tokens).
+
+    Example:
+        >>> import timm
+        >>> layer = default_feature_layer(timm.create_model("resnet18", num_classes=10))
+        >>> layer.name, layer.pool, layer.channels
+        ('layer3', None, 256)
+    """
 
     name: str  # dotted path relative to the LightningModule (what the tap hooks)
     pool: PoolMode | None  # None: decided by the output's number of dimensions
@@ -45,7 +67,18 @@ class FeatureLayer:
 
 
 def find_timm_model(pl_module: nn.Module) -> tuple[str, nn.Module] | None:
-    """The first (outermost) timm model inside ``pl_module``: it has ``feature_info`` and ``forward_features``."""
+    """The first (outermost) timm model inside ``pl_module``: it has ``feature_info`` and ``forward_features``.
+
+    Returns:
+        ``(dotted name, module)``, or ``None`` when no module inside is a timm model.
+
+    Example:
+        >>> import timm, torch
+        >>> wrapper = torch.nn.ModuleDict({"net": timm.create_model("resnet10t", num_classes=3)})
+        >>> name, model = find_timm_model(wrapper)
+        >>> name, type(model).__name__, find_timm_model(torch.nn.Linear(2, 2))
+        ('net', 'ResNet', None)
+    """
     for name, module in pl_module.named_modules():
         if is_aux(name):
             continue
@@ -80,6 +113,19 @@ def default_feature_layer(pl_module: nn.Module) -> FeatureLayer:
       the last stage (MobileNetV2, EfficientNet): then the last stage is the one before the end,
       as in the official configs (MobileNetV2: 320 channels).
     - torchvision ResNets (``layer3``/``layer4`` attributes): ``layer3``.
+
+    Args:
+        pl_module: the LightningModule or the network (the path is relative to it).
+
+    Returns:
+        A :class:`FeatureLayer`: where to hook and how to pool the output to ``[N, C_mid]``.
+
+    Example:
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=10)
+        >>> layer = default_feature_layer(vit)
+        >>> layer.name, layer.pool, layer.channels
+        ('blocks.1', 'cls', 192)
     """
     found = find_timm_model(pl_module)
     if found is not None:

@@ -18,7 +18,18 @@ from typing import Any
 from torch import Tensor, nn
 
 AUX_ATTRIBUTE = "lightning_logits_aux"
-"""Name of the ``nn.ModuleDict`` on a LightningModule that holds modules added by callbacks."""
+"""Name of the ``nn.ModuleDict`` on a LightningModule that holds modules added by callbacks.
+
+Every network reader of the package (head search, layer tracing) skips what is under it; get or
+create it with :func:`aux_modules`.
+
+Example:
+    >>> import torch
+    >>> module = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    >>> aux_modules(module)["extra_head"] = torch.nn.Linear(4, 3)
+    >>> AUX_ATTRIBUTE, isinstance(getattr(module, AUX_ATTRIBUTE), torch.nn.ModuleDict)
+    ('lightning_logits_aux', True)
+"""
 
 _TORCHVISION_HEAD_NAMES = ("fc", "classifier", "heads", "head", "last_linear")
 _PARAMETERIZED_HEADS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LazyLinear)
@@ -284,6 +295,13 @@ def aux_modules(model: nn.Module) -> nn.ModuleDict:
 
     Callbacks put the modules they add (auxiliary heads) here, during ``setup``: they then train
     with the model's optimizer, are saved in its checkpoints, and are never mistaken for its head.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+        >>> aux_modules(model)["weak_head"] = torch.nn.Linear(4, 3)  # added after the real head
+        >>> find_classifier(model)[0], [n for n, _ in model.named_children()]
+        ('1', ['0', '1', 'lightning_logits_aux'])
     """
     existing = getattr(model, AUX_ATTRIBUTE, None)
     if isinstance(existing, nn.ModuleDict):

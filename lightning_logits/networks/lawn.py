@@ -57,7 +57,15 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.CrossMapLRN2d,
 )
 """Normalization layer types; a leaf module whose class name contains ``Norm`` counts too (timm's
-``RmsNorm``, ``SimpleNorm``, ``FrozenBatchNorm2d``...)."""
+``RmsNorm``, ``SimpleNorm``, ``FrozenBatchNorm2d``...).
+
+With ``scope="final"`` LAWN constrains the layers that run after the last of them.
+
+Example:
+    >>> from torch import nn
+    >>> [isinstance(m, NORM_TYPES) for m in (nn.BatchNorm2d(4), nn.LayerNorm(4), nn.Linear(2, 2))]
+    [True, True, False]
+"""
 
 NON_HOMOGENEOUS_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Tanh,
@@ -78,7 +86,13 @@ NON_HOMOGENEOUS_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.GLU,
 )
 """Activations ``f`` with ``f(a x) != a f(x)`` for ``a > 0``: in the constrained part they break the
-link between weight norms and logit scale (LAWN still holds the norms, but attenuates less)."""
+link between weight norms and logit scale (LAWN still holds the norms, but attenuates less).
+
+Example:
+    >>> from torch import nn
+    >>> isinstance(nn.GELU(), NON_HOMOGENEOUS_ACTIVATIONS), isinstance(nn.ReLU(), NON_HOMOGENEOUS_ACTIVATIONS)
+    (True, False)
+"""
 
 # Class names (lower case) of other libraries' non-homogeneous activations (timm's GELU, Swish...).
 _NON_HOMOGENEOUS_NAMES = frozenset(
@@ -169,6 +183,15 @@ class ExecutionTrace:
     Attributes:
         events: ``("start" | "end", module name)`` in the order the hooks fired: a module's
             ``start`` precedes its children's events and its ``end`` follows them.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        >>> with record_execution(net) as trace:
+        ...     _ = net(torch.randn(2, 4))
+        >>> trace.events
+        [('start', ''), ('start', '0'), ('end', '0'), ('start', '1'), ('end', '1'), ('end', '')]
     """
 
     events: list[tuple[str, str]] = field(default_factory=list)

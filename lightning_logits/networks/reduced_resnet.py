@@ -103,7 +103,18 @@ class ReducedResNet18(nn.Module):
 
 @register_model
 def reduced_resnet18(pretrained: bool = False, **kwargs: Any) -> ReducedResNet18:
-    """timm entry point: ``timm.create_model("reduced_resnet18", num_classes=10, in_chans=3)`` (no weights)."""
+    """timm entry point: ``timm.create_model("reduced_resnet18", num_classes=10, in_chans=3)`` (no weights).
+
+    Args:
+        pretrained: must be ``False``: no pretrained weights exist.
+        **kwargs: passed to :class:`ReducedResNet18` (``num_classes``, ``in_chans``, ``nf``).
+
+    Example:
+        >>> import timm, torch
+        >>> net = timm.create_model("reduced_resnet18", num_classes=4, in_chans=1)
+        >>> type(net).__name__, net(torch.randn(2, 1, 16, 16)).shape
+        ('ReducedResNet18', torch.Size([2, 4]))
+    """
     if pretrained:
         raise ValueError("reduced_resnet18 has no pretrained weights; create it with pretrained=False")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
