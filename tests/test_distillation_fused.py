@@ -445,3 +445,27 @@ def test_error_messages_name_the_problem() -> None:
     fused_distillation_loss(h, w, y, bad, validate_args=False)  # no check, no error
     with pytest.raises(ValueError, match="bias must be"):
         fused_distillation_loss(h, w, y, t, bias=b[:3])
+
+
+# --------------------------------------------------------------------------- the benchmark, tiny
+def test_memory_benchmark_runs_every_case_and_prints_the_ratios() -> None:
+    import argparse
+
+    from benchmarks.memory_fused import CASES, format_table, main, measure
+
+    rows = {}
+    threads = torch.get_num_threads()
+    try:
+        for case in CASES:
+            result = measure(case, tokens=40, hidden=8, vocab=300, chunk=None, repeats=1)
+            assert result["peak_mb"] >= result["inputs_mb"] and len(result["times"]) == 1
+            rows[case] = {"loss_mb": max(result["loss_mb"], 1.0), "time_s": result["times"][0]}
+    finally:
+        torch.set_num_threads(threads)  # measure() runs on one thread
+    args = argparse.Namespace(tokens=40, hidden=8, vocab=300, chunk=None)
+    table = format_table(rows, args)
+    assert "fused chunk = 8 tokens" in table
+    for case in CASES:
+        assert f"| {case} |" in table
+    with pytest.raises(SystemExit):
+        main(["--cases", "nope"])

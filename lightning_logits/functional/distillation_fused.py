@@ -46,10 +46,11 @@ backward would do; for half-precision inputs the ``W`` (and ``b``) gradient is a
 the chunks in float32 and cast once at the end.
 
 **Memory.** Beyond the gradients of ``h``, ``W`` and ``b`` (which autograd would allocate anyway)
-the loss needs about two (cross-entropy alone) to three (with distillation) float32 buffers of
-``[chunk_size, V]``. The default ``chunk_size`` makes one such buffer about as large as ``h`` in
-float32 (``ceil(N * H / V)`` rows, at least 8), so the loss needs a few times the memory of
-``h`` on top of the gradients. ``benchmarks/memory_fused.py`` measures it.
+the loss allocates, once per call, two float32 buffers of ``[chunk_size, V]`` for cross-entropy
+alone and three with a teacher (the chunk's logits, the teacher's logits, one scratch buffer),
+and reuses them for every chunk; every other temporary is per token or smaller. The default
+``chunk_size`` makes one such buffer about as large as ``h`` in float32 (``ceil(N * H / V)``
+rows, at least 8). ``benchmarks/memory_fused.py`` measures it.
 
 **Backward once.** The gradients are scaled by the incoming gradient in place, so a graph built by
 this loss can be backpropagated once (``retain_graph=True`` and a second backward raise
@@ -191,7 +192,7 @@ def _check_inputs(
 
 
 # --------------------------------------------------------------------------- the chunk loop
-_COLUMN_BLOCK = 8192  # vocabulary columns per block where a row sum would otherwise need a [c, V] temporary
+_COLUMN_BLOCK = 2048  # vocabulary columns per block where a row sum would otherwise need a [c, V] temporary
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -217,61 +218,63 @@ class _Options(NamedTuple):
     chunk_size: int
 
 
-def _teacher_chunk(
+def _logsumexp(x: Tensor, scratch: Tensor) -> Tensor:
+    """Row-wise log-sum-exp of ``x: [c, V]`` with ``scratch`` (same shape) as its only temporary."""
+    top = x.amax(dim=1, keepdim=True)
+    total = torch.sub(x, top, out=scratch).exp_().sum(dim=1)
+    return total.log_().add_(top.squeeze(1))
+
+
+def _fill_teacher(
+    out: Tensor,
     teacher_logits: Tensor | None,
     topk: tuple[Tensor, Tensor, Tensor] | None,
     start: int,
     end: int,
-    vocab: int,
-    work: torch.dtype,
     drop: Tensor,
-) -> Tensor | None:
-    """The chunk's teacher logits as a fresh ``[c, V]`` buffer in the working dtype, ignored rows zeroed."""
+) -> None:
+    """Write the chunk's teacher logits into ``out: [c, V]`` (working dtype), ignored rows zeroed."""
     if teacher_logits is not None:
-        return teacher_logits[start:end].to(work, copy=True).masked_fill_(drop, 0.0)
-    if topk is None:
-        return None
-    values, indices, rest = topk
-    k = values.shape[1]
-    if k == vocab:
-        out = torch.empty(end - start, vocab, dtype=work, device=values.device)
+        out.copy_(teacher_logits[start:end])
     else:
-        fill = (rest[start:end].float() - math.log(vocab - k)).to(work)
-        out = fill.unsqueeze(1).expand(-1, vocab).clone()
-    # through float32 as reconstruct_logits, so float16 values round the same way
-    out.scatter_(1, indices[start:end].long(), values[start:end].float().to(work))
-    return out.masked_fill_(drop, 0.0)
+        assert topk is not None
+        values, indices, rest = topk
+        vocab, k = out.shape[1], values.shape[1]
+        if k < vocab:  # every column not in the top k gets rest - log(V - k), as reconstruct_logits
+            out.copy_((rest[start:end].float() - math.log(vocab - k)).unsqueeze(1).expand_as(out))
+        # through float32 as reconstruct_logits, so float16 values round the same way
+        out.scatter_(1, indices[start:end].long(), values[start:end].float().to(out.dtype))
+    out.masked_fill_(drop, 0.0)
 
 
 def _chunk_loss_and_grad(
-    z: Tensor, labels: Tensor, teacher: Tensor | None, opts: _Options
+    z: Tensor, labels: Tensor, teacher: Tensor | None, scratch: Tensor, opts: _Options
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row CE and ``T^2``-scaled divergence of one chunk, and the gradient of the weighted sum w.r.t. ``z``.
 
-    ``z`` (``[c, V]``, working dtype) and ``teacher`` are overwritten: the returned gradient
-    ``ce_weight * dCE/dz + kd_weight * d(T^2 D)/dz`` per row (not yet scaled by the row weights)
-    lives in one of them. At most three ``[c, V]`` buffers exist at once (two with
-    ``temperature == 1``, plus ``torch.logsumexp``'s temporary).
+    ``z`` holds the chunk's logits and ``teacher`` its teacher logits (``[c, V]``, working dtype);
+    both and ``scratch`` are overwritten, and the returned gradient ``ce_weight * dCE/dz +
+    kd_weight * d(T^2 D)/dz`` per row (not yet scaled by the row weights) lives in one of them.
+    These three buffers are the only ``[c, V]`` tensors used (two without a teacher).
     """
     temperature, ce_weight = opts.temperature, opts.ce_weight
     column = labels.unsqueeze(1)
-    lse = torch.logsumexp(z, dim=1)
+    lse = _logsumexp(z, scratch)
     ce_rows = lse - z.gather(1, column).squeeze(1)
     if teacher is None:  # cross-entropy only: softmax(z) - onehot(y)
         grad = z.sub_(lse.unsqueeze(1)).exp_().mul_(ce_weight)
         return ce_rows, torch.zeros_like(ce_rows), grad.scatter_add_(1, column, grad.new_full(column.shape, -ce_weight))
     if temperature != 1.0:
         z.div_(temperature)
-        lse_s = torch.logsumexp(z, dim=1)
+        lse_s = _logsumexp(z, scratch)
     else:
         lse_s = lse
     log_ps = z.sub_(lse_s.unsqueeze(1))  # log softmax(z / T), in z's buffer
     log_pt = teacher
-    del teacher
     if temperature != 1.0:
         log_pt.div_(temperature)
-    log_pt.sub_(torch.logsumexp(log_pt, dim=1, keepdim=True))
-    # CE's softmax(z) = exp(T log_ps + T lse_s - lse) is a buffer of its own only when T != 1
+    log_pt.sub_(_logsumexp(log_pt, scratch).unsqueeze(1))
+    # CE's softmax(z) = exp(T log_ps + T lse_s - lse) needs a buffer of its own only when T != 1
     # (at T = 1 it is p_s, and its term is folded into p_s's coefficient).
     separate_ce = ce_weight != 0.0 and temperature != 1.0
     fold = ce_weight if temperature == 1.0 else 0.0
@@ -280,47 +283,42 @@ def _chunk_loss_and_grad(
     scale = opts.kd_weight * temperature  # d(T^2 D(z / T)) / dz = T dD/ds with s = z / T
     if opts.divergence == "forward_kl":
         # KL(p_t || p_s) = sum p_t (log p_t - log p_s); dD/ds = p_s - p_t
-        kd_rows = _kl_rows(log_pt, log_ps)
-        if separate_ce:
-            p_ce = torch.exp(log_ps * temperature + shift)
+        log_ratio = torch.sub(log_pt, log_ps, out=scratch)
         pt = log_pt.exp_()
+        kd_rows = _rowdot(pt, log_ratio)
+        if separate_ce:
+            p_ce = torch.mul(log_ps, temperature, out=scratch).add_(shift).exp_()
         grad = log_ps.exp_().mul_(scale + fold).sub_(pt, alpha=scale)
-        del pt, log_pt
     elif opts.divergence == "reverse_kl":
         # KL(p_s || p_t) = sum p_s d with d = log p_s - log p_t; dD/ds = p_s (d - KL)
         if separate_ce:
-            p_ce = torch.exp(log_ps * temperature + shift)
+            p_ce = torch.mul(log_ps, temperature, out=scratch).add_(shift).exp_()
         d = log_pt.neg_().add_(log_ps)
-        del log_pt
         ps = log_ps.exp_()
         kd_rows = _rowdot(ps, d)
         grad = d.sub_(kd_rows.unsqueeze(1)).mul_(ps).mul_(scale)
         if fold:
             grad.add_(ps, alpha=fold)
-        del ps
     else:
         # m = beta p_t + (1 - beta) p_s, D = beta KL(p_t || m) + (1 - beta) KL(p_s || m);
         # dD/ds = (1 - beta) p_s (r - sum p_s r) with r = log p_s - log m
         beta = opts.beta
-        log_m = log_ps + math.log1p(-beta)
+        log_m = torch.add(log_ps, math.log1p(-beta), out=scratch)
         log_pt.add_(math.log(beta))  # log(beta p_t)
         torch.logaddexp(log_m, log_pt, out=log_m)
         # sum beta p_t (log(beta p_t) - log m) = beta KL(p_t || m) + beta log(beta)
         teacher_part = _kl_rows(log_pt, log_m) - beta * math.log(beta)
-        del log_pt
         r = log_m.neg_().add_(log_ps)
-        if separate_ce:
-            p_ce = torch.exp(log_ps * temperature + shift)
+        if separate_ce:  # the teacher's buffer is free now
+            p_ce = torch.mul(log_ps, temperature, out=log_pt).add_(shift).exp_()
         ps = log_ps.exp_()
         student_part = _rowdot(ps, r)
         kd_rows = teacher_part + (1.0 - beta) * student_part
         grad = r.sub_(student_part.unsqueeze(1)).mul_(ps).mul_((1.0 - beta) * scale)
         if fold:
             grad.add_(ps, alpha=fold)
-        del ps
     if p_ce is not None:
         grad.add_(p_ce, alpha=ce_weight)
-        del p_ce
     if ce_weight != 0.0:
         grad.scatter_add_(1, column, grad.new_full(column.shape, -ce_weight))
     return ce_rows, kd_rows * temperature**2, grad
@@ -358,16 +356,30 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_b = torch.zeros(vocab, dtype=work, device=weight.device) if need_b else None
         ce_total = torch.zeros((), dtype=work, device=hidden.device)
         kd_total = torch.zeros((), dtype=work, device=hidden.device)
+        # the only [chunk, V] tensors: the logits, the teacher's logits and one scratch buffer, reused by every chunk
+        rows = min(opts.chunk_size, num)
+        z_buffer = torch.empty(rows, vocab, dtype=work, device=hidden.device)
+        scratch_buffer = torch.empty_like(z_buffer)
+        has_teacher = teacher_logits is not None or topk is not None
+        t_buffer = torch.empty_like(z_buffer) if has_teacher else None
         for start in range(0, num, opts.chunk_size):
             end = min(start + opts.chunk_size, num)
             drop = ~valid[start:end].unsqueeze(1)
             h_chunk = hidden[start:end].masked_fill(drop, 0.0)  # ignored rows reach nothing, NaN or not
-            # no reference to the chunk's buffers is kept here, so the loss can free them as it goes
+            z = z_buffer[: end - start]
+            if hidden.dtype == work:
+                if bias is None:
+                    torch.mm(h_chunk, weight.t(), out=z)
+                else:
+                    torch.addmm(bias, h_chunk, weight.t(), out=z)
+            else:  # half precision: the logits as F.linear gives them, then float32
+                z.copy_(torch.nn.functional.linear(h_chunk, weight, bias))
+            teacher = None
+            if t_buffer is not None:
+                teacher = t_buffer[: end - start]
+                _fill_teacher(teacher, teacher_logits, topk, start, end, drop)
             ce_rows, kd_rows, grad = _chunk_loss_and_grad(
-                torch.nn.functional.linear(h_chunk, weight, bias).to(work),
-                labels[start:end],
-                _teacher_chunk(teacher_logits, topk, start, end, vocab, work, drop),
-                opts,
+                z, labels[start:end], teacher, scratch_buffer[: end - start], opts
             )
             weights = row_weight[start:end]
             ce_total += torch.dot(ce_rows, weights)
@@ -380,7 +392,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                     grad_w.addmm_(grad.t(), h_chunk.to(work))
                 if grad_b is not None:
                     grad_b += grad.sum(0)
-            del grad
+        del z_buffer, scratch_buffer, t_buffer
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
