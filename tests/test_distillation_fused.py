@@ -48,19 +48,19 @@ def _leaves(*tensors: Tensor) -> list[Tensor]:
     return [x.detach().clone().requires_grad_(True) for x in tensors]
 
 
-def _divergence_rows(z: Tensor, t: Tensor, divergence: str, temperature: float, beta: float) -> Tensor:
-    """Per-row divergence times T^2, float64, from the definitions."""
+def _divergence_rows(z: Tensor, t: Tensor, loss: str, temperature: float, beta: float) -> Tensor:
+    """Per-row distillation term in float64, from the definitions ("kd" times T^2, the others not)."""
     log_ps = F.log_softmax(z.double() / temperature, dim=-1)
     log_pt = F.log_softmax(t.double() / temperature, dim=-1)
     ps, pt = log_ps.exp(), log_pt.exp()
-    if divergence == "forward_kl":
+    if loss in ("kd", "forward_kl"):
         rows = (pt * (log_pt - log_ps)).sum(-1)
-    elif divergence == "reverse_kl":
+    elif loss == "reverse_kl":
         rows = (ps * (log_ps - log_pt)).sum(-1)
     else:
         m = beta * pt + (1 - beta) * ps
         rows = beta * (pt * (log_pt - m.log())).sum(-1) + (1 - beta) * (ps * (log_ps - m.log())).sum(-1)
-    return rows * temperature**2
+    return rows * temperature**2 if loss == "kd" else rows
 
 
 def _reference(
@@ -70,7 +70,7 @@ def _reference(
     y: Tensor,
     t: Tensor,
     *,
-    divergence: str = "forward_kl",
+    loss: str = "kd",
     temperature: float = 1.0,
     beta: float = 0.5,
     ce_weight: float = 1.0,
@@ -79,10 +79,10 @@ def _reference(
     """The unfused loss: full logits, then the losses, differentiated by autograd."""
     z = F.linear(h, w, b)
     valid = y != -100
-    if divergence == "forward_kl":
+    if loss == "kd":
         kd = kd_loss(z, t, temperature, target=y)  # today's loss
     else:
-        kd = (_divergence_rows(z, t, divergence, temperature, beta) * valid).sum() / valid.sum().clamp_min(1)
+        kd = (_divergence_rows(z, t, loss, temperature, beta) * valid).sum() / valid.sum().clamp_min(1)
     ce = F.cross_entropy(z, y, ignore_index=-100)
     return ce_weight * ce + kd_weight * kd
 
@@ -124,7 +124,7 @@ def test_forward_kl_and_ce_equal_linear_plus_todays_losses(
         _close(got, want, 1e-4, 1e-6)
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["kd", "forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 @pytest.mark.parametrize(("ce_weight", "kd_weight"), [(1.0, 1.0), (0.0, 1.0), (0.3, 2.0)])
 def test_each_divergence_equals_its_definition_in_float64(
@@ -138,7 +138,7 @@ def test_each_divergence_equals_its_definition_in_float64(
         y,
         t,
         bias=leaves[2],
-        divergence=divergence,  # type: ignore[arg-type]
+        loss=divergence,  # type: ignore[arg-type]
         beta=beta,
         temperature=temperature,
         ce_weight=ce_weight,
@@ -150,7 +150,7 @@ def test_each_divergence_equals_its_definition_in_float64(
         *ref_leaves,
         y,
         t,
-        divergence=divergence,
+        loss=divergence,
         temperature=temperature,
         beta=beta,
         ce_weight=ce_weight,
@@ -171,9 +171,9 @@ def test_jsd_hand_value_on_one_row() -> None:
     expected = 0.5 * (0.75 * math.log(0.75 / 0.625) + 0.25 * math.log(0.25 / 0.375)) + 0.5 * (
         0.5 * math.log(0.5 / 0.625) + 0.5 * math.log(0.5 / 0.375)
     )
-    got = fused_distillation_loss(h, w, y, t, divergence="jsd", beta=beta, ce_weight=0.0)
+    got = fused_distillation_loss(h, w, y, t, loss="jsd", beta=beta, ce_weight=0.0)
     assert got.item() == pytest.approx(expected, rel=1e-12)
-    reverse = fused_distillation_loss(h, w, y, t, divergence="reverse_kl", ce_weight=0.0)
+    reverse = fused_distillation_loss(h, w, y, t, loss="reverse_kl", ce_weight=0.0)
     assert reverse.item() == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25), rel=1e-12)
     ce_only = fused_distillation_loss(h, w, y, t, kd_weight=0.0)
     assert ce_only.item() == pytest.approx(math.log(2.0), rel=1e-12)
@@ -186,7 +186,7 @@ def test_jsd_hand_value_on_one_row() -> None:
     vocab=st.integers(2, 70),
     chunk=st.integers(1, 45),
     temperature=st.sampled_from([0.7, 1.0, 4.0]),
-    divergence=st.sampled_from(["forward_kl", "reverse_kl", "jsd"]),
+    divergence=st.sampled_from(["kd", "forward_kl", "reverse_kl", "jsd"]),
     seed=st.integers(0, 2**16),
 )
 def test_any_shape_and_chunk_size_matches_the_reference(
@@ -194,7 +194,7 @@ def test_any_shape_and_chunk_size_matches_the_reference(
 ) -> None:
     h, w, b, y, t = _inputs(n, hidden, vocab, seed=seed, dtype=torch.float64, ignore=0.3)
     leaves, ref_leaves = _leaves(h, w, b), _leaves(h, w, b)
-    kwargs = dict(divergence=divergence, temperature=temperature)
+    kwargs = dict(loss=divergence, temperature=temperature)
     fused = fused_distillation_loss(*leaves[:2], y, t, bias=leaves[2], chunk_size=chunk, **kwargs)  # type: ignore[arg-type]
     ref = _reference(*ref_leaves, y, t, **kwargs)  # type: ignore[arg-type]
     if not bool((y != -100).any()):
@@ -202,6 +202,20 @@ def test_any_shape_and_chunk_size_matches_the_reference(
     _close(fused, ref, 1e-9, 1e-12)
     for got, want in zip(_grads(fused, leaves), _grads(ref, ref_leaves), strict=True):
         _close(got, want.nan_to_num(0.0), 1e-8, 1e-12)
+
+
+@pytest.mark.parametrize(("beta", "same_as"), [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_end_points_are_the_two_kls_and_kd_is_t_squared_forward_kl(beta: float, same_as: str) -> None:
+    h, w, b, y, t = _inputs(19, 5, 30, seed=16, dtype=torch.float64)
+    leaves, other = _leaves(h, w, b), _leaves(h, w, b)
+    jsd = fused_distillation_loss(*leaves[:2], y, t, bias=leaves[2], loss="jsd", beta=beta, temperature=2.0)
+    kl = fused_distillation_loss(*other[:2], y, t, bias=other[2], loss=same_as, temperature=2.0)  # type: ignore[arg-type]
+    _close(jsd, kl, 1e-12, 1e-12)
+    for got, want in zip(_grads(jsd, leaves), _grads(kl, other), strict=True):
+        _close(got, want, 1e-12, 1e-12)
+    kd = fused_distillation_loss(h, w, y, t, bias=b, temperature=2.0, ce_weight=0.0)
+    forward = fused_distillation_loss(h, w, y, t, bias=b, loss="forward_kl", temperature=2.0, ce_weight=0.0)
+    _close(kd, 4.0 * forward, 1e-12, 1e-12)
 
 
 def test_sequence_shapes_and_a_frozen_head_without_bias() -> None:
@@ -315,8 +329,8 @@ def test_float32_default_chunks_equal_a_single_chunk() -> None:
     h, w, b, y, t = _inputs(300, 4, 50, seed=9)
     assert default_chunk_size(300, 4, 50) == 24
     leaves, one = _leaves(h, w, b), _leaves(h, w, b)
-    chunked = fused_distillation_loss(*leaves[:2], y, t, bias=leaves[2], divergence="jsd")
-    whole = fused_distillation_loss(*one[:2], y, t, bias=one[2], divergence="jsd", chunk_size=300)
+    chunked = fused_distillation_loss(*leaves[:2], y, t, bias=leaves[2], loss="jsd")
+    whole = fused_distillation_loss(*one[:2], y, t, bias=one[2], loss="jsd", chunk_size=300)
     _close(chunked, whole, 1e-6, 1e-7)
     for got, want in zip(_grads(chunked, leaves), _grads(whole, one), strict=True):
         _close(got, want, 1e-5, 1e-7)
@@ -426,10 +440,10 @@ def test_error_messages_name_the_problem() -> None:
         fused_distillation_loss(h, w, y, t[:, :9])
     with pytest.raises(ValueError, match=r"token ids in \[.*\] but the head has V=10"):
         fused_distillation_loss(h, w, torch.full((6,), 10), t)
-    with pytest.raises(ValueError, match="beta must lie strictly between 0 and 1"):
-        fused_distillation_loss(h, w, y, t, divergence="jsd", beta=1.0)
-    with pytest.raises(ValueError, match="divergence must be one of"):
-        fused_distillation_loss(h, w, y, t, divergence="tv")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"beta must lie in \[0, 1\]"):
+        fused_distillation_loss(h, w, y, t, loss="jsd", beta=1.5)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        fused_distillation_loss(h, w, y, t, loss="tv")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="temperature must be"):
         fused_distillation_loss(h, w, y, t, temperature=0.0)
     with pytest.raises(ValueError, match="chunk_size must be"):

@@ -16,21 +16,24 @@ PyTorch for any device).
 
 .. math::
     L = \frac{1}{M} \sum_{n \in \mathcal{V}} \Big[ w_{ce}\, \mathrm{CE}(z_n, y_n)
-        + w_{kd}\, T^2\, D\big(\mathrm{softmax}(t_n / T),\ \mathrm{softmax}(z_n / T)\big) \Big]
+        + w_{kd}\, D\big(\mathrm{softmax}(t_n / T),\ \mathrm{softmax}(z_n / T)\big) \Big]
 
 where :math:`\mathcal{V}` is the set of tokens whose target is not ``ignore_index`` and ``M``
 their number: **both terms are means over the same valid tokens**, exactly as
 ``F.cross_entropy(z, y, ignore_index=-100)`` plus :func:`~lightning_logits.functional.kd_loss`
 with ``target=y`` (which also averages over the tokens whose target is not ``ignore_index``, also
-in chunks). The cross-entropy is at temperature 1. ``D`` is one of
+in chunks). The cross-entropy is at temperature 1. ``loss`` picks ``D``, with the names and the
+scaling of the distillation registry (``TeacherDistillation(loss=...)``), with
+:math:`p_s = \mathrm{softmax}(z / T)`, :math:`p_t = \mathrm{softmax}(t / T)`:
 
-- ``"forward_kl"``: :math:`\mathrm{KL}(p_t \| p_s)`, Hinton's KD (what ``kd_loss`` computes);
-- ``"reverse_kl"``: :math:`\mathrm{KL}(p_s \| p_t)` (mode-seeking, as MiniLLM);
+- ``"kd"`` (default): :math:`T^2\,\mathrm{KL}(p_t \| p_s)`, Hinton's KD, what ``kd_loss`` computes;
+- ``"forward_kl"``: :math:`\mathrm{KL}(p_t \| p_s)` without the :math:`T^2` factor (as TRL's GKD
+  and DistiLLM define the token divergences; equal to ``"kd"`` at ``T = 1``);
+- ``"reverse_kl"``: :math:`\mathrm{KL}(p_s \| p_t)` (mode-seeking, as MiniLLM), no :math:`T^2`;
 - ``"jsd"``: the generalized Jensen-Shannon divergence of GKD with ``beta``:
   :math:`\beta\,\mathrm{KL}(p_t \| m) + (1 - \beta)\,\mathrm{KL}(p_s \| m)` with
-  :math:`m = \beta p_t + (1 - \beta) p_s` (TRL's ``GKDTrainer.generalized_jsd_loss`` convention:
-  ``beta -> 0`` tends to forward KL, ``beta -> 1`` to reverse KL; here ``0 < beta < 1``), times
-  :math:`T^2` as every term of this library.
+  :math:`m = \beta p_t + (1 - \beta) p_s` (TRL's ``GKDTrainer.generalized_jsd_loss`` convention,
+  ``beta = 0`` is forward KL and ``beta = 1`` reverse KL), no :math:`T^2`.
 
 With no valid token the loss is 0 (where ``F.cross_entropy`` gives NaN).
 
@@ -83,23 +86,26 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = [
-    "FusedDivergence",
+    "FusedLossName",
     "FusedLossTerms",
     "default_chunk_size",
     "fused_distillation_loss",
     "fused_linear_cross_entropy",
 ]
 
-FusedDivergence = Literal["forward_kl", "reverse_kl", "jsd"]
-"""The divergences :func:`fused_distillation_loss` computes (its ``divergence`` argument).
+FusedLossName = Literal["kd", "forward_kl", "reverse_kl", "jsd"]
+"""The distillation terms :func:`fused_distillation_loss` computes (its ``loss`` argument).
+
+The names are those of the distillation registry: ``"kd"`` is ``T^2``-scaled, the others are
+the divergences themselves.
 
 Example:
     >>> from typing import get_args
-    >>> get_args(FusedDivergence)
-    ('forward_kl', 'reverse_kl', 'jsd')
+    >>> get_args(FusedLossName)
+    ('kd', 'forward_kl', 'reverse_kl', 'jsd')
 """
 
-_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+_LOSSES = ("kd", "forward_kl", "reverse_kl", "jsd")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -109,7 +115,7 @@ class FusedLossTerms(NamedTuple):
     Attributes:
         loss: the differentiable total ``ce_weight * ce + kd_weight * kd``.
         ce: the cross-entropy mean over valid tokens (detached, for logging).
-        kd: the ``T^2``-scaled divergence mean over valid tokens (detached).
+        kd: the distillation term's mean over valid tokens (``T^2``-scaled for ``"kd"``; detached).
 
     Example:
         >>> import torch
@@ -225,7 +231,7 @@ def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 class _Options(NamedTuple):
-    divergence: str
+    loss: str
     beta: float
     temperature: float
     ce_weight: float
@@ -265,11 +271,11 @@ def _fill_teacher(
 def _chunk_loss_and_grad(
     z: Tensor, labels: Tensor, teacher: Tensor | None, scratch: Tensor, opts: _Options
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row CE and ``T^2``-scaled divergence of one chunk, and the gradient of the weighted sum w.r.t. ``z``.
+    """Per-row CE and distillation term of one chunk, and the gradient of the weighted sum w.r.t. ``z``.
 
     ``z`` holds the chunk's logits and ``teacher`` its teacher logits (``[c, V]``, working dtype);
     both and ``scratch`` are overwritten, and the returned gradient ``ce_weight * dCE/dz +
-    kd_weight * d(T^2 D)/dz`` per row (not yet scaled by the row weights) lives in one of them.
+    kd_weight * dD/dz`` per row (not yet scaled by the row weights) lives in one of them.
     These three buffers are the only ``[c, V]`` tensors used (two without a teacher).
     """
     temperature, ce_weight = opts.temperature, opts.ce_weight
@@ -295,8 +301,16 @@ def _chunk_loss_and_grad(
     fold = ce_weight if temperature == 1.0 else 0.0
     shift = (temperature * lse_s - lse).unsqueeze(1)
     p_ce: Tensor | None = None
-    scale = opts.kd_weight * temperature  # d(T^2 D(z / T)) / dz = T dD/ds with s = z / T
-    if opts.divergence == "forward_kl":
+    # "kd" is T^2 times the forward KL; the divergence's gradient w.r.t. z is 1/T times its gradient
+    # w.r.t. s = z / T
+    factor = temperature**2 if opts.loss == "kd" else 1.0
+    scale = opts.kd_weight * factor / temperature
+    divergence = opts.loss
+    if divergence == "kd" or (divergence == "jsd" and opts.beta == 0.0):
+        divergence = "forward_kl"
+    elif divergence == "jsd" and opts.beta == 1.0:
+        divergence = "reverse_kl"
+    if divergence == "forward_kl":
         # KL(p_t || p_s) = sum p_t (log p_t - log p_s); dD/ds = p_s - p_t
         log_ratio = torch.sub(log_pt, log_ps, out=scratch)
         pt = log_pt.exp_()
@@ -304,7 +318,7 @@ def _chunk_loss_and_grad(
         if separate_ce:
             p_ce = torch.mul(log_ps, temperature, out=scratch).add_(shift).exp_()
         grad = log_ps.exp_().mul_(scale + fold).sub_(pt, alpha=scale)
-    elif opts.divergence == "reverse_kl":
+    elif divergence == "reverse_kl":
         # KL(p_s || p_t) = sum p_s d with d = log p_s - log p_t; dD/ds = p_s (d - KL)
         if separate_ce:
             p_ce = torch.mul(log_ps, temperature, out=scratch).add_(shift).exp_()
@@ -336,7 +350,7 @@ def _chunk_loss_and_grad(
         grad.add_(p_ce, alpha=ce_weight)
     if ce_weight != 0.0:
         grad.scatter_add_(1, column, grad.new_full(column.shape, -ce_weight))
-    return ce_rows, kd_rows * temperature**2, grad
+    return ce_rows, kd_rows * factor, grad
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -435,7 +449,7 @@ def _fused(
     teacher_logits: Tensor | None,
     teacher_topk: tuple[Tensor, Tensor, Tensor] | None,
     bias: Tensor | None,
-    divergence: str,
+    loss: str,
     beta: float,
     temperature: float,
     ce_weight: float,
@@ -445,17 +459,17 @@ def _fused(
     validate_args: bool,
 ) -> FusedLossTerms:
     _check_inputs(hidden, weight, bias, target, teacher_logits, teacher_topk)
-    if divergence not in _DIVERGENCES:
-        raise ValueError(f"divergence must be one of {list(_DIVERGENCES)}, got {divergence!r}")
+    if loss not in _LOSSES:
+        raise ValueError(
+            f"loss must be one of {list(_LOSSES)}, got {loss!r} (the other registered losses need the full "
+            "logits: use them with chunk_size instead)"
+        )
     if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature > 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     _check_weight(temperature, "temperature")
     ce_weight, kd_weight = _check_weight(ce_weight, "ce_weight"), _check_weight(kd_weight, "kd_weight")
-    if divergence == "jsd" and not (isinstance(beta, int | float) and 0.0 < beta < 1.0):
-        raise ValueError(
-            f"beta must lie strictly between 0 and 1 for divergence='jsd', got {beta!r}; use "
-            "divergence='forward_kl' for beta = 0 and 'reverse_kl' for beta = 1"
-        )
+    if loss == "jsd" and (isinstance(beta, bool) or not isinstance(beta, int | float) or not 0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must lie in [0, 1] for loss='jsd' (0: forward KL, 1: reverse KL), got {beta!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}")
     num_hidden, vocab = weight.shape[1], weight.shape[0]
@@ -492,9 +506,9 @@ def _fused(
                     "teacher_logits contain NaN or inf at a valid position; check the teacher's forward pass"
                 )
     chunk = default_chunk_size(num, num_hidden, vocab) if chunk_size is None else min(chunk_size, max(num, 1))
-    opts = _Options(divergence, float(beta), float(temperature), ce_weight, kd_weight, chunk)
-    loss, ce, kd = _FusedLinearLoss.apply(flat_h, weight, bias, labels, valid, flat_t, *topk, opts)
-    return FusedLossTerms(loss.to(hidden.dtype), ce, kd)
+    opts = _Options(loss, float(beta), float(temperature), ce_weight, kd_weight, chunk)
+    total, ce, kd = _FusedLinearLoss.apply(flat_h, weight, bias, labels, valid, flat_t, *topk, opts)
+    return FusedLossTerms(total.to(hidden.dtype), ce, kd)
 
 
 @overload
@@ -506,7 +520,7 @@ def fused_distillation_loss(
     *,
     bias: Tensor | None = ...,
     teacher_topk: tuple[Tensor, Tensor, Tensor] | None = ...,
-    divergence: FusedDivergence = ...,
+    loss: FusedLossName = ...,
     beta: float = ...,
     temperature: float = ...,
     ce_weight: float = ...,
@@ -527,7 +541,7 @@ def fused_distillation_loss(
     *,
     bias: Tensor | None = ...,
     teacher_topk: tuple[Tensor, Tensor, Tensor] | None = ...,
-    divergence: FusedDivergence = ...,
+    loss: FusedLossName = ...,
     beta: float = ...,
     temperature: float = ...,
     ce_weight: float = ...,
@@ -547,7 +561,7 @@ def fused_distillation_loss(
     *,
     bias: Tensor | None = None,
     teacher_topk: tuple[Tensor, Tensor, Tensor] | None = None,
-    divergence: FusedDivergence = "forward_kl",
+    loss: FusedLossName = "kd",
     beta: float = 0.5,
     temperature: float = 1.0,
     ce_weight: float = 1.0,
@@ -560,10 +574,10 @@ def fused_distillation_loss(
     r"""Cross-entropy plus distillation from the LM head's input, chunk by chunk (see the module docstring).
 
     Equals ``ce_weight * F.cross_entropy(z, y, ignore_index=...) + kd_weight * D`` with
-    ``z = F.linear(hidden, weight, bias)`` and ``D`` the ``T^2``-scaled divergence averaged over
-    the same valid tokens (for ``"forward_kl"`` exactly
-    :func:`~lightning_logits.functional.kd_loss` ``(z, teacher_logits, temperature, target=y)``),
-    in value and in the gradients of ``hidden``, ``weight`` and ``bias``, without ever holding
+    ``z = F.linear(hidden, weight, bias)`` and ``D`` the distillation term ``loss`` averaged over
+    the same valid tokens (for ``"kd"`` exactly :func:`~lightning_logits.functional.kd_loss`
+    ``(z, teacher_logits, temperature, target=y)``; the others are the registry's token losses of
+    the same names), in value and in the gradients of ``hidden``, ``weight`` and ``bias``, without ever holding
     ``z`` for all tokens.
 
     Args:
@@ -576,13 +590,13 @@ def fused_distillation_loss(
         teacher_topk: instead of ``teacher_logits``, ``(values [..., k], indices [..., k],
             rest [...])`` as the teacher cache stores them; rebuilt chunk by chunk like
             :func:`~lightning_logits.teacher_cache.reconstruct_logits`.
-        divergence: ``"forward_kl"`` (default), ``"reverse_kl"`` or ``"jsd"``.
-        beta: the JSD's interpolation ``0 < beta < 1`` (default 0.5; only for ``"jsd"``).
-        temperature: softmax temperature ``T > 0`` of the divergence (default 1.0, the usual
-            choice for language models); the divergence is multiplied by ``T^2``; the
-            cross-entropy is always at ``T = 1``.
+        loss: ``"kd"`` (default, ``T^2``-scaled forward KL), ``"forward_kl"``, ``"reverse_kl"`` or
+            ``"jsd"`` (see the module docstring).
+        beta: the JSD's interpolation in ``[0, 1]`` (default 0.5; only for ``"jsd"``).
+        temperature: softmax temperature ``T > 0`` of the distillation term (default 1.0, the
+            usual choice for language models); the cross-entropy is always at ``T = 1``.
         ce_weight: weight of the cross-entropy (default 1.0; 0 for distillation alone).
-        kd_weight: weight of the divergence (default 1.0).
+        kd_weight: weight of the distillation term (default 1.0).
         ignore_index: target value of positions to skip (default -100).
         chunk_size: tokens per chunk (default :func:`default_chunk_size`).
         validate_args: check token ids and finiteness of the inputs (reads values on the host;
@@ -619,7 +633,7 @@ def fused_distillation_loss(
         teacher_logits,
         teacher_topk,
         bias,
-        divergence,
+        loss,
         beta,
         temperature,
         ce_weight,
@@ -671,7 +685,7 @@ def fused_linear_cross_entropy(
         None,
         None,
         bias,
-        "forward_kl",
+        "kd",
         0.5,
         1.0,
         1.0,
