@@ -259,6 +259,40 @@ def test_return_terms_gives_each_term_and_their_weighted_sum() -> None:
     assert not terms.ce.requires_grad and not terms.kd.requires_grad
 
 
+def test_a_hugging_face_llama_with_tied_embeddings_gets_the_unfused_gradients() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, 300, (2, 12))
+    labels = ids[:, 1:].clone()
+    labels[0, :3] = -100
+    teacher = torch.randn(2, 11, 300)
+    z = model(ids).logits[:, :-1]
+    unfused = F.cross_entropy(z.reshape(-1, 300), labels.reshape(-1)) + kd_loss(z, teacher, 2.0, target=labels)
+    unfused.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    hidden = model.base_model(ids).last_hidden_state[:, :-1]  # after the final norm, what the head reads
+    head = model.get_output_embeddings()
+    assert head.weight is model.get_input_embeddings().weight  # tied: one weight, used twice
+    fused = fused_distillation_loss(hidden, head.weight, labels, teacher, bias=head.bias, temperature=2.0, chunk_size=5)
+    fused.backward()
+    _close(fused, unfused, 1e-5, 1e-6)
+    assert len(expected) == len(list(model.parameters()))
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        _close(param.grad, expected[name], 1e-4, 1e-6)
+
+
 # --------------------------------------------------------------------------- ignored tokens
 def test_all_ignored_chunks_and_non_finite_ignored_rows_reach_nothing() -> None:
     h, w, b, y, t = _inputs(20, 6, 30, seed=5, ignore=0.0)
