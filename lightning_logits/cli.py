@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -141,3 +142,57 @@ def cache_main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:
+    """Turn a sharded checkpoint folder (``ModelParallelStrategy``) into one ``.ckpt`` file.
+
+    The folder holds each rank's shards (``*.distcp``, written by ``torch.distributed.checkpoint``) and
+    ``meta.pt`` (the loops', callbacks' and hyperparameters' state). The file gets the whole weights
+    under ``state_dict`` and everything in ``meta.pt``, so :meth:`Classifier.load_from_checkpoint`
+    and ``TeacherDistillation(teacher="<file>")`` accept it. The optimizer states are left out: they
+    are keyed by parameter name, not in the layout a single-device resume reads; resume a sharded run
+    from the folder itself (``ckpt_path="<folder>"``). Runs in one process, without a process group.
+
+    Command line: ``lightning-logits-consolidate <folder> <output.ckpt>``.
+
+    Example:
+        >>> consolidate_checkpoint("no/such/folder", "out.ckpt")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no sharded checkpoint at 'no/such/folder' (a folder with meta.pt and *.distcp files, ...
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    folder, output = Path(folder), Path(output)
+    if not (folder.is_dir() and (folder / "meta.pt").is_file() and any(folder.glob("*.distcp"))):
+        raise FileNotFoundError(
+            f"no sharded checkpoint at '{folder}' (a folder with meta.pt and *.distcp files, as "
+            "ModelParallelStrategy writes)"
+        )
+    shards: dict[str, Any] = {}
+    _load_state_dict(
+        shards, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+    )
+    checkpoint: dict[str, Any] = torch.load(folder / "meta.pt", map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = shards["state_dict"]
+    checkpoint.pop("optimizer_states", None)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, output)
+    return output
+
+
+def consolidate_main(argv: list[str] | None = None) -> None:
+    """``lightning-logits-consolidate FOLDER OUTPUT``: one file from a sharded checkpoint folder."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-logits-consolidate",
+        description="Turn a sharded checkpoint folder (ModelParallelStrategy) into one .ckpt file that "
+        "Classifier.load_from_checkpoint and TeacherDistillation(teacher=...) accept.",
+    )
+    parser.add_argument("folder", help="the checkpoint folder (e.g. runs/x/checkpoints/last.ckpt)")
+    parser.add_argument("output", help="the file to write (e.g. runs/x/last-consolidated.ckpt)")
+    args = parser.parse_args(argv)
+    path = consolidate_checkpoint(args.folder, args.output)
+    print(f"wrote {path}")  # the command's output, not library logging

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch  # noqa: F401 (used by the doctest)
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_logits.networks.sharding import fsdp_mesh
@@ -19,7 +20,14 @@ _warned_replicated_data = False
 
 
 def is_model_parallel(trainer: pl.Trainer) -> bool:
-    """Whether ``trainer`` runs Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallel)."""
+    """Whether ``trainer`` runs Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallel).
+
+        Example:
+            >>> import lightning.pytorch as pl
+    import torch  # noqa: F401 (used by the doctest)
+            >>> is_model_parallel(pl.Trainer(accelerator="cpu", devices=1, logger=False))
+            False
+    """
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     return isinstance(trainer.strategy, ModelParallelStrategy)
@@ -31,6 +39,11 @@ def sharding_mesh(pl_module: pl.LightningModule) -> Any:
     See :func:`~lightning_logits.networks.sharding.fsdp_mesh`. Warns once when the strategy's data
     parallel size is 1 while several ranks run (``ModelParallelStrategy()``'s default on one node):
     every rank then trains on the same batches.
+
+    Example:
+        >>> from lightning_logits.modules import Classifier
+        >>> sharding_mesh(Classifier(torch.nn.Linear(4, 3))) is None  # no ModelParallelStrategy: no mesh
+        True
     """
     global _warned_replicated_data
     mesh = pl_module.device_mesh

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -45,6 +46,31 @@ NUM_SAMPLES = 160
 TEACHER_SEED = 7
 
 
+class ResumableLoader(DataLoader):  # type: ignore[type-arg]
+    """A DataLoader that Lightning checkpoints (``state_dict``): a run resumed mid-epoch continues with the
+    next batch instead of the epoch's first (what torchdata's StatefulDataLoader does for real data)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._skip = 0
+
+    def __iter__(self) -> Any:
+        skip, self._skip = self._skip, 0
+        self._yielded = 0
+        for index, batch in enumerate(super().__iter__()):
+            if index < skip:
+                continue
+            self._yielded = index + 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state["batches"])
+
+
 class IndexedData(pl.LightningDataModule):
     """``(x, y, index)`` batches in a fixed order: rank r of W takes samples r, r + W, ... (no shuffle)."""
 
@@ -63,8 +89,8 @@ class IndexedData(pl.LightningDataModule):
             # data-parallel ranks only (ModelParallelStrategy's tensor-parallel ranks share batches).
             split = trainer.strategy.distributed_sampler_kwargs  # type: ignore[attr-defined]
             sampler = DistributedSampler(self.dataset, split["num_replicas"], split["rank"], shuffle=False)
-            return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler)
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False)
+            return ResumableLoader(self.dataset, batch_size=self.batch_size, sampler=sampler)
+        return ResumableLoader(self.dataset, batch_size=self.batch_size, shuffle=False)
 
     def train_dataloader(self) -> DataLoader[Any]:
         return self._loader()
@@ -186,6 +212,104 @@ def mowst_refusal(args: argparse.Namespace) -> dict[str, Any]:
     return {"error": None, "rank": trainer.global_rank}
 
 
+class CrashAt(pl.Callback):
+    """``kill -9`` of this rank when training reaches ``step`` (every rank reaches it: the job dies)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class GlobalStepRecorder(pl.Callback):
+    """``{global step: loss}`` on this rank, so a resumed run can be lined up with an uninterrupted one."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses[trainer.global_step - 1] = float(loss.detach())
+
+
+def run_resume(args: argparse.Namespace) -> None:
+    """Every stateful method at once (dual-head KD, LAWN past its switch, ER's buffer), checkpointed each epoch.
+
+    ``--crash-at S`` kills the job at step S; ``--resume`` continues from ``last.ckpt``.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    module = Classifier(TinyMLP(), optimizer=_adam)
+    recorder = GlobalStepRecorder()
+    methods: dict[str, pl.Callback] = {
+        "dhkd": TeacherDistillation(teacher(), loss="dhkd"),
+        "lawn": LAWN(free_steps=5),
+        "er": ExperienceReplay(buffer_size=24, replay_batch_size=8),
+    }
+    chosen = [methods[m] for m in args.methods.split(",") if m]
+    callbacks: list[pl.Callback] = [
+        *chosen,
+        ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True, save_top_k=-1, every_n_train_steps=5),
+        recorder,
+    ]
+    if args.crash_at is not None:
+        callbacks.append(CrashAt(args.crash_at))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=make_strategy(args.strategy),
+        max_steps=args.steps,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=IndexedData(args.batch_size), ckpt_path="last" if args.resume else None)
+    params = {n: _full(p).tolist() for n, p in module.named_parameters()}
+    lawn = methods["lawn"]
+    record = {"losses": recorder.losses, "params": params, "lawn_norms": lawn.norms}  # type: ignore[attr-defined]
+    (out / f"resume.rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def run_timm_checkpoint(args: argparse.Namespace) -> None:
+    """A timm resnet10t (sharded layer by layer) trained 3 steps on 16x16 images, saving ``last.ckpt``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    images = torch.randn(48, 1, 16, 16)
+    labels = torch.arange(48) % 4
+    module = Classifier("resnet10t", num_classes=4, in_chans=1, optimizer=_sgd)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=make_strategy(args.strategy),
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=args.out,
+        callbacks=[ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True, save_top_k=0)],
+    )
+    trainer.fit(module, DataLoader(TensorDataset(images, labels), batch_size=8))
+    blocks = sorted(n for n, m in module.named_modules() if is_sharded(m))
+    params = {n: _full(p).tolist() for n, p in module.named_parameters()}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"timm.rank{trainer.global_rank}.json").write_text(
+        json.dumps({"units": blocks, "params": params})
+    )
+
+
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,6 +335,7 @@ def run(args: argparse.Namespace) -> None:
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
+            default_root_dir=str(out),
             callbacks=callbacks,
         )
         trainer.fit(module, datamodule=IndexedData(args.batch_size))
@@ -233,6 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cache", default=None)
+    parser.add_argument("--ckpt-dir", default=None)
+    parser.add_argument("--crash-at", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--methods", default="dhkd,lawn,er", help="the resume scenario's callbacks")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     dump_after = float(os.environ.get("WORKER_DUMP_AFTER", "0"))
@@ -240,7 +369,12 @@ def main(argv: list[str] | None = None) -> None:
         import faulthandler
 
         faulthandler.dump_traceback_later(dump_after, exit=False)
-    run(args)
+    if args.scenarios == "resume":
+        run_resume(args)
+    elif args.scenarios == "timm_checkpoint":
+        run_timm_checkpoint(args)
+    else:
+        run(args)
     if args.strategy != "single" and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -183,3 +183,48 @@ def test_sharded_bytes_counts_parameters_gradients_and_optimizer_state() -> None
     # Adam: exp_avg and exp_avg_sq per parameter (32 bytes each) and a float32 step per parameter
     assert counts["gradients"] == 32 and counts["optimizer"] == 2 * 32 + 2 * 4
     assert counts["total"] == 32 + 32 + 72
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_kill_9_and_resume_from_the_sharded_checkpoint_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    # dual-head KD (an auxiliary head), LAWN past its switch (targets) and ER (per-rank buffers) at once
+    common = ["--strategy", "mps", "--scenarios", "resume", "--steps", "30", "--methods", "dhkd,lawn,er"]
+    launch([*common, "--out", str(tmp_path / "full"), "--ckpt-dir", str(tmp_path / "ck_full")])
+    with pytest.raises(AssertionError, match="exit -9"):
+        launch([*common, "--out", str(tmp_path / "crash"), "--ckpt-dir", str(tmp_path / "ck"), "--crash-at", "17"])
+    last = tmp_path / "ck" / "last.ckpt"
+    assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2 and (last / "meta.pt").is_file()
+    meta = torch.load(last / "meta.pt", weights_only=False)
+    assert meta["global_step"] == 15
+    states = {key.split("{")[0]: value for key, value in meta["callbacks"].items()}
+    assert states["LAWN"]["phase"] == "constrained" and len(states["ExperienceReplay"]["rank_states"]) == 2
+    launch([*common, "--out", str(tmp_path / "resumed"), "--ckpt-dir", str(tmp_path / "ck"), "--resume"])
+    for rank in (0, 1):
+        full = _read(tmp_path / "full", "resume", rank)
+        resumed = _read(tmp_path / "resumed", "resume", rank)
+        assert sorted(map(int, resumed["losses"])) == list(range(15, 30))
+        for step, loss in resumed["losses"].items():
+            assert loss == pytest.approx(full["losses"][step], abs=1e-6), step
+        for name, value in full["params"].items():
+            torch.testing.assert_close(torch.tensor(resumed["params"][name]), torch.tensor(value), rtol=0, atol=1e-6)
+        assert resumed["lawn_norms"] == full["lawn_norms"]
+
+
+def test_consolidated_checkpoint_loads_as_a_classifier_and_as_a_teacher(tmp_path: Path) -> None:
+    from lightning_logits.cli import consolidate_checkpoint, consolidate_main
+    from lightning_logits.modules import Classifier
+    from lightning_logits.networks import load_teacher
+
+    launch(["--strategy", "mps", "--scenarios", "timm_checkpoint", "--out", str(tmp_path), "--ckpt-dir", str(tmp_path)])
+    trained = _read(tmp_path, "timm", 0)
+    assert "model.layer1.0" in trained["units"] and "model" in trained["units"]  # blocks, then the root
+    consolidate_main([str(tmp_path / "last.ckpt"), str(tmp_path / "one.ckpt")])
+    module = Classifier.load_from_checkpoint(tmp_path / "one.ckpt")
+    for name, param in module.named_parameters():
+        torch.testing.assert_close(param.detach(), torch.tensor(trained["params"][name]), rtol=0, atol=0)
+    teacher = load_teacher(str(tmp_path / "one.ckpt"))  # what TeacherDistillation(teacher="<file>") calls
+    torch.testing.assert_close(teacher.fc.weight.detach(), torch.tensor(trained["params"]["model.fc.weight"]))
+    with pytest.raises(FileNotFoundError, match="no sharded checkpoint"):
+        consolidate_checkpoint(tmp_path / "one.ckpt", tmp_path / "again.ckpt")

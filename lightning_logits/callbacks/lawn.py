@@ -180,6 +180,7 @@ class LAWN(Callback):
 
         # Per-fit runtime.
         self._named_parameters: dict[str, nn.Parameter] = {}
+        self._state_loaded_late = False
         self._params: dict[str, nn.Parameter] = {}
         # optimizer id -> (its constrained weights, their target norms as one tensor on their device)
         self._per_optimizer: dict[int, tuple[list[nn.Parameter], Tensor]] = {}
@@ -227,15 +228,9 @@ class LAWN(Callback):
             self._handles.append(register(self._after_step))
         if self.log_norms:
             self._attach_logit_hook(pl_module)
+        self._state_loaded_late = False
         if self.param_names:  # resumed from a checkpoint: the layers are known
-            if self._loaded_scope is not None and self._loaded_scope != self.scope and self.layers is None:
-                rank_zero_warn(
-                    f"LAWN: resuming a run made with scope='{self._loaded_scope}' under scope='{self.scope}': the "
-                    f"checkpoint's constrained weights ({len(self.param_names)}) are kept. Start a new run to change "
-                    "the scope."
-                )
-            self._bind(trainer, pl_module)
-            self._check_weight_decay(trainer)
+            self._bind_resumed(trainer, pl_module)
             return
         # Trace the first training step's forward: to find the layers (scope "final") and, when the
         # layers are named, to check the activations between them.
@@ -249,6 +244,26 @@ class LAWN(Callback):
             return
         self._bind(trainer, pl_module)
         self._check_weight_decay(trainer)
+
+    def _bind_resumed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._loaded_scope is not None and self._loaded_scope != self.scope and self.layers is None:
+            rank_zero_warn(
+                f"LAWN: resuming a run made with scope='{self._loaded_scope}' under scope='{self.scope}': the "
+                f"checkpoint's constrained weights ({len(self.param_names)}) are kept. Start a new run to change "
+                "the scope."
+            )
+        self._bind(trainer, pl_module)
+        self._check_weight_decay(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Strategies that restore a checkpoint after their setup (ModelParallelStrategy, FSDP) load this
+        # callback's state after on_fit_start: bind the checkpoint's weights and targets now.
+        if self._state_loaded_late:
+            self._state_loaded_late = False
+            self._stop_trace()
+            self._trace, self._trace_pending = None, False
+            self._bind_resumed(trainer, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -540,3 +555,4 @@ class LAWN(Callback):
         self.switch_step = int(switch_step) if switch_step is not None else None
         scope = state_dict.get("scope", "final" if version < 2 else None)
         self._loaded_scope = scope if scope in ("final", "all") else None
+        self._state_loaded_late = bool(self._named_parameters)  # the fit has started: rebind at on_train_start

@@ -43,6 +43,12 @@ from lightning_logits.functional.distillation import (
     nkd_loss,
     standardize_logits,
 )
+from lightning_logits.functional.distillation_fused import (
+    FusedLossTerms,
+    default_chunk_size,
+    fused_distillation_loss,
+    fused_linear_cross_entropy,
+)
 from lightning_logits.functional.lawn import (
     frobenius_norm,
     project_to_tangent,
@@ -98,12 +104,14 @@ __all__ = [
     "select_logit_gap_top_n",
     "vim_score",
     "DISTILLATION_LOSSES",
+    "FusedLossTerms",
     "average_accuracy",
     "average_forgetting",
     "average_incremental_accuracy",
     "backward_transfer",
     "classification_loss",
     "cosine_logits",
+    "default_chunk_size",
     "dhkd_loss",
     "dist_loss",
     "dkd_loss",
@@ -111,6 +119,8 @@ __all__ = [
     "er_ace_loss",
     "final_average_accuracy",
     "frobenius_norm",
+    "fused_distillation_loss",
+    "fused_linear_cross_entropy",
     "get_distillation_loss",
     "kd_loss",
     "learning_accuracy",

@@ -1,5 +1,6 @@
 """Read or build a user's network: head search and the logit tap, class count, intermediate features,
-LAWN's layer tracer, and the model/teacher factory. Pure PyTorch: nothing here imports Lightning."""
+LAWN's layer tracer, the model/teacher factory, and FSDP2 sharding block by block. Pure PyTorch: nothing
+here imports Lightning."""
 
 # First: registers "reduced_resnet18" with timm before anything can ask timm for a model name.
 from lightning_logits.networks.reduced_resnet import ReducedResNet18, reduced_resnet18  # isort: skip
@@ -22,6 +23,7 @@ from lightning_logits.networks.heads import (
     is_aux,
 )
 from lightning_logits.networks.lawn import find_constrained_layers
+from lightning_logits.networks.sharding import find_blocks, fsdp_mesh, is_sharded, reshard, shard_model, sharded_bytes
 
 __all__ = [
     "AUX_ATTRIBUTE",
@@ -32,16 +34,22 @@ __all__ = [
     "build_expert",
     "build_model",
     "default_feature_layer",
+    "find_blocks",
     "find_classifier",
     "find_constrained_layers",
     "find_module",
     "first_tensor",
+    "fsdp_mesh",
     "is_aux",
+    "is_sharded",
     "load_teacher",
     "count_classes",
     "pool_feature",
     "probe_feature_width",
     "reduced_resnet18",
+    "reshard",
     "resolve_feature_layer",
+    "shard_model",
+    "sharded_bytes",
     "teacher_fingerprint",
 ]
