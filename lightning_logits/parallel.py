@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch  # noqa: F401 (used by the doctest)
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_logits.networks.sharding import fsdp_mesh
@@ -24,8 +23,7 @@ def is_model_parallel(trainer: pl.Trainer) -> bool:
 
         Example:
             >>> import lightning.pytorch as pl
-    import torch  # noqa: F401 (used by the doctest)
-            >>> is_model_parallel(pl.Trainer(accelerator="cpu", devices=1, logger=False))
+                >>> is_model_parallel(pl.Trainer(accelerator="cpu", devices=1, logger=False))
             False
     """
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -41,6 +39,7 @@ def sharding_mesh(pl_module: pl.LightningModule) -> Any:
     every rank then trains on the same batches.
 
     Example:
+        >>> import torch
         >>> from lightning_logits.modules import Classifier
         >>> sharding_mesh(Classifier(torch.nn.Linear(4, 3))) is None  # no ModelParallelStrategy: no mesh
         True
