@@ -149,7 +149,9 @@ def skew_kl_ref(s: np.ndarray, t: np.ndarray, temperature: float, alpha: float, 
 
 
 def tv_ref(s: np.ndarray, t: np.ndarray, temperature: float) -> float:
-    rows = [0.5 * float(np.sum(np.abs(_probs(a, temperature) - _probs(b, temperature)))) for a, b in zip(s, t)]
+    rows = [
+        0.5 * float(np.sum(np.abs(_probs(a, temperature) - _probs(b, temperature)))) for a, b in zip(s, t, strict=True)
+    ]
     return float(np.mean(rows))
 
 
