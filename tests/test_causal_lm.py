@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -454,6 +455,18 @@ def test_causal_lm_and_token_distillation_add_no_host_reads_per_step() -> None:
     # that one read per step, and our code none
     assert outside_transformers(distilled) == outside_transformers(floor), dict(distilled.sites)
     assert distilled.total - floor.total == floor.total - outside_transformers(floor) == distilled.steps
+
+
+# --------------------------------------------------------------------------- the guide
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "guides" / "language-models.md"
+
+
+def test_the_language_model_guide_examples_run(capsys: pytest.CaptureFixture[str]) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, str(GUIDE), "exec"), {"__name__": "guide"})
+    assert "train/loss_jsd_epoch" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- two processes
