@@ -244,7 +244,7 @@ def test_batch_errors_name_the_problem() -> None:
 
 
 # --------------------------------------------------------------------------- training, logging, optimizer
-def test_fit_logs_loss_and_perplexity_token_weighted_and_uses_the_configured_optimizer() -> None:
+def test_fit_logs_loss_and_perplexity_token_weighted_and_uses_the_configured_optimizer(tmp_path: Path) -> None:
     train, val = packed_loader(seed=0), packed_loader(seed=1)
     torch.manual_seed(0)
     module = CausalLM(llama(), optimizer=_sgd)
@@ -277,6 +277,11 @@ def test_fit_logs_loss_and_perplexity_token_weighted_and_uses_the_configured_opt
             total += F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
             count += int((target != -100).sum())
     assert metrics["val/loss"].item() == pytest.approx(total / count, rel=1e-5)
+    # the checkpoint alone rebuilds the model (its config is recorded as a dict) with the trained weights
+    trainer.save_checkpoint(tmp_path / "lm.ckpt")
+    loaded = CausalLM.load_from_checkpoint(tmp_path / "lm.ckpt").eval()
+    ids = batch["input_ids"]
+    torch.testing.assert_close(loaded(ids), module(ids))
 
 
 def test_scheduler_steps_every_step_by_default() -> None:

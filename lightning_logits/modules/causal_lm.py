@@ -161,13 +161,12 @@ class CausalLM(pl.LightningModule):
             raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise ValueError(f"ignore_index must be an integer label value, got {ignore_index!r}")
+        source = model
+        if not isinstance(model, str | Mapping | nn.Module) and callable(getattr(model, "to_dict", None)):
+            model = model.to_dict()  # a transformers config is recorded as a dict: a checkpoint alone rebuilds it
         ignored = ["optimizer", "lr_scheduler"] + (["model"] if isinstance(model, nn.Module) else [])
         self.save_hyperparameters(ignore=ignored)
-        if not isinstance(model, str | Mapping | nn.Module):
-            to_dict = getattr(model, "to_dict", None)
-            if callable(to_dict):  # a transformers config: kept as a dict so a checkpoint alone rebuilds it
-                self.hparams["model"] = to_dict()
-        self.model = build_causal_lm(model, model_kwargs)
+        self.model = build_causal_lm(source, model_kwargs)
         self.ignore_index = ignore_index
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
