@@ -356,6 +356,19 @@ def test_teacher_sees_the_students_packing_for_each_architecture(arch: str) -> N
     assert value.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
+def test_a_bf16_teacher_chunked() -> None:
+    teacher = hf_model(llama(hidden=64), seed=15).eval()
+    callback = Recording(teacher, loss="forward_kl", precision="bf16", chunk_size=16)
+    torch.manual_seed(0)
+    fast_trainer(max_steps=2, limit_val_batches=0, callbacks=[callback]).fit(
+        CausalLM(llama(), optimizer=_sgd), train_dataloaders=packed_loader()
+    )
+    assert next(teacher.parameters()).dtype == torch.bfloat16
+    for _, teacher_logits, _, _, _ in callback.records:
+        assert teacher_logits.dtype == torch.bfloat16
+    _check_records(callback.records, "forward_kl", 1.0)  # float32 inside on the bf16 teacher logits
+
+
 def _fixed_length_loader(num: int = 12, length: int = 10) -> DataLoader:
     ids = torch.randint(0, VOCAB, (num, length), generator=torch.Generator().manual_seed(7))
     return DataLoader(TensorDataset(ids, ids.clone(), torch.arange(num)), batch_size=4)
@@ -420,6 +433,23 @@ def test_token_loss_names_and_hyperparameters_on_the_callback() -> None:
         TeacherDistillation(teacher, loss="skew_kl", alpha=-0.1)
     x = torch.randn(3, 4, 2)
     assert causal_lm_logits(nn.Linear(2, 5), {"input_ids": x}).shape == (3, 4, 5)  # a module without input_ids
+
+
+def test_keyword_inputs_reach_a_compiled_models_original_forward() -> None:
+    class Compiled(nn.Module):  # what torch.compile returns: forward(*args, **kwargs) around _orig_mod
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = inner
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return self._orig_mod(*args, **kwargs)
+
+    model = hf_model(llama(), seed=0).eval()
+    packed = pack_documents(documents(4, seed=1), length=24)
+    inputs = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}
+    with torch.no_grad():
+        want = model(**inputs, use_cache=False).logits
+        torch.testing.assert_close(causal_lm_logits(Compiled(model), inputs), want)
 
 
 # --------------------------------------------------------------------------- no host reads per step

@@ -78,9 +78,13 @@ def build_causal_lm(model: Any, model_kwargs: Mapping[str, Any] | None = None) -
 
 
 def _accepted_keywords(model: nn.Module) -> tuple[set[str], bool]:
-    """The names ``model.forward`` accepts, and whether it takes ``**kwargs``."""
+    """The names ``model.forward`` accepts, and whether it takes ``**kwargs``.
+
+    A ``torch.compile``d module (``forward(*args, **kwargs)``) is read through to the module it wraps.
+    """
+    inner = getattr(model, "_orig_mod", model)
     try:
-        parameters = inspect.signature(model.forward).parameters
+        parameters = inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
         return set(), True
     names = set(parameters)
