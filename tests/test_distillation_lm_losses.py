@@ -28,7 +28,7 @@ from lightning_logits.functional.distillation import (
     skew_reverse_kl_loss,
     tv_loss,
 )
-from tests.test_distillation_losses import LM_NAMES, _data
+from tests.test_distillation_losses import LM_NAMES, _data, reference, skew_kl_ref
 
 # --------------------------------------------------------------------------- hand values
 # Student logits (0, 0) give P_s = (1/2, 1/2); teacher logits (T log 3, 0) at temperature T give P_t = (3/4, 1/4).
@@ -155,6 +155,62 @@ def test_bounds_on_random_rows(rows: int, vocab: int, scale: float, seed: int, b
         # JSD_beta <= beta (1 - beta) (KL(P_t||P_s) + KL(P_s||P_t)) by convexity of KL in its second argument
         if 0.0 < beta < 1.0:
             assert jsd <= beta * (1 - beta) * (forward + reverse) + 1e-9
+
+
+# --------------------------------------------------------------------------- masked tokens (-inf logits)
+@pytest.mark.parametrize("name", LM_NAMES)
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_a_token_masked_on_both_sides_is_as_if_its_column_were_absent(name: str, chunk_size: int | None) -> None:
+    s, t, y = _data((2, 4, 9), seed=5)
+    keep = torch.ones(9, dtype=torch.bool)
+    keep[[2, 7]] = False  # two vocabulary entries masked by both models
+    y[0, 1] = -100
+    masked_s = s.masked_fill(~keep, -math.inf).requires_grad_()
+    masked_t = t.masked_fill(~keep, -math.inf)
+    fn = DISTILLATION_LOSSES[name]
+    value = fn(masked_s, masked_t, temperature=2.0, target=y, chunk_size=chunk_size)  # validation passes -inf
+    narrow_s = s[..., keep].clone().requires_grad_()
+    want = fn(narrow_s, t[..., keep], temperature=2.0, target=y)
+    torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-7)
+    (grad,) = torch.autograd.grad(value, masked_s)
+    (want_grad,) = torch.autograd.grad(want, narrow_s)
+    assert torch.isfinite(grad).all() and (grad[..., ~keep] == 0).all()
+    torch.testing.assert_close(grad[..., keep], want_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_token_masked_on_one_side_follows_the_definitions() -> None:
+    s, t, _ = _data((3, 6), seed=6)
+    t_masked = t.clone()
+    t_masked[:, 4] = -math.inf  # the teacher forbids token 4, the student does not
+    a, b = s.double(), t_masked.double()
+    # P_t(4) = 0: forward KL, JSD, skew KL and TV stay finite and match the restatements
+    forward = skew_kl_ref(a.numpy(), b.numpy(), 1.0, 0.0)  # alpha = 0: KL(P_t || P_s) in probability space
+    assert forward_kl_loss(s, t_masked).item() == pytest.approx(forward, rel=1e-5)
+    for name in ("jsd", "skew_kl", "skew_reverse_kl", "tv"):
+        got = DISTILLATION_LOSSES[name](s, t_masked)
+        assert torch.isfinite(got) and got.item() == pytest.approx(reference(name, a, b, torch.zeros(3), 1.0), rel=1e-5)
+    # the reverse KL divides by P_t(4) = 0 where the student puts mass: +inf, as the definition says
+    assert reverse_kl_loss(s, t_masked).item() == math.inf
+    # skew KL with the student masking what the teacher allows stays bounded by -log(alpha)
+    s_masked = s.clone()
+    s_masked[:, 0] = -math.inf
+    assert forward_kl_loss(s_masked, t).item() == math.inf
+    assert skew_kl_loss(s_masked, t, alpha=0.1).item() <= -math.log(0.1)
+
+
+def test_nan_plus_inf_and_fully_masked_rows_are_still_errors() -> None:
+    s, t, _ = _data((2, 5), seed=7)
+    for bad_value in (math.nan, math.inf):
+        bad = t.clone()
+        bad[1, 3] = bad_value
+        with pytest.raises(ValueError, match="-inf marks a masked token"):
+            jsd_loss(s, bad)
+    empty = t.clone()
+    empty[0] = -math.inf
+    with pytest.raises(ValueError, match="non-finite value"):
+        tv_loss(s, empty)
+    with pytest.raises(ValueError, match="non-finite value"):  # kd keeps refusing any non-finite logit
+        kd_loss(s, t.masked_fill(torch.arange(5) == 2, -math.inf))
 
 
 # --------------------------------------------------------------------------- TRL side by side

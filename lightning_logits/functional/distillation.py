@@ -30,6 +30,14 @@ of both logit tensors is replaced by its z-score (:func:`standardize_logits`) be
 and ``temperature`` is then their *base temperature* (they use 2 with a KD weight of 9 on
 CIFAR-100).
 
+**Masked tokens** (the token-level divergences only). A logit of ``-inf`` marks a token a model
+may not produce (a masked or padded vocabulary entry): it has probability 0. A token masked on
+both sides contributes nothing, with finite gradients, exactly as if its column were absent. A
+token masked on one side only is fine except where a KL divides by its zero probability: the
+forward KL is ``+inf`` where the student masks a token the teacher allows, the reverse KL where the
+teacher masks one the student allows (DistiLLM's code zeroes such entries instead). NaN and
+``+inf`` stay errors, as does a row without any finite logit; ``standardize`` needs finite logits.
+
 **Validation.** Shape and dtype checks always run. Checks that read tensor values on the host
 (non-finite logits, label range) only run when ``validate_args=True`` (the default); a training
 loop passes ``False`` after its first step to avoid a host-device synchronization per step.
@@ -194,15 +202,19 @@ def _valid_positions(
     return labels, valid
 
 
-def _check_finite(tensor: Tensor, valid: Tensor | None, name: str) -> None:
+def _check_finite(tensor: Tensor, valid: Tensor | None, name: str, masked_vocab: bool = False) -> None:
     rows = tensor.reshape(-1, tensor.shape[-1])
-    finite = torch.isfinite(rows).all(dim=1)
+    if masked_vocab:  # -inf marks a masked token; NaN, +inf and rows without any finite logit are errors
+        finite = ~(torch.isnan(rows) | (rows == math.inf)).any(dim=1) & torch.isfinite(rows).any(dim=1)
+    else:
+        finite = torch.isfinite(rows).all(dim=1)
     if valid is not None:
         finite = finite | ~valid
     if not bool(finite.all()):
         bad = int((~finite).sum())
+        allowed = " (-inf marks a masked token and is allowed, if a row keeps a finite logit)" if masked_vocab else ""
         raise ValueError(
-            f"{name} contain non-finite value(s) (NaN or inf) at {bad} valid position(s); check the "
+            f"{name} contain non-finite value(s) (NaN or inf) at {bad} valid position(s){allowed}; check the "
             "model's forward pass and the learning rate"
         )
 
@@ -394,6 +406,7 @@ def _prepare(
     chunk_size: int | None,
     validate_args: bool,
     needs_target: bool,
+    masked_vocab: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
     _check_logit_pair(logits, teacher_logits)
     _check_temperature(temperature)
@@ -401,8 +414,8 @@ def _prepare(
         raise ValueError(f"chunk_size must be a positive number of positions or None, got {chunk_size!r}")
     labels, valid = _valid_positions(logits, target, mask, ignore_index, needs_target, validate_args)
     if validate_args:
-        _check_finite(logits, valid, "logits")
-        _check_finite(teacher_logits, valid, "teacher_logits")
+        _check_finite(logits, valid, "logits", masked_vocab)
+        _check_finite(teacher_logits, valid, "teacher_logits", masked_vocab)
     return labels, valid
 
 
@@ -742,16 +755,31 @@ def dist_loss(
 
 # --------------------------------------------------------------------------- token-level divergences
 # Per position, with P_s = softmax(s / T) and P_t = softmax(t / T) over the vocabulary. These are the
-# divergences themselves, with no T^2 factor (TRL's GKD, DistiLLM and MiniLLM define them so); ``kd``
+# divergences themselves, with no T^2 factor (as TRL's GKD and DistiLLM's losses); ``kd``
 # is the T^2-scaled forward KL of Hinton et al.
 def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(p || q)`` per row from log-probabilities; ``p`` underflowing to 0 contributes ``0 * finite = 0``."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    """``KL(p || q)`` per row from log-probabilities.
+
+    Entries with ``p = 0`` contribute 0 (also where ``log p = -inf``, a masked token): the difference
+    is replaced before the product, so neither the value nor the gradient meets ``0 * inf``. Where
+    ``p > 0`` and ``q = 0`` the divergence is ``+inf``, as it should be.
+    """
+    p = log_p.exp()
+    difference = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
+    return (p * difference).sum(dim=1)
 
 
 def _mixture_log(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
-    """``log(w p + (1 - w) q)`` per entry, ``0 < w < 1``, as a log-sum-exp (never ``log`` of a sum of probabilities)."""
-    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+    """``log(w p + (1 - w) q)`` per entry, ``0 < w < 1``, as a log-sum-exp (never ``log`` of a sum of probabilities).
+
+    Where both are ``-inf`` (a token masked on both sides) the result is a finite placeholder: no
+    KL term reads it (its weight is 0), and ``logaddexp(-inf, -inf)`` would give a NaN gradient.
+    """
+    both = (log_p == -math.inf) & (log_q == -math.inf)
+    zero = torch.zeros_like(log_p)
+    a = torch.where(both, zero, log_p) + math.log(weight_p)
+    b = torch.where(both, zero, log_q) + math.log1p(-weight_p)
+    return torch.logaddexp(a, b)
 
 
 def _forward_kl_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float) -> Tensor:
@@ -814,9 +842,10 @@ def forward_kl_loss(
         L = \frac{1}{M} \sum_n \mathrm{KL}(P_t \| P_s) = \frac{1}{M} \sum_n \sum_v P_t(v)
         \big(\log P_t(v) - \log P_s(v)\big), \quad P = \mathrm{softmax}(z / T)
 
-    over the ``M`` valid positions. It is :func:`kd_loss` divided by ``T^2``: the divergence as TRL's
-    GKD (``beta = 0``), DistiLLM and torchtune's ``ForwardKLLoss`` report it, equal to it at every
-    temperature.
+    over the ``M`` valid positions. It is :func:`kd_loss` divided by ``T^2``, and TRL's GKD loss at
+    ``beta = 0``. DistiLLM's ``forward_kl`` (``distillm/losses.py``) and torchtune's ``ForwardKLLoss``
+    return the cross-entropy :math:`-\sum_v P_t \log P_s` instead (at ``T = 1``), which is larger by
+    the teacher's entropy: the same gradient, another value.
 
     Args:
         logits: ``[..., V]`` student logits (``[N, C]`` or ``[B, T, V]``), with their graph.
@@ -836,7 +865,7 @@ def forward_kl_loss(
         (0.130812, 0.130812)
     """
     labels, valid = _prepare(
-        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False
+        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False, True
     )
 
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
@@ -882,7 +911,7 @@ def reverse_kl_loss(
         (0.143841, 0.143841)
     """
     labels, valid = _prepare(
-        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False
+        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False, True
     )
 
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
@@ -939,7 +968,7 @@ def jsd_loss(
         (0.69315, 0.69315)
     """
     labels, valid = _prepare(
-        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False
+        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False, True
     )
     _check_fraction(beta, "beta", "the teacher's weight in the mixture; 0: forward KL, 1: reverse KL")
     beta = float(beta)
@@ -990,7 +1019,7 @@ def skew_kl_loss(
         0.5978
     """
     labels, valid = _prepare(
-        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False
+        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False, True
     )
     _check_fraction(alpha, "alpha", "the teacher's share of the mixture; DistiLLM uses 0.1")
     alpha = float(alpha)
@@ -1037,7 +1066,7 @@ def skew_reverse_kl_loss(
         0.0
     """
     labels, valid = _prepare(
-        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False
+        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False, True
     )
     _check_fraction(alpha, "alpha", "the student's share of the mixture; DistiLLM uses 0.1")
     alpha = float(alpha)
@@ -1082,7 +1111,7 @@ def tv_loss(
         0.25
     """
     labels, valid = _prepare(
-        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False
+        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False, True
     )
 
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
