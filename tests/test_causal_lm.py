@@ -155,11 +155,14 @@ def test_a_model_name_goes_to_from_pretrained(monkeypatch: pytest.MonkeyPatch) -
     assert module.hparams["model"] == "Qwen/Qwen2.5-0.5B"
 
 
-def test_the_cli_parses_a_model_name(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_parses_model_and_teacher_names(capsys: pytest.CaptureFixture[str]) -> None:
     from lightning_logits.cli import build_cli
 
     args = ["fit", "--model", "lightning_logits.modules.CausalLM", "--model.model", "HuggingFaceTB/SmolLM2-135M",
             "--model.optimizer", "torch.optim.AdamW", "--model.optimizer.lr", "3e-4",
+            "--distillation", "lightning_logits.callbacks.distillation.TeacherDistillation",
+            "--distillation.teacher", "hf:HuggingFaceTB/SmolLM2-360M", "--distillation.loss", "jsd",
+            "--distillation.beta", "0.9", "--distillation.teacher_kwargs", '{"dtype": "bfloat16"}',
             "--data", "lightning_logits.data.DigitsDataModule", "--print_config"]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         build_cli(args)
@@ -167,6 +170,28 @@ def test_the_cli_parses_a_model_name(capsys: pytest.CaptureFixture[str]) -> None
     printed = capsys.readouterr().out
     assert "class_path: lightning_logits.modules.CausalLM" in printed
     assert "model: HuggingFaceTB/SmolLM2-135M" in printed and "lr: 0.0003" in printed
+    assert "teacher: hf:HuggingFaceTB/SmolLM2-360M" in printed and "loss: jsd" in printed and "beta: 0.9" in printed
+
+
+def test_a_teacher_given_as_hf_name_is_loaded_with_from_pretrained(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def fake_from_pretrained(name: str, **kwargs: Any) -> nn.Module:
+        seen.append((name, kwargs))
+        return hf_model(llama(hidden=64), seed=16)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    callback = Recording("hf:org/teacher", loss="reverse_kl", teacher_kwargs={"attn_implementation": "eager"})
+    torch.manual_seed(0)
+    trainer = fast_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(CausalLM(llama(), optimizer=_sgd), train_dataloaders=packed_loader())
+    assert seen == [("org/teacher", {"attn_implementation": "eager"})]
+    assert callback.state_dict()["teacher"] == "hf:org/teacher"  # a resume reloads it by name
+    _check_records(callback.records, "reverse_kl", 1.0)
+    with pytest.raises(ValueError, match="loads its weights with from_pretrained"):
+        from lightning_logits.networks import load_teacher
+
+        load_teacher("hf:org/teacher", checkpoint="weights.pt")
 
 
 # --------------------------------------------------------------------------- the cross-entropy

@@ -154,9 +154,10 @@ class TeacherDistillation(LossTermCallback):
 
     Args:
         teacher: an ``nn.Module`` (moved and cast in place, as Lightning moves a model); the path
-            of a checkpoint of our :class:`~lightning_logits.modules.Classifier`; or a timm model name (or
-            ``"torchvision/<name>"``) with ``checkpoint``. ``None`` when ``cache`` is given, or on
-            resume (the recorded source is loaded).
+            of a checkpoint of our :class:`~lightning_logits.modules.Classifier`; a timm model name (or
+            ``"torchvision/<name>"``) with ``checkpoint``; or ``"hf:<name>"``, a Hugging Face causal LM
+            (``from_pretrained``, with ``teacher_kwargs`` as its keyword arguments). ``None`` when
+            ``cache`` is given, or on resume (the recorded source is loaded).
         loss: ``"nkd"`` (default), ``"kd"``, ``"dkd"``, ``"dist"``, ``"dhkd"``, ``"forward_kl"``,
             ``"reverse_kl"``, ``"jsd"``, ``"skew_kl"``, ``"skew_reverse_kl"``, ``"tv"``, or a callable.
         weight: weight of the term in the total loss (default 1.0).
