@@ -196,6 +196,12 @@ def test_a_token_masked_on_one_side_follows_the_definitions() -> None:
     s_masked[:, 0] = -math.inf
     assert forward_kl_loss(s_masked, t).item() == math.inf
     assert skew_kl_loss(s_masked, t, alpha=0.1).item() <= -math.log(0.1)
+    # alpha = 1 (no divergence left) stays 0 with masked tokens, also chunked, with a zero gradient
+    for fn in (skew_kl_loss, skew_reverse_kl_loss):
+        x = s_masked.clone().requires_grad_()
+        value = fn(x, t_masked, alpha=1.0, chunk_size=2)
+        (grad,) = torch.autograd.grad(value, x)
+        assert value.item() == 0.0 and (grad == 0).all()
 
 
 def test_nan_plus_inf_and_fully_masked_rows_are_still_errors() -> None:

@@ -782,6 +782,11 @@ def _mixture_log(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
     return torch.logaddexp(a, b)
 
 
+def _zero_rows(log_ps: Tensor) -> Tensor:
+    """Zeros ``[m]`` kept on the student's graph (the chunked path differentiates every chunk); ``-inf`` safe."""
+    return torch.nan_to_num(log_ps[:, 0], neginf=0.0) * 0.0
+
+
 def _forward_kl_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float) -> Tensor:
     log_ps, log_pt = F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1)
     return _kl_rows(log_pt, log_ps)
@@ -807,7 +812,7 @@ def _skew_kl_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperature: floa
     if alpha == 0.0:
         return _kl_rows(log_pt, log_ps)
     if alpha == 1.0:
-        return 0.0 * log_ps[:, 0]  # KL(P_t || P_t) = 0, kept on the graph
+        return _zero_rows(log_ps)  # KL(P_t || P_t) = 0
     return _kl_rows(log_pt, _mixture_log(log_pt, log_ps, alpha))  # KL(P_t || a P_t + (1 - a) P_s)
 
 
@@ -816,7 +821,7 @@ def _skew_reverse_kl_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperatu
     if alpha == 0.0:
         return _kl_rows(log_ps, log_pt)
     if alpha == 1.0:
-        return 0.0 * log_ps[:, 0]
+        return _zero_rows(log_ps)
     return _kl_rows(log_ps, _mixture_log(log_ps, log_pt, alpha))  # KL(P_s || a P_s + (1 - a) P_t)
 
 
