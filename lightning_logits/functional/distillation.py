@@ -765,7 +765,7 @@ def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     ``p > 0`` and ``q = 0`` the divergence is ``+inf``, as it should be.
     """
     p = log_p.exp()
-    difference = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
+    difference = torch.where(p > 0, log_p - log_q, 0.0)
     return (p * difference).sum(dim=1)
 
 
