@@ -27,6 +27,9 @@ from benchmarks.harness import ROOT, _peak_resident_mb, _reset_peak_resident, _r
 from lightning_logits.functional.distillation import DEFAULT_TEMPERATURE, DISTILLATION_LOSSES
 
 CASES = ["ce", "kd", "kd_chunked", "nkd_chunked", "dkd_chunked", "dhkd_chunked"]
+# the token-level divergences (issue 27): each unchunked and chunked
+TOKEN_LOSSES = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv"]
+CASES += [case for name in TOKEN_LOSSES for case in (name, f"{name}_chunked")]
 
 
 def measure(case: str, batch: int, seq: int, vocab: int, chunk: int) -> dict[str, Any]:
@@ -42,13 +45,13 @@ def measure(case: str, batch: int, seq: int, vocab: int, chunk: int) -> dict[str
     if case == "ce":
         loss = F.cross_entropy(logits.view(-1, vocab), target.view(-1), ignore_index=-100)
     else:
-        name, _, mode = case.partition("_")
+        name = case.removesuffix("_chunked")
         loss = DISTILLATION_LOSSES[name](
             logits,
             teacher,
             target=target,
             temperature=DEFAULT_TEMPERATURE[name],
-            chunk_size=chunk if mode == "chunked" else None,
+            chunk_size=chunk if case.endswith("_chunked") else None,
             validate_args=False,
         )
     loss.backward()

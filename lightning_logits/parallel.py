@@ -21,10 +21,10 @@ _warned_replicated_data = False
 def is_model_parallel(trainer: pl.Trainer) -> bool:
     """Whether ``trainer`` runs Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallel).
 
-        Example:
-            >>> import lightning.pytorch as pl
-                >>> is_model_parallel(pl.Trainer(accelerator="cpu", devices=1, logger=False))
-            False
+    Example:
+        >>> import lightning.pytorch as pl
+            >>> is_model_parallel(pl.Trainer(accelerator="cpu", devices=1, logger=False))
+        False
     """
     from lightning.pytorch.strategies import ModelParallelStrategy
 

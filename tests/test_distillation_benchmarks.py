@@ -110,5 +110,7 @@ def test_memory_benchmark_measures_the_loss_above_its_inputs() -> None:
     result = measure("kd_chunked", batch=2, seq=8, vocab=50, chunk=4)
     assert set(result) == {"case", "loss_mb", "peak_mb", "inputs_mb"} and result["loss_mb"] >= 0
     assert result["peak_mb"] >= result["inputs_mb"]
+    for case in ("reverse_kl_chunked", "jsd"):  # names with underscores: the loss is all but the suffix
+        assert measure(case, batch=2, seq=8, vocab=50, chunk=4)["case"] == case
     with pytest.raises(SystemExit):
         main(["--cases", "rkd"])

@@ -6,7 +6,9 @@ numpy, one row at a time, independently of the implementation: DKD from mdistill
 ``hunto/DIST_KD`` (1 - mean Pearson correlation over rows and over columns of the softmax
 matrices), DHKD's BinaryKL-Norm from ``penghui-yang/DHKD`` (per-class KL of 1/2 to the sigmoid
 of the scaled logit difference, both sides), logit standardization from
-``sunshangquan/logit-standardization-KD`` (z-score with the unbiased std + 1e-7).
+``sunshangquan/logit-standardization-KD`` (z-score with the unbiased std + 1e-7). The token-level
+divergences (forward/reverse KL, generalized JSD, skew KL, TV) are restated from their definitions:
+the KLs in log space, the mixtures (JSD, skew) and TV in probability space with scipy's ``rel_entr``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.special import rel_entr
 from torch import Tensor
 
 from lightning_logits.functional.distillation import (
@@ -104,6 +107,54 @@ def dhkd_ref(s: np.ndarray, t: np.ndarray, temperature: float) -> float:
     return temperature**2 * total / s.shape[0]
 
 
+def _probs(v: np.ndarray, temperature: float) -> np.ndarray:
+    return np.exp(_log_softmax(v / temperature))
+
+
+def forward_kl_ref(s: np.ndarray, t: np.ndarray, temperature: float) -> float:
+    rows = []
+    for srow, trow in zip(s, t, strict=True):
+        log_ps, log_pt = _log_softmax(srow / temperature), _log_softmax(trow / temperature)
+        rows.append(float(np.sum(np.exp(log_pt) * (log_pt - log_ps))))
+    return float(np.mean(rows))
+
+
+def reverse_kl_ref(s: np.ndarray, t: np.ndarray, temperature: float) -> float:
+    return forward_kl_ref(t, s, temperature)  # KL(P_s || P_t): the roles swapped
+
+
+def jsd_ref(s: np.ndarray, t: np.ndarray, temperature: float, beta: float) -> float:
+    """GKD's generalized JSD, M = beta P_t + (1 - beta) P_s; TRL's end points (forward KL at 0, reverse at 1)."""
+    if beta == 0.0:
+        return forward_kl_ref(s, t, temperature)
+    if beta == 1.0:
+        return reverse_kl_ref(s, t, temperature)
+    rows = []
+    for srow, trow in zip(s, t, strict=True):
+        ps, pt = _probs(srow, temperature), _probs(trow, temperature)
+        m = beta * pt + (1 - beta) * ps
+        rows.append(beta * float(np.sum(rel_entr(pt, m))) + (1 - beta) * float(np.sum(rel_entr(ps, m))))
+    return float(np.mean(rows))
+
+
+def skew_kl_ref(s: np.ndarray, t: np.ndarray, temperature: float, alpha: float, reverse: bool = False) -> float:
+    """DistiLLM: KL(P_t || a P_t + (1 - a) P_s); reverse: KL(P_s || a P_s + (1 - a) P_t)."""
+    rows = []
+    for srow, trow in zip(s, t, strict=True):
+        p, q = _probs(trow, temperature), _probs(srow, temperature)
+        if reverse:
+            p, q = q, p
+        rows.append(float(np.sum(rel_entr(p, alpha * p + (1 - alpha) * q))))
+    return float(np.mean(rows))
+
+
+def tv_ref(s: np.ndarray, t: np.ndarray, temperature: float) -> float:
+    rows = [
+        0.5 * float(np.sum(np.abs(_probs(a, temperature) - _probs(b, temperature)))) for a, b in zip(s, t, strict=True)
+    ]
+    return float(np.mean(rows))
+
+
 def reference(name: str, s: Tensor, t: Tensor, y: Tensor, temperature: float, standardize: bool = False) -> float:
     a, b = _np(s), _np(t)
     if standardize:
@@ -117,6 +168,16 @@ def reference(name: str, s: Tensor, t: Tensor, y: Tensor, temperature: float, st
         return dkd_ref(a, b, labels, temperature, 1.0, 8.0)
     if name == "dist":
         return dist_ref(a, b, temperature, 1.0, 1.0)
+    if name == "forward_kl":
+        return forward_kl_ref(a, b, temperature)
+    if name == "reverse_kl":
+        return reverse_kl_ref(a, b, temperature)
+    if name == "jsd":
+        return jsd_ref(a, b, temperature, 0.5)
+    if name in ("skew_kl", "skew_reverse_kl"):
+        return skew_kl_ref(a, b, temperature, 0.1, reverse=name == "skew_reverse_kl")
+    if name == "tv":
+        return tv_ref(a, b, temperature)
     return dhkd_ref(a, b, temperature)
 
 
@@ -124,8 +185,9 @@ def call(name: str, s: Tensor, t: Tensor, y: Tensor, temperature: float, **kwarg
     return DISTILLATION_LOSSES[name](s, t, target=y, temperature=temperature, **kwargs)
 
 
-NAMES = ["kd", "nkd", "dkd", "dist", "dhkd"]
-ROW_NAMES = ["kd", "nkd", "dkd", "dhkd"]  # the per-position losses (with a chunked path)
+LM_NAMES = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv"]  # token-level divergences
+NAMES = ["kd", "nkd", "dkd", "dist", "dhkd", *LM_NAMES]
+ROW_NAMES = ["kd", "nkd", "dkd", "dhkd", *LM_NAMES]  # the per-position losses (with a chunked path)
 
 
 def _data(shape: tuple[int, ...], scale: float = 3.0, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -376,7 +438,7 @@ def test_error_messages_name_the_problem() -> None:
 
 
 def test_registry_and_user_callables() -> None:
-    assert set(DISTILLATION_LOSSES) == set(DEFAULT_TEMPERATURE) == {"kd", "nkd", "dkd", "dist", "dhkd"}
+    assert set(DISTILLATION_LOSSES) == set(DEFAULT_TEMPERATURE) == set(NAMES)
     for name, fn in DISTILLATION_LOSSES.items():
         assert get_distillation_loss(name) is fn
 

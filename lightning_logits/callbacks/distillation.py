@@ -1,6 +1,7 @@
 """Distill a frozen teacher's logits into any classifier or language model, as a loss-term Callback.
 
-Losses: KD, NKD, DKD, DIST, dual-head KD (DHKD), or a user's function.
+Losses: KD, NKD, DKD, DIST, dual-head KD (DHKD), the token-level divergences (forward/reverse KL,
+generalized JSD, skew KL, skew reverse KL, total variation), or a user's function.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -34,6 +35,7 @@ from lightning_logits.loss_terms import (
     check_hyperparameter,
     check_state_version,
 )
+from lightning_logits.networks.causal_lm import causal_lm_logits
 from lightning_logits.networks.factory import load_teacher, teacher_fingerprint
 from lightning_logits.networks.heads import AUX_ATTRIBUTE, aux_modules, count_classes, find_classifier, first_tensor
 from lightning_logits.networks.sharding import shard_model
@@ -50,7 +52,14 @@ _LOSS_PARAMETERS: dict[str, dict[str, float]] = {
     "dkd": {"alpha": 1.0, "beta": 8.0},
     "dist": {"beta": 1.0, "gamma": 1.0},
     "dhkd": {},
+    "forward_kl": {},
+    "reverse_kl": {},
+    "jsd": {"beta": 0.5},  # the teacher's weight, as TRL's GKD
+    "skew_kl": {"alpha": 0.1},  # DistiLLM's skew
+    "skew_reverse_kl": {"alpha": 0.1},
+    "tv": {},
 }
+_FRACTIONS = {"jsd": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}  # hyperparameters in [0, 1]
 _DEFAULT_WARMUP = {"dkd": 20.0}  # epochs; mdistiller's DKD.WARMUP
 _PRECISIONS: dict[str, torch.dtype | None] = {
     "32": None,
@@ -107,7 +116,10 @@ class TeacherDistillation(LossTermCallback):
     **Losses** (:mod:`lightning_logits.functional.distillation`): ``"kd"`` (Hinton), ``"nkd"``
     (normalized KD), ``"dkd"`` (decoupled KD, with its linear warm-up over ``warmup_epochs``),
     ``"dist"`` (correlation-based DIST), ``"dhkd"`` (dual-head KD: the BinaryKL-Norm term on an
-    auxiliary linear head, see below), or your own callable, called as ``loss(student_logits,
+    auxiliary linear head, see below); for language models the token-level divergences
+    ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` (generalized JSD with ``beta``, TRL's GKD
+    convention), ``"skew_kl"`` and ``"skew_reverse_kl"`` (DistiLLM, with ``alpha``) and ``"tv"``
+    (total variation), which carry no ``T^2`` factor; or your own callable, called as ``loss(student_logits,
     teacher_logits, target=..., temperature=..., mask=..., validate_args=..., **loss_kwargs)``.
     ``standardize=True`` z-scores both logit rows first (logit standardization).
 
@@ -120,10 +132,15 @@ class TeacherDistillation(LossTermCallback):
     **Sequences** (causal language models): a module whose ``training_step`` returns
     ``{"loss", "logits": [B, T, V], "target": [B, T]}`` (``-100`` = ignored) gets the loss as the
     mean over the non-ignored tokens (an optional ``"mask"`` ``[B, T]`` bool entry also works);
-    ``chunk_size`` computes KD, NKD, DKD or DHKD over that many tokens at a time, keeping the
+    ``chunk_size`` computes every loss but DIST over that many tokens at a time, keeping the
     peak memory close to the cross-entropy's. The teacher is called on the token ids and must
-    return ``[B, T, V]``; a sequence cache (:func:`~lightning_logits.teacher_cache.build_teacher_cache`
-    on ``[N, T]`` rows) stores the top-k logits per token.
+    return ``[B, T, V]`` (a tensor, or an output with ``.logits`` as Hugging Face models give);
+    when the step's output carries ``model_inputs`` (as
+    :class:`~lightning_logits.modules.CausalLM`'s does), a teacher whose ``forward`` takes
+    ``input_ids`` gets them by keyword, with the student's ``attention_mask``/``position_ids``
+    (see :func:`~lightning_logits.networks.causal_lm.causal_lm_logits`). A sequence cache
+    (:func:`~lightning_logits.teacher_cache.build_teacher_cache` on ``[N, T]`` rows) stores the
+    top-k logits per token.
 
     The teacher lives on this callback, not on the LightningModule: Lightning never moves it to
     train mode, DDP never wraps it, and it is never written into the student's checkpoint. It is
@@ -139,16 +156,20 @@ class TeacherDistillation(LossTermCallback):
 
     Args:
         teacher: an ``nn.Module`` (moved and cast in place, as Lightning moves a model); the path
-            of a checkpoint of our :class:`~lightning_logits.modules.Classifier`; or a timm model name (or
-            ``"torchvision/<name>"``) with ``checkpoint``. ``None`` when ``cache`` is given, or on
-            resume (the recorded source is loaded).
-        loss: ``"nkd"`` (default), ``"kd"``, ``"dkd"``, ``"dist"``, ``"dhkd"``, or a callable.
+            of a checkpoint of our :class:`~lightning_logits.modules.Classifier`; a timm model name (or
+            ``"torchvision/<name>"``) with ``checkpoint``; or ``"hf:<name>"``, a Hugging Face causal LM
+            (``from_pretrained``, with ``teacher_kwargs`` as its keyword arguments). ``None`` when
+            ``cache`` is given, or on resume (the recorded source is loaded).
+        loss: ``"nkd"`` (default), ``"kd"``, ``"dkd"``, ``"dist"``, ``"dhkd"``, ``"forward_kl"``,
+            ``"reverse_kl"``, ``"jsd"``, ``"skew_kl"``, ``"skew_reverse_kl"``, ``"tv"``, or a callable.
         weight: weight of the term in the total loss (default 1.0).
-        temperature: ``None`` for the loss's default (KD 4, NKD 1, DKD 4, DIST 1, DHKD 2; 1 for a
-            callable).
+        temperature: ``None`` for the loss's default (KD 4, NKD 1, DKD 4, DIST 1, DHKD 2; 1 for the
+            token-level divergences and a callable).
         gamma: NKD's non-target weight (default 1.5) or DIST's intra-class weight (default 1.0).
-        alpha: DKD's target-class (TCKD) weight (default 1.0).
-        beta: DKD's non-target (NCKD) weight (default 8.0) or DIST's inter-class weight (default 1.0).
+        alpha: DKD's target-class (TCKD) weight (default 1.0), or the skew of ``"skew_kl"`` /
+            ``"skew_reverse_kl"`` in ``[0, 1]`` (default 0.1).
+        beta: DKD's non-target (NCKD) weight (default 8.0), DIST's inter-class weight (default 1.0),
+            or the JSD's teacher weight in ``[0, 1]`` (default 0.5; 0: forward KL, 1: reverse KL).
             Hyperparameters a loss does not have are ignored.
         standardize: z-score student and teacher logits before the loss (logit standardization;
             the official CIFAR-100 setting uses ``temperature=2`` and a KD weight of 9).
@@ -229,6 +250,9 @@ class TeacherDistillation(LossTermCallback):
         for key, value in given.items():
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{key} must be a finite number, got {value}")
+        fraction = given.get(_FRACTIONS.get(loss_name, ""))
+        if fraction is not None and not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"{_FRACTIONS[loss_name]} of loss={loss_name!r} must lie in [0, 1], got {fraction}")
         if warmup_epochs is None:
             warmup_epochs = _DEFAULT_WARMUP.get(loss_name, 0.0)
         if not (math.isfinite(warmup_epochs) and warmup_epochs >= 0):
@@ -566,7 +590,10 @@ class TeacherDistillation(LossTermCallback):
             x = x.to(self._dtype)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        inputs = context.output.get("model_inputs") if isinstance(context.output, Mapping) else None
         with torch.no_grad():
+            if isinstance(inputs, Mapping) and self.input_transform is None:
+                return causal_lm_logits(teacher, inputs)  # a language model: the student's keyword inputs
             return first_tensor(teacher(x))
 
     def student_logits(self, context: StepContext) -> Tensor:

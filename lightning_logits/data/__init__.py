@@ -11,6 +11,7 @@ from lightning_logits.data.ood import (
     split_held_out_classes,
     uniform_noise_images,
 )
+from lightning_logits.data.packing import pack_documents
 from lightning_logits.data.streams import ClassIncrementalStream
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "edge_homophily",
     "load_digits_tensors",
     "networkx_graph",
+    "pack_documents",
     "shape_images",
     "split_held_out_classes",
     "uniform_noise_images",

@@ -1,4 +1,6 @@
-r"""Logit distillation losses: KD, NKD, DKD, DIST and the dual-head (DHKD) logit-level loss.
+r"""Logit distillation losses: KD, NKD, DKD, DIST, the dual-head (DHKD) logit-level loss, and the
+token-level divergences language-model distillation compares (forward KL, reverse KL, generalized
+JSD, skew KL, skew reverse KL, total variation).
 
 Every loss takes the student's logits ``s`` and the teacher's logits ``t`` of shape ``[..., C]``
 (``[N, C]`` for classification, ``[B, T, V]`` for a language model) and treats the teacher side as
@@ -15,7 +17,7 @@ cross-entropy convention) exclude positions; every loss is the **mean over the v
 (0 when there are none). Excluded positions may hold any finite or non-finite values: they are
 replaced by zeros before any arithmetic, so they never reach the result or the gradient.
 
-**Chunks.** ``chunk_size`` (KD, NKD, DKD, DHKD) computes the loss over that many positions at a
+**Chunks.** ``chunk_size`` (every loss but DIST) computes the loss over that many positions at a
 time and writes each chunk's gradient into one preallocated buffer during the forward pass, so
 the float32 temporaries of a large vocabulary never exist for all positions at once: the peak
 memory of KD then stays close to plain cross-entropy's. The value and gradient equal the
@@ -27,6 +29,14 @@ position with every other, so it has no chunked path.
 of both logit tensors is replaced by its z-score (:func:`standardize_logits`) before the loss,
 and ``temperature`` is then their *base temperature* (they use 2 with a KD weight of 9 on
 CIFAR-100).
+
+**Masked tokens** (the token-level divergences only). A logit of ``-inf`` marks a token a model
+may not produce (a masked or padded vocabulary entry): it has probability 0. A token masked on
+both sides contributes nothing, with finite gradients, exactly as if its column were absent. A
+token masked on one side only is fine except where a KL divides by its zero probability: the
+forward KL is ``+inf`` where the student masks a token the teacher allows, the reverse KL where the
+teacher masks one the student allows (DistiLLM's code zeroes such entries instead). NaN and
+``+inf`` stay errors, as does a row without any finite logit; ``standardize`` needs finite logits.
 
 **Validation.** Shape and dtype checks always run. Checks that read tensor values on the host
 (non-finite logits, label range) only run when ``validate_args=True`` (the default); a training
@@ -57,13 +67,21 @@ __all__ = [
     "dist_loss",
     "dkd_loss",
     "dkd_warmup",
+    "forward_kl_loss",
     "get_distillation_loss",
+    "jsd_loss",
     "kd_loss",
     "nkd_loss",
+    "reverse_kl_loss",
+    "skew_kl_loss",
+    "skew_reverse_kl_loss",
     "standardize_logits",
+    "tv_loss",
 ]
 
-DistillationLossName = Literal["kd", "nkd", "dkd", "dist", "dhkd"]
+DistillationLossName = Literal[
+    "kd", "nkd", "dkd", "dist", "dhkd", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv"
+]
 """The names of the built-in losses, the keys of :data:`DISTILLATION_LOSSES` (``TeacherDistillation(loss=...)``).
 
 Example:
@@ -72,13 +90,26 @@ Example:
     True
 """
 
-DEFAULT_TEMPERATURE: dict[str, float] = {"kd": 4.0, "nkd": 1.0, "dkd": 4.0, "dist": 1.0, "dhkd": 2.0}
-"""Each loss's default temperature (KD 4, NKD 1, DKD 4 as mdistiller's CIFAR config, DIST 1, DHKD 2).
+DEFAULT_TEMPERATURE: dict[str, float] = {
+    "kd": 4.0,
+    "nkd": 1.0,
+    "dkd": 4.0,
+    "dist": 1.0,
+    "dhkd": 2.0,
+    "forward_kl": 1.0,
+    "reverse_kl": 1.0,
+    "jsd": 1.0,
+    "skew_kl": 1.0,
+    "skew_reverse_kl": 1.0,
+    "tv": 1.0,
+}
+"""Each loss's default temperature (KD 4, NKD 1, DKD 4 as mdistiller's CIFAR config, DIST 1, DHKD 2;
+1 for the token-level divergences, as TRL's GKD and DistiLLM).
 
 ``TeacherDistillation`` uses it when ``temperature`` is not given.
 
 Example:
-    >>> DEFAULT_TEMPERATURE["kd"], DEFAULT_TEMPERATURE["nkd"]
+    >>> DEFAULT_TEMPERATURE["kd"], DEFAULT_TEMPERATURE["jsd"]
     (4.0, 1.0)
 """
 
@@ -92,6 +123,12 @@ def _check_number(value: Any, name: str, positive: bool = False) -> None:
     if not ok or (positive and value <= 0):
         need = "a finite number > 0" if positive else "a finite number"
         raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def _check_fraction(value: Any, name: str, meaning: str) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    if not ok:
+        raise ValueError(f"{name} must be a number in [0, 1] ({meaning}), got {value!r}")
 
 
 def _check_temperature(temperature: float) -> None:
@@ -179,15 +216,19 @@ def _valid_positions(
     return labels, valid
 
 
-def _check_finite(tensor: Tensor, valid: Tensor | None, name: str) -> None:
+def _check_finite(tensor: Tensor, valid: Tensor | None, name: str, masked_vocab: bool = False) -> None:
     rows = tensor.reshape(-1, tensor.shape[-1])
-    finite = torch.isfinite(rows).all(dim=1)
+    if masked_vocab:  # -inf marks a masked token; NaN, +inf and rows without any finite logit are errors
+        finite = ~(torch.isnan(rows) | (rows == math.inf)).any(dim=1) & torch.isfinite(rows).any(dim=1)
+    else:
+        finite = torch.isfinite(rows).all(dim=1)
     if valid is not None:
         finite = finite | ~valid
     if not bool(finite.all()):
         bad = int((~finite).sum())
+        allowed = " (-inf marks a masked token and is allowed, if a row keeps a finite logit)" if masked_vocab else ""
         raise ValueError(
-            f"{name} contain non-finite value(s) (NaN or inf) at {bad} valid position(s); check the "
+            f"{name} contain non-finite value(s) (NaN or inf) at {bad} valid position(s){allowed}; check the "
             "model's forward pass and the learning rate"
         )
 
@@ -379,6 +420,7 @@ def _prepare(
     chunk_size: int | None,
     validate_args: bool,
     needs_target: bool,
+    masked_vocab: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
     _check_logit_pair(logits, teacher_logits)
     _check_temperature(temperature)
@@ -386,8 +428,8 @@ def _prepare(
         raise ValueError(f"chunk_size must be a positive number of positions or None, got {chunk_size!r}")
     labels, valid = _valid_positions(logits, target, mask, ignore_index, needs_target, validate_args)
     if validate_args:
-        _check_finite(logits, valid, "logits")
-        _check_finite(teacher_logits, valid, "teacher_logits")
+        _check_finite(logits, valid, "logits", masked_vocab)
+        _check_finite(teacher_logits, valid, "teacher_logits", masked_vocab)
     return labels, valid
 
 
@@ -742,6 +784,378 @@ def dist_loss(
     return value.to(logits.dtype)
 
 
+# --------------------------------------------------------------------------- token-level divergences
+# Per position, with P_s = softmax(s / T) and P_t = softmax(t / T) over the vocabulary. These are the
+# divergences themselves, with no T^2 factor (as TRL's GKD and DistiLLM's losses); ``kd``
+# is the T^2-scaled forward KL of Hinton et al.
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p || q)`` per row from log-probabilities.
+
+    Entries with ``p = 0`` contribute 0 (also where ``log p = -inf``, a masked token): the difference
+    is replaced before the product, so neither the value nor the gradient meets ``0 * inf``. Where
+    ``p > 0`` and ``q = 0`` the divergence is ``+inf``, as it should be.
+    """
+    p = log_p.exp()
+    difference = torch.where(p > 0, log_p - log_q, 0.0)
+    return (p * difference).sum(dim=1)
+
+
+def _mixture_log(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
+    """``log(w p + (1 - w) q)`` per entry, ``0 < w < 1``, as a log-sum-exp (never ``log`` of a sum of probabilities).
+
+    Where both are ``-inf`` (a token masked on both sides) the result is a finite placeholder: no
+    KL term reads it (its weight is 0), and ``logaddexp(-inf, -inf)`` would give a NaN gradient.
+    """
+    both = (log_p == -math.inf) & (log_q == -math.inf)
+    zero = torch.zeros_like(log_p)
+    a = torch.where(both, zero, log_p) + math.log(weight_p)
+    b = torch.where(both, zero, log_q) + math.log1p(-weight_p)
+    return torch.logaddexp(a, b)
+
+
+def _zero_rows(log_ps: Tensor) -> Tensor:
+    """Zeros ``[m]`` kept on the student's graph (the chunked path differentiates every chunk); ``-inf`` safe."""
+    return torch.nan_to_num(log_ps[:, 0], neginf=0.0) * 0.0
+
+
+def _forward_kl_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float) -> Tensor:
+    log_ps, log_pt = F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1)
+    return _kl_rows(log_pt, log_ps)
+
+
+def _reverse_kl_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float) -> Tensor:
+    log_ps, log_pt = F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1)
+    return _kl_rows(log_ps, log_pt)
+
+
+def _jsd_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float, beta: float) -> Tensor:
+    log_ps, log_pt = F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1)
+    if beta == 0.0:  # TRL's end points: forward KL at beta = 0, reverse KL at beta = 1
+        return _kl_rows(log_pt, log_ps)
+    if beta == 1.0:
+        return _kl_rows(log_ps, log_pt)
+    log_m = _mixture_log(log_pt, log_ps, beta)  # M = beta P_t + (1 - beta) P_s
+    return beta * _kl_rows(log_pt, log_m) + (1.0 - beta) * _kl_rows(log_ps, log_m)
+
+
+def _skew_kl_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float, alpha: float) -> Tensor:
+    log_ps, log_pt = F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1)
+    if alpha == 0.0:
+        return _kl_rows(log_pt, log_ps)
+    if alpha == 1.0:
+        return _zero_rows(log_ps)  # KL(P_t || P_t) = 0
+    return _kl_rows(log_pt, _mixture_log(log_pt, log_ps, alpha))  # KL(P_t || a P_t + (1 - a) P_s)
+
+
+def _skew_reverse_kl_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float, alpha: float) -> Tensor:
+    log_ps, log_pt = F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1)
+    if alpha == 0.0:
+        return _kl_rows(log_ps, log_pt)
+    if alpha == 1.0:
+        return _zero_rows(log_ps)
+    return _kl_rows(log_ps, _mixture_log(log_ps, log_pt, alpha))  # KL(P_s || a P_s + (1 - a) P_t)
+
+
+def _tv_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float) -> Tensor:
+    return 0.5 * (F.softmax(s / temperature, dim=1) - F.softmax(t / temperature, dim=1)).abs().sum(dim=1)
+
+
+def forward_kl_loss(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    target: Tensor | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    standardize: bool = False,
+    chunk_size: int | None = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Forward KL divergence per token, the mode-covering distillation loss (no ``T^2`` factor).
+
+    .. math::
+        L = \frac{1}{M} \sum_n \mathrm{KL}(P_t \| P_s) = \frac{1}{M} \sum_n \sum_v P_t(v)
+        \big(\log P_t(v) - \log P_s(v)\big), \quad P = \mathrm{softmax}(z / T)
+
+    over the ``M`` valid positions. It is :func:`kd_loss` divided by ``T^2``, and TRL's GKD loss at
+    ``beta = 0``. DistiLLM's ``forward_kl`` (``distillm/losses.py``) and torchtune's ``ForwardKLLoss``
+    return the cross-entropy :math:`-\sum_v P_t \log P_s` instead (at ``T = 1``), which is larger by
+    the teacher's entropy: the same gradient, another value.
+
+    Args:
+        logits: ``[..., V]`` student logits (``[N, C]`` or ``[B, T, V]``), with their graph.
+        teacher_logits: ``[..., V]`` teacher logits; detached here.
+        temperature: ``T > 0`` dividing both logit tensors (default 1.0).
+        target, mask, ignore_index, standardize, chunk_size, validate_args: as in :func:`kd_loss`
+            (``target`` only skips the positions equal to ``ignore_index``).
+
+    Returns:
+        A scalar: the mean over the valid positions, computed in float32 and returned in the dtype of
+        ``logits``.
+
+    Example:
+        >>> import math, torch
+        >>> s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])  # P_s (1/2, 1/2), P_t (3/4, 1/4)
+        >>> round(forward_kl_loss(s, t).item(), 6), round(0.75 * math.log(1.5) + 0.25 * math.log(0.5), 6)
+        (0.130812, 0.130812)
+    """
+    labels, valid = _prepare(
+        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False, True
+    )
+
+    def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        return _forward_kl_rows(s, t, y, temperature)
+
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+
+
+def reverse_kl_loss(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    target: Tensor | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    standardize: bool = False,
+    chunk_size: int | None = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Reverse KL divergence per token, the mode-seeking loss of MiniLLM (Gu et al., ICLR 2024).
+
+    .. math::
+        L = \frac{1}{M} \sum_n \mathrm{KL}(P_s \| P_t) = \frac{1}{M} \sum_n \sum_v P_s(v)
+        \big(\log P_s(v) - \log P_t(v)\big)
+
+    computed on the given tokens (MiniLLM's policy-gradient training on sampled sequences is not part
+    of this function); TRL's GKD with ``beta = 1``. The student puts little mass where the teacher
+    has little, so a small student concentrates on the teacher's main modes instead of spreading
+    over all of them.
+
+    Args:
+        logits, teacher_logits, temperature, target, mask, ignore_index, standardize, chunk_size,
+            validate_args: as in :func:`forward_kl_loss`.
+
+    Returns:
+        A scalar: the mean over the valid positions (float32 inside, the dtype of ``logits`` out).
+
+    Example:
+        >>> import math, torch
+        >>> s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
+        >>> round(reverse_kl_loss(s, t).item(), 6), round(0.5 * math.log(2 / 3) + 0.5 * math.log(2.0), 6)
+        (0.143841, 0.143841)
+    """
+    labels, valid = _prepare(
+        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False, True
+    )
+
+    def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        return _reverse_kl_rows(s, t, y, temperature)
+
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+
+
+def jsd_loss(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    *,
+    target: Tensor | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    standardize: bool = False,
+    chunk_size: int | None = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Generalized Jensen-Shannon divergence per token (GKD, Agarwal et al., ICLR 2024), as TRL computes it.
+
+    With the mixture :math:`M_\beta = \beta P_t + (1 - \beta) P_s`:
+
+    .. math::
+        \mathrm{JSD}_\beta = \beta\,\mathrm{KL}(P_t \| M_\beta) + (1 - \beta)\,\mathrm{KL}(P_s \| M_\beta),
+        \qquad L = \frac{1}{M} \sum_n \mathrm{JSD}_\beta(n)
+
+    **Which side ``beta`` weights**: the *teacher*, in the mixture and in the first term, as in TRL's
+    ``GKDTrainer.generalized_jsd_loss`` (``trl.experimental.gkd``, TRL 1.16). So ``beta = 0.5`` is the
+    symmetric JSD, and the end points follow TRL: ``beta = 0`` gives the **forward** KL
+    :math:`\mathrm{KL}(P_t \| P_s)` and ``beta = 1`` the **reverse** KL :math:`\mathrm{KL}(P_s \| P_t)`.
+    Those two are TRL's special cases, not the limits of the formula: :math:`\mathrm{JSD}_\beta \to 0`
+    at both ends, while :math:`\mathrm{JSD}_\beta / \beta \to \mathrm{KL}(P_t \| P_s)` as
+    :math:`\beta \to 0` and :math:`\mathrm{JSD}_\beta / (1 - \beta) \to \mathrm{KL}(P_s \| P_t)` as
+    :math:`\beta \to 1`. Like TRL, logits are divided by ``T`` and there is no ``T^2`` factor; the
+    value equals TRL's with ``labels`` given (mean over the tokens whose label is not -100).
+    ``log M`` is a log-sum-exp of the two log-probabilities, never the log of a sum of probabilities.
+
+    Args:
+        logits, teacher_logits, temperature, target, mask, ignore_index, standardize, chunk_size,
+            validate_args: as in :func:`forward_kl_loss`.
+        beta: the teacher's weight in ``[0, 1]`` (default 0.5, symmetric; GKD's paper also uses 0.1
+            and 0.9).
+
+    Returns:
+        A scalar: the mean over the valid positions (float32 inside, the dtype of ``logits`` out).
+
+    Example:
+        >>> import math, torch
+        >>> s, t = torch.tensor([[20.0, 0.0]]), torch.tensor([[0.0, 20.0]])  # nearly disjoint supports
+        >>> round(jsd_loss(s, t).item(), 5), round(math.log(2.0), 5)  # the JSD's maximum, log 2
+        (0.69315, 0.69315)
+    """
+    labels, valid = _prepare(
+        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False, True
+    )
+    _check_fraction(beta, "beta", "the teacher's weight in the mixture; 0: forward KL, 1: reverse KL")
+    beta = float(beta)
+
+    def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        return _jsd_rows(s, t, y, temperature, beta)
+
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+
+
+def skew_kl_loss(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+    *,
+    target: Tensor | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    standardize: bool = False,
+    chunk_size: int | None = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Skew (forward) KL divergence per token (DistiLLM, Ko et al., ICML 2024).
+
+    .. math::
+        L = \frac{1}{M} \sum_n \mathrm{KL}\big(P_t \,\|\, \alpha P_t + (1 - \alpha) P_s\big)
+
+    Mixing some of the teacher into the student's side bounds the divergence (by
+    :math:`-\log \alpha`) and its gradient where the student gives a teacher token almost no mass,
+    which makes early training steadier than plain forward KL. ``alpha = 0`` is the forward KL,
+    ``alpha = 1`` gives 0. This is the divergence itself; DistiLLM's official code
+    (``distillm/losses.py``) returns it as a cross-entropy :math:`-\sum P_t \log(\cdot)`, which is
+    larger by the teacher's entropy (a constant: the same gradient).
+
+    Args:
+        logits, teacher_logits, temperature, target, mask, ignore_index, standardize, chunk_size,
+            validate_args: as in :func:`forward_kl_loss`.
+        alpha: the teacher's share of the mixture, in ``[0, 1]`` (default 0.1, the paper's).
+
+    Returns:
+        A scalar: the mean over the valid positions (float32 inside, the dtype of ``logits`` out).
+
+    Example:
+        >>> import torch
+        >>> s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 30.0]])
+        >>> round(skew_kl_loss(s, t, alpha=0.1).item(), 4)  # about -log(0.1 + 0.9 / 2)
+        0.5978
+    """
+    labels, valid = _prepare(
+        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False, True
+    )
+    _check_fraction(alpha, "alpha", "the teacher's share of the mixture; DistiLLM uses 0.1")
+    alpha = float(alpha)
+
+    def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        return _skew_kl_rows(s, t, y, temperature, alpha)
+
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+
+
+def skew_reverse_kl_loss(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+    *,
+    target: Tensor | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    standardize: bool = False,
+    chunk_size: int | None = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Skew reverse KL divergence per token (DistiLLM, Ko et al., ICML 2024).
+
+    .. math::
+        L = \frac{1}{M} \sum_n \mathrm{KL}\big(P_s \,\|\, \alpha P_s + (1 - \alpha) P_t\big)
+
+    The reverse KL with some of the student mixed into the teacher's side; ``alpha = 0`` is
+    :func:`reverse_kl_loss`, ``alpha = 1`` gives 0.
+
+    Args:
+        logits, teacher_logits, temperature, target, mask, ignore_index, standardize, chunk_size,
+            validate_args: as in :func:`forward_kl_loss`.
+        alpha: the student's share of the mixture, in ``[0, 1]`` (default 0.1, the paper's).
+
+    Returns:
+        A scalar: the mean over the valid positions (float32 inside, the dtype of ``logits`` out).
+
+    Example:
+        >>> import torch
+        >>> s = torch.tensor([[1.0, -1.0, 0.5]])
+        >>> round(skew_reverse_kl_loss(s, s).item(), 6)
+        0.0
+    """
+    labels, valid = _prepare(
+        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False, True
+    )
+    _check_fraction(alpha, "alpha", "the student's share of the mixture; DistiLLM uses 0.1")
+    alpha = float(alpha)
+
+    def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        return _skew_reverse_kl_rows(s, t, y, temperature, alpha)
+
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+
+
+def tv_loss(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    target: Tensor | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    standardize: bool = False,
+    chunk_size: int | None = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Total variation distance per token, in ``[0, 1]`` (used for sequence-level KD by Wen et al., ACL 2023).
+
+    .. math::
+        L = \frac{1}{M} \sum_n \frac{1}{2} \sum_v \big|P_s(v) - P_t(v)\big|
+
+    Bounded and symmetric; its gradient does not grow where the student gives a teacher token
+    almost no mass (unlike forward KL), and it is 0 only when the two distributions are equal.
+
+    Args:
+        logits, teacher_logits, temperature, target, mask, ignore_index, standardize, chunk_size,
+            validate_args: as in :func:`forward_kl_loss`.
+
+    Returns:
+        A scalar: the mean over the valid positions (float32 inside, the dtype of ``logits`` out).
+
+    Example:
+        >>> import math, torch
+        >>> s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])  # (1/2, 1/2) vs (3/4, 1/4)
+        >>> round(tv_loss(s, t).item(), 6)
+        0.25
+    """
+    labels, valid = _prepare(
+        logits, teacher_logits, target, mask, ignore_index, temperature, chunk_size, validate_args, False, True
+    )
+
+    def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        return _tv_rows(s, t, y, temperature)
+
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+
+
 # --------------------------------------------------------------------------- registry
 DISTILLATION_LOSSES: dict[str, Callable[..., Tensor]] = {
     "kd": kd_loss,
@@ -749,8 +1163,15 @@ DISTILLATION_LOSSES: dict[str, Callable[..., Tensor]] = {
     "dkd": dkd_loss,
     "dist": dist_loss,
     "dhkd": dhkd_loss,
+    "forward_kl": forward_kl_loss,
+    "reverse_kl": reverse_kl_loss,
+    "jsd": jsd_loss,
+    "skew_kl": skew_kl_loss,
+    "skew_reverse_kl": skew_reverse_kl_loss,
+    "tv": tv_loss,
 }
-"""The distillation losses by name: ``"kd"``, ``"nkd"``, ``"dkd"``, ``"dist"``, ``"dhkd"``.
+"""The distillation losses by name: ``"kd"``, ``"nkd"``, ``"dkd"``, ``"dist"``, ``"dhkd"``, and the token-level
+divergences ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"``, ``"skew_kl"``, ``"skew_reverse_kl"``, ``"tv"``.
 
 ``TeacherDistillation(loss=<name>)`` and :func:`get_distillation_loss` look names up here; every
 value takes ``(logits [..., C], teacher_logits [..., C], target=..., temperature=..., mask=...,
@@ -767,7 +1188,7 @@ Example:
 
 
 def get_distillation_loss(loss: str | Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """The loss function for a registry name (``"kd"``, ``"nkd"``, ``"dkd"``, ``"dist"``, ``"dhkd"``) or a callable.
+    """The loss function for a registry name (a key of :data:`DISTILLATION_LOSSES`, e.g. ``"jsd"``) or a callable.
 
     A user callable must accept ``(logits, teacher_logits, *, target, temperature, mask,
     validate_args, **hyperparameters)`` like the registered losses and return a scalar.

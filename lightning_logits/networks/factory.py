@@ -14,6 +14,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_logits.networks.causal_lm import build_causal_lm
+
 __all__ = ["TORCHVISION_PREFIX", "build_expert", "build_model", "load_teacher", "teacher_fingerprint"]
 
 TORCHVISION_PREFIX = "torchvision/"
@@ -117,7 +119,10 @@ def load_teacher(
     Args:
         teacher: an ``nn.Module`` (returned as is); the path of a checkpoint of our
             :class:`~lightning_logits.modules.Classifier` (a ``.ckpt`` that Lightning saved: the
-            wrapped network is returned); or a timm model name / ``"torchvision/<name>"``.
+            wrapped network is returned); a timm model name / ``"torchvision/<name>"``; or
+            ``"hf:<name or directory>"``, a Hugging Face causal LM loaded with
+            ``AutoModelForCausalLM.from_pretrained`` (``model_kwargs`` are its keyword arguments,
+            e.g. ``{"dtype": "bfloat16"}``).
         checkpoint: weights for a model name: a plain ``state_dict`` file or a Lightning
             checkpoint of a ``Classifier`` (its ``model.`` prefix is stripped). ``None``: random
             weights (only useful for speed tests).
@@ -138,6 +143,13 @@ def load_teacher(
         raise TypeError(
             f"teacher must be an nn.Module, a model name or a checkpoint path, got {type(teacher).__name__}"
         )
+    if teacher.startswith("hf:"):
+        if checkpoint is not None:
+            raise ValueError(
+                f"teacher={teacher!r} loads its weights with from_pretrained; checkpoint={checkpoint!r} would be "
+                "ignored: give a local directory as 'hf:<directory>' instead"
+            )
+        return build_causal_lm(teacher[len("hf:") :], model_kwargs)
     path = Path(teacher)
     if path.is_dir():
         raise IsADirectoryError(_directory_message(path, "teacher"))
