@@ -384,8 +384,11 @@ class LogitDiagnostics(Callback):
         self.last_report = report
         for key, value in report.metrics.items():
             pl_module.log(f"{self.name}/{stage}/{key}", value, sync_dist=False)
-        if self.plots and trainer.is_global_zero:
+        if self.plots:
+            # On every rank: trainer.log_dir broadcasts from rank 0 under DDP; asked on rank 0
+            # alone, it waits forever for the other ranks.
             log_dir = trainer.log_dir or trainer.default_root_dir
+        if self.plots and trainer.is_global_zero:
             plot_diagnostics(report, Path(log_dir) / self.name, prefix=f"{stage}_epoch{trainer.current_epoch}")
 
     def compute(
