@@ -75,8 +75,20 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-logits`` console script."""
-    build_cli(args)
+    """Entry point of the ``lightning-logits`` console script.
+
+    Ends the process group the run started, if any: the processes of a multi-node job otherwise
+    abort at exit after a good run ("terminate called without an active exception", exit 134).
+    """
+    try:
+        build_cli(args)
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _import(dotted: str) -> Any:
@@ -144,9 +156,7 @@ def _build_on_every_rank(
     try:
         build_teacher_cache(teacher, dataloader, path, device=fabric.device, **build_kwargs)
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # without this, the processes of a multi-node job abort at exit after a good run
-            torch.distributed.destroy_process_group()
+        _end_process_group()  # without it, the processes of a multi-node job abort at exit
 
 
 def cache_main(argv: list[str] | None = None) -> None:
@@ -242,9 +252,8 @@ def _cache_command(args: argparse.Namespace, fabric: Fabric | None) -> None:
             },
         )
     finally:
-        if fabric is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            # without this, the processes of a multi-node job abort at exit after a good run
-            torch.distributed.destroy_process_group()
+        if fabric is not None:
+            _end_process_group()  # without it, the processes of a multi-node job abort at exit
     if fabric is None or fabric.global_rank == 0:
         print(
             f"wrote top-{cache.k} logits of {cache.num_samples} samples ({cache.num_classes} classes) to {cache.path}"

@@ -45,8 +45,14 @@ different (weaker) signal than online KD on the same augmented view. A fixed aug
 sample (seeded by the index) is the other consistent choice. Mixup/cutmix mix inputs inside the
 step, so cached logits do not match the mixed input: the callback warns when both are used.
 
+**Several processes.** In a running ``torch.distributed`` group (several GPUs, nodes, or CPU
+processes), :func:`build_teacher_cache` deals whole batches to the ranks and they all write into
+the same files; the result equals a one-process build byte for byte. A build that stopped resumes
+with ``resume=True`` without recomputing the rows already written (see the function).
+
 Command line: ``lightning-logits-cache --teacher runs/teacher.ckpt --out
-cache/digits_top5 --k 5 --data-args '{"image_size": 32}'`` (see :func:`main`).
+cache/digits_top5 --k 5 --data-args '{"image_size": 32}' [--devices N] [--resume]`` (see
+``lightning_logits.cli.cache_main``).
 """
 
 from __future__ import annotations
