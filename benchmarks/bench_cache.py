@@ -1,9 +1,9 @@
 """Build time of the teacher-logit cache with 1 and with N processes: ``python -m benchmarks.bench_cache``.
 
 Each build runs in processes started by Lightning Fabric (``ddp_spawn``, ``accelerator="cpu"``;
-Lightning gives each of N processes ``cores // N`` threads), over the digits training split
-upsampled to ``--image-size`` and repeated ``--repeat`` times, with a timm teacher (random
-weights, the same in every process). Two times per build: ``build`` from a barrier before
+Lightning gives each of N processes ``cores // N`` threads, ``--threads`` fixes the count), over
+the digits training split upsampled to ``--image-size`` and repeated ``--repeat`` times, with a
+timm teacher (random weights, the same in every process). Two times per build: ``build`` from a barrier before
 :func:`~lightning_logits.teacher_cache.build_teacher_cache` to its return on the slowest rank
 (what more processes can speed up), and ``wall`` for the whole launch (process start, imports,
 teacher and data set-up included). Every N-process cache is checked byte for byte against the
@@ -61,6 +61,8 @@ def _teacher(name: str) -> torch.nn.Module:
 
 
 def _build(fabric: Fabric, args: argparse.Namespace, out: str) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     teacher, dataset = _teacher(args.teacher), _data(args.image_size, args.repeat, args.smoke)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     fabric.barrier()
@@ -92,6 +94,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="builds per process count (median reported)")
+    parser.add_argument(
+        "--threads", type=int, help="threads per process (default: Lightning's choice, cores // processes)"
+    )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()

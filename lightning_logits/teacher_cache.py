@@ -551,10 +551,13 @@ def build_teacher_cache(
         labels_known = _record_labels(batch, rows, labels) and labels_known
     for array in arrays.values():
         array.flush()
-    if world > 1:  # also the barrier after which every rank's rows are on disk
-        gathered = _all_gather((labels, labels_known), world)
-        labels = np.maximum.reduce([g[0] for g in gathered])
-        labels_known = all(g[1] for g in gathered)
+    if world > 1:  # rank 0 receives the labels each rank read (and waits until every rank is done)
+        own = np.flatnonzero(labels >= 0)
+        parts = _gather_to_zero((own, labels[own], labels_known), rank, world)
+        if parts is not None:
+            for rows_seen, labels_seen, known in parts:
+                labels[rows_seen] = labels_seen
+                labels_known = labels_known and known
     if rank == 0:
         meta = {
             "format": FORMAT_VERSION,
@@ -613,6 +616,13 @@ def _all_gather(obj: Any, world: int) -> list[Any]:
         return [obj]
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _gather_to_zero(obj: Any, rank: int, world: int) -> list[Any] | None:
+    """``obj`` of every rank, in rank order, on rank 0 (``None`` on the others)."""
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
     return gathered
 
 
