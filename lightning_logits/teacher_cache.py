@@ -316,6 +316,13 @@ def rank_batches(dataloader: Iterable[Any], rank: int, world: int) -> Iterable[A
     """
     if world == 1:
         return dataloader
+    sampler = getattr(dataloader, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        raise ValueError(
+            "the cache's dataloader already has a DistributedSampler, so each rank would see a part of a part; "
+            "pass the whole in-order loader (e.g. DataLoader(dataset, batch_size=..., shuffle=False)): "
+            "the ranks split its batches themselves"
+        )
     if (
         isinstance(dataloader, torch.utils.data.DataLoader)
         and dataloader.batch_sampler is not None

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from lightning_logits.cli import cache_main, launch_teacher_cache
 from lightning_logits.networks.factory import build_model
@@ -119,6 +119,9 @@ def test_rank_batches_deal_whole_batches_once_and_load_only_their_own(world: int
     assert sorted(i for b in dealt for i in b) == list(range(23))  # every sample once, none padded
     plain = [b for b in loader]  # any other iterable: read in full, other ranks' batches dropped
     assert [b[2].tolist() for b in rank_batches(iter(plain), 1, world)] == one_process[1::world]
+    split = DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, world, 0, shuffle=False))
+    with pytest.raises(ValueError, match="already has a DistributedSampler"):
+        rank_batches(split, 0, world)
 
 
 def test_a_stopped_build_resumes_without_asking_the_teacher_for_written_rows(tmp_path: Path) -> None:
