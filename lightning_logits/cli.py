@@ -9,15 +9,18 @@ Any LightningModule / LightningDataModule can be named by ``class_path``, ours o
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from lightning.fabric import Fabric
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from torch import nn
 from typing_extensions import override
 
 import lightning_logits.callbacks
@@ -25,7 +28,7 @@ import lightning_logits.data
 import lightning_logits.modules  # noqa: F401
 from lightning_logits.callbacks import LAWN, USKD, LogitDiagnostics, ReplayCallback, TeacherDistillation
 from lightning_logits.networks.factory import load_teacher
-from lightning_logits.teacher_cache import build_teacher_cache
+from lightning_logits.teacher_cache import TeacherLogitCache, build_teacher_cache
 
 METHOD_SECTIONS: dict[str, type[Callback]] = {
     "distillation": TeacherDistillation,
@@ -72,8 +75,20 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-logits`` console script."""
-    build_cli(args)
+    """Entry point of the ``lightning-logits`` console script.
+
+    Ends the process group the run started, if any: without it, the processes of two-node runs
+    were seen to abort at exit after a good run ("terminate called without an active exception").
+    """
+    try:
+        build_cli(args)
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _import(dotted: str) -> Any:
@@ -83,12 +98,79 @@ def _import(dotted: str) -> Any:
     return getattr(importlib.import_module(module_name), attr)
 
 
+def launch_teacher_cache(
+    teacher: nn.Module,
+    dataloader: Iterable[Any],
+    path: str | Path,
+    *,
+    devices: int = 2,
+    num_nodes: int = 1,
+    accelerator: str = "cpu",
+    strategy: Literal["ddp_spawn", "ddp"] = "ddp_spawn",
+    **build_kwargs: Any,
+) -> TeacherLogitCache:
+    """Start ``devices`` processes per node with Lightning Fabric and build one cache with all of them.
+
+    Every process runs :func:`~lightning_logits.teacher_cache.build_teacher_cache` on its share of
+    ``dataloader``'s batches (see there); the teacher runs on each process's own device
+    (``cuda:<local rank>`` with ``accelerator="cuda"``). ``"ddp_spawn"`` (default) starts the
+    processes from this function and works in a notebook or under pytest (``teacher`` and
+    ``dataloader`` are pickled to them); ``"ddp"`` re-runs the current script once per extra
+    process, as Lightning's ``Trainer`` does. Under ``torchrun`` or SLURM, Fabric finds the
+    processes already started and starts none. For two nodes, run the same script on each with
+    ``num_nodes=2`` and ``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` set. Inside a process
+    group that is already running (a ``Trainer``'s), call ``build_teacher_cache`` directly.
+
+    Args:
+        teacher, dataloader, path: as for ``build_teacher_cache``.
+        devices: processes per node.
+        num_nodes: nodes of the job.
+        accelerator: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL), as Fabric takes it.
+        strategy: how Fabric starts the processes.
+        **build_kwargs: the other arguments of ``build_teacher_cache`` (``k``, ``resume``, ...).
+
+    Returns:
+        The cache, opened for reading in this process.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> data = TensorDataset(torch.randn(6, 3), torch.zeros(6), torch.arange(6))
+        >>> with tempfile.TemporaryDirectory() as tmp:  # doctest: +SKIP
+        ...     cache = launch_teacher_cache(nn.Linear(3, 5), DataLoader(data, batch_size=2), tmp, k=2)
+        ...     cache.num_samples
+        6
+    """
+    if "device" in build_kwargs:
+        raise TypeError("launch_teacher_cache places the teacher on each process's device: pass accelerator instead")
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
+    fabric.launch(functools.partial(_build_on_every_rank, teacher, dataloader, str(path), build_kwargs))
+    return TeacherLogitCache(path)
+
+
+def _build_on_every_rank(
+    teacher: nn.Module, dataloader: Iterable[Any], path: str, build_kwargs: dict[str, Any], fabric: Fabric
+) -> None:
+    # module-level so that ddp_spawn can pickle it
+    try:
+        build_teacher_cache(teacher, dataloader, path, device=fabric.device, **build_kwargs)
+    finally:
+        _end_process_group()  # without it, the processes of a multi-node job abort at exit
+
+
 def cache_main(argv: list[str] | None = None) -> None:
     """The ``lightning-logits-cache`` command: build a cache from a teacher and a DataModule.
 
     The DataModule is built with ``return_index=True`` and the chosen split is read in order,
     without shuffling or dropping samples. Its arguments must match the student run's (same
     seed and fractions), so that index ``i`` names the same sample in both.
+
+    ``--devices N`` (and ``--num-nodes M``) build with ``N`` processes per node, started by
+    Lightning Fabric (``--strategy ddp`` re-runs this command once per extra process; under
+    ``torchrun``/SLURM the processes are already there): each takes every ``N*M``-th batch and
+    writes its rows into the same files, global rank 0 writes ``meta.json``. ``--resume``
+    continues a build that stopped, without asking the teacher again for rows already written.
     """
     parser = argparse.ArgumentParser(
         prog="lightning-logits-cache",
@@ -107,11 +189,39 @@ def cache_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="train", help="split to cache (the DataModule's dataset(split))")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--k", type=int, default=10, help="logits kept per sample (default 10)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the teacher runs; with several processes, its type (cpu or cuda): each process takes its own",
+    )
+    parser.add_argument("--devices", type=int, default=1, help="processes per node that build (default 1)")
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes of the job (set NODE_RANK on each)")
+    parser.add_argument(
+        "--strategy",
+        choices=("ddp", "ddp_spawn"),
+        default="ddp",
+        help="how Lightning Fabric starts the processes of --devices N (default ddp)",
+    )
     parser.add_argument("--out", required=True, help="cache directory to write")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace a cache (complete or not) at --out")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue a build that stopped: rows already written are kept"
+    )
     args = parser.parse_args(argv)
+    if args.devices < 1 or args.num_nodes < 1:
+        parser.error(f"--devices and --num-nodes must be at least 1, got {args.devices} and {args.num_nodes}")
+    if args.overwrite and args.resume:
+        parser.error("pass --overwrite (start again) or --resume (continue a stopped build), not both")
+    if args.devices * args.num_nodes == 1:
+        _cache_command(args, None)
+        return
+    accelerator = torch.device(args.device).type
+    fabric = Fabric(accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy)
+    fabric.launch(functools.partial(_cache_command, args))
 
+
+def _cache_command(args: argparse.Namespace, fabric: Fabric | None) -> None:
+    """One process of ``lightning-logits-cache`` (module-level so that ddp_spawn can pickle it)."""
     data_args = json.loads(args.data_args)
     datamodule = _import(args.data)(**{**data_args, "return_index": True})
     datamodule.setup("fit")
@@ -120,24 +230,34 @@ def cache_main(argv: list[str] | None = None) -> None:
         loader: Iterable[Any] = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     else:
         loader = getattr(datamodule, f"{args.split}_dataloader")()
+    # A teacher given by name without --checkpoint is randomly initialized: the same in every process.
+    torch.manual_seed(0)
     teacher = load_teacher(args.teacher, args.checkpoint, args.num_classes, json.loads(args.model_kwargs))
     data = {"class_path": args.data, "init_args": data_args, "split": args.split}
-    cache = build_teacher_cache(
-        teacher,
-        loader,
-        args.out,
-        k=args.k,
-        device=args.device,
-        source=args.teacher,
-        overwrite=args.overwrite,
-        data=data,
-        teacher_args={
-            "checkpoint": args.checkpoint,
-            "num_classes": args.num_classes,
-            "model_kwargs": json.loads(args.model_kwargs),
-        },
-    )
-    print(f"wrote top-{cache.k} logits of {cache.num_samples} samples ({cache.num_classes} classes) to {cache.path}")
+    try:
+        cache = build_teacher_cache(
+            teacher,
+            loader,
+            args.out,
+            k=args.k,
+            device=args.device if fabric is None else fabric.device,
+            source=args.teacher,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            data=data,
+            teacher_args={
+                "checkpoint": args.checkpoint,
+                "num_classes": args.num_classes,
+                "model_kwargs": json.loads(args.model_kwargs),
+            },
+        )
+    finally:
+        if fabric is not None:
+            _end_process_group()  # without it, the processes of a multi-node job abort at exit
+    if fabric is None or fabric.global_rank == 0:
+        print(
+            f"wrote top-{cache.k} logits of {cache.num_samples} samples ({cache.num_classes} classes) to {cache.path}"
+        )
 
 
 if __name__ == "__main__":

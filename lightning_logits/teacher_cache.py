@@ -45,8 +45,14 @@ different (weaker) signal than online KD on the same augmented view. A fixed aug
 sample (seeded by the index) is the other consistent choice. Mixup/cutmix mix inputs inside the
 step, so cached logits do not match the mixed input: the callback warns when both are used.
 
+**Several processes.** In a running ``torch.distributed`` group (several GPUs, nodes, or CPU
+processes), :func:`build_teacher_cache` deals whole batches to the ranks and they all write into
+the same files; the result equals a one-process build byte for byte. A build that stopped resumes
+with ``resume=True`` without recomputing the rows already written (see the function).
+
 Command line: ``lightning-logits-cache --teacher runs/teacher.ckpt --out
-cache/digits_top5 --k 5 --data-args '{"image_size": 32}'`` (see :func:`main`).
+cache/digits_top5 --k 5 --data-args '{"image_size": 32}' [--devices N] [--resume]`` (see
+``lightning_logits.cli.cache_main``).
 """
 
 from __future__ import annotations
@@ -54,12 +60,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_logits.batch import batch_index, batch_input, batch_target
@@ -70,10 +78,13 @@ __all__ = [
     "build_teacher_cache",
     "dataset_labels",
     "label_fingerprint",
+    "rank_batches",
     "reconstruct_logits",
 ]
 
 FORMAT_VERSION = 1
+BUILDING_FILE = "building.json"
+"""Written (by global rank 0) while a build runs: the arrays' shape and ``k``, to resume with."""
 
 
 def reconstruct_logits(values: Tensor, indices: Tensor, rest: Tensor, num_classes: int) -> Tensor:
@@ -265,6 +276,78 @@ class TeacherLogitCache:
         return reconstruct_logits(values, indices, rest, self.num_classes)
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """``(global rank, world size)`` of the initialized default process group, else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _EveryNthBatch(torch.utils.data.Sampler[list[int]]):
+    """The batches ``rank, rank + world, ...`` of another batch sampler: one rank's share, unchanged."""
+
+    def __init__(self, batches: Iterable[list[int]], rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for number, batch in enumerate(self.batches):
+            if number % self.world == self.rank:
+                yield batch
+
+    def __len__(self) -> int:
+        total = len(self.batches)  # type: ignore[arg-type]
+        return max(0, (total - self.rank + self.world - 1) // self.world)
+
+
+def rank_batches(dataloader: Iterable[Any], rank: int, world: int) -> Iterable[Any]:
+    """The batches of ``dataloader`` that rank ``rank`` of ``world`` takes: numbers ``rank, rank + world, ...``.
+
+    Whole batches are dealt out, so every batch has the samples it has in a one-process pass
+    and no sample is taken twice or padded. A ``DataLoader`` over a map-style data set is rebuilt
+    with a batch sampler that yields only this rank's index lists (the other ranks' samples are
+    never loaded); any other iterable is read in full and the other ranks' batches are dropped.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader
+        >>> loader = DataLoader(torch.arange(10), batch_size=3)
+        >>> [b.tolist() for b in rank_batches(loader, 1, 2)]
+        [[3, 4, 5], [9]]
+    """
+    if world == 1:
+        return dataloader
+    sampler = getattr(dataloader, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        raise ValueError(
+            "the cache's dataloader already has a DistributedSampler, so each rank would see a part of a part; "
+            "pass the whole in-order loader (e.g. DataLoader(dataset, batch_size=..., shuffle=False)): "
+            "the ranks split its batches themselves"
+        )
+    if (
+        isinstance(dataloader, torch.utils.data.DataLoader)
+        and dataloader.batch_sampler is not None
+        and not isinstance(dataloader.dataset, torch.utils.data.IterableDataset)
+    ):
+        options: dict[str, Any] = {
+            "num_workers": dataloader.num_workers,
+            "collate_fn": dataloader.collate_fn,
+            "pin_memory": dataloader.pin_memory,
+            "timeout": dataloader.timeout,
+            "worker_init_fn": dataloader.worker_init_fn,
+            "multiprocessing_context": dataloader.multiprocessing_context,
+            "generator": dataloader.generator,
+            "persistent_workers": dataloader.persistent_workers,
+            "pin_memory_device": dataloader.pin_memory_device,
+            "in_order": getattr(dataloader, "in_order", True),
+        }
+        if dataloader.num_workers > 0:
+            options["prefetch_factor"] = dataloader.prefetch_factor
+        return torch.utils.data.DataLoader(
+            dataloader.dataset, batch_sampler=_EveryNthBatch(dataloader.batch_sampler, rank, world), **options
+        )
+    return (batch for number, batch in enumerate(dataloader) if number % world == rank)
+
+
 @torch.no_grad()
 def build_teacher_cache(
     teacher: nn.Module,
@@ -278,6 +361,7 @@ def build_teacher_cache(
     overwrite: bool = False,
     data: dict[str, Any] | None = None,
     teacher_args: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> TeacherLogitCache:
     """Run ``teacher`` once over ``dataloader`` and store its top-k logits by sample index.
 
@@ -285,7 +369,7 @@ def build_teacher_cache(
         teacher: the teacher network (put in eval mode here; no gradients are computed).
         dataloader: yields ``(input, target, index)`` batches (or dicts with ``"input"`` and
             ``"index"``), e.g. ``DataLoader(DigitsDataModule(return_index=True).dataset("train"))``.
-            Use no random augmentation and no ``drop_last``.
+            Use no random augmentation, no shuffling and no ``drop_last``.
         path: the directory to write (created).
         k: logits kept per sample (clipped to the class count; ``k = C`` stores every logit).
         num_samples: rows of the cache (the largest index + 1 at least); default
@@ -293,17 +377,37 @@ def build_teacher_cache(
         device: where the teacher runs (default: where its parameters are).
         input_transform: applied to each input before the teacher (e.g. a resize).
         source: what built the teacher (a name or a path), recorded in ``meta.json``.
-        overwrite: replace an existing cache at ``path``.
+        overwrite: replace an existing cache (complete or not) at ``path``.
         data: how to rebuild the data, recorded in ``meta.json`` (the command line writes
             ``{"class_path": ..., "init_args": {...}, "split": "train"}``).
         teacher_args: how to rebuild the teacher (``checkpoint``, ``num_classes``,
             ``model_kwargs`` of a teacher given by name), recorded in ``meta.json``.
+        resume: continue a build that stopped (a crash, a killed job): batches whose rows are all
+            written are not given to the teacher again (a batch with only some rows written is
+            recomputed and only its missing rows are written). The same ``k``, ``num_samples``
+            and ``source`` as the first try are required; any number of processes may resume.
+            Without a partial cache at ``path`` it builds from scratch; on a complete cache it
+            returns it.
 
     The labels of the batches (element 1, or ``"target"``) are recorded by index as
     ``data_fingerprint`` (:func:`label_fingerprint`), so that training on other data is caught.
 
+    **Every rank builds.** Called in every process of an initialized ``torch.distributed`` process
+    group (a Lightning ``Trainer`` or ``Fabric`` under DDP, ``torchrun``, SLURM;
+    ``lightning_logits.cli.launch_teacher_cache`` starts one), each rank takes the batches
+    ``rank, rank + world, ...`` of the same ``dataloader`` (:func:`rank_batches`) and writes their
+    rows into the same memory-mapped arrays, which global rank 0 creates before a barrier.
+    Global rank 0 writes ``meta.json`` after a barrier at the end. Since every batch holds the
+    samples it holds in one process, the files equal a one-process build byte for byte when the
+    teacher's output for a batch does not depend on the process (deterministic kernels). ``path``
+    must be one directory that every rank sees, on a file system where processes (and nodes) can
+    write disjoint parts of one file (a local disk; Lustre or GPFS across nodes; not NFS).
+
+    While a build runs, ``path`` holds ``building.json`` (the shape and ``k`` of the arrays, to
+    resume with); it is removed when ``meta.json`` is written.
+
     Returns:
-        The cache, opened for reading.
+        The cache, opened for reading (on every rank).
 
     Example:
         >>> import tempfile, torch
@@ -317,32 +421,53 @@ def build_teacher_cache(
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    if overwrite and resume:
+        raise ValueError("pass overwrite=True (start again) or resume=True (continue a stopped build), not both")
+    rank, world = _rank_and_world()
     out = Path(path)
-    if (out / "meta.json").exists() and not overwrite:
-        raise FileExistsError(f"a teacher-logit cache already exists at '{out}'; pass overwrite=True to replace it")
+    name = source or type(teacher).__name__
     if num_samples is None:
         dataset = getattr(dataloader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__len__"):
             raise ValueError("pass num_samples: the dataloader has no sized .dataset to count the samples")
         num_samples = len(dataset)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)
+    building = _read_json(out / BUILDING_FILE)
+    if (out / "meta.json").exists() and not overwrite:
+        if not resume:
+            raise FileExistsError(f"a teacher-logit cache already exists at '{out}'; pass overwrite=True to replace it")
+        cache = TeacherLogitCache(out)
+        found = {
+            "num_samples": cache.num_samples,
+            "k": cache.k,
+            "num_classes": cache.num_classes,
+            "teacher": cache.source,
+        }
+        _check_resumable(out, found, k, num_samples, name)
+        return cache
+    if building is not None and not (resume or overwrite):
+        raise FileExistsError(
+            f"'{out}' holds a cache whose build stopped before the end ({BUILDING_FILE} without meta.json); "
+            "pass resume=True (--resume) to continue it or overwrite=True (--overwrite) to start again"
+        )
+    if building is not None and resume:
+        _check_resumable(out, building, k, num_samples, name)
+    else:
+        building = None  # a fresh build
     if device is None:
         param = next(teacher.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     teacher = teacher.to(device).eval()
-    arrays: dict[str, np.memmap] = {}
-    num_classes = -1
-    positions: int | None = None
-    labels = np.full(num_samples, -1, dtype=np.int64)
-    labels_known = True
-    for batch in dataloader:
+
+    def run(batch: Any) -> tuple[np.ndarray, Tensor]:
         index = batch_index(batch)
         if index is None:
             raise ValueError(
                 "the dataloader's batches carry no sample index; yield (input, target, index) "
                 "(e.g. DigitsDataModule(return_index=True)) so cached rows can be found again"
             )
+        rows = torch.as_tensor(index).to("cpu", torch.int64).reshape(-1).numpy()
+        if rows.size and (rows.min() < 0 or rows.max() >= num_samples):
+            raise IndexError(f"sample index {rows.max()} out of range for num_samples={num_samples}")
         x = batch_input(batch).to(device)
         if input_transform is not None:
             x = input_transform(x)
@@ -351,25 +476,63 @@ def build_teacher_cache(
             raise ValueError(
                 f"the teacher returned logits of shape {tuple(logits.shape)}, expected [N, C] or [N, T, C] (per token)"
             )
-        if not arrays:
-            num_classes = logits.shape[-1]
-            positions = logits.shape[1] if logits.ndim == 3 else None
-            k = min(k, num_classes)
-            index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
-            fmt = np.lib.format
-            lead = (num_samples,) if positions is None else (num_samples, positions)
-            arrays = {
-                "values": fmt.open_memmap(out / "values.npy", "w+", np.float16, (*lead, k)),
-                "indices": fmt.open_memmap(out / "indices.npy", "w+", index_dtype, (*lead, k)),
-                "rest": fmt.open_memmap(out / "rest.npy", "w+", np.float32, lead),
-                "written": fmt.open_memmap(out / "written.npy", "w+", np.bool_, (num_samples,)),
-            }
+        return rows, logits
+
+    labels = np.full(num_samples, -1, dtype=np.int64)
+    labels_known = True
+    batches = iter(rank_batches(dataloader, rank, world))
+    first: tuple[Any, np.ndarray, Tensor] | None = None
+    if building is None:
+        # The arrays' shape is the teacher's: every rank runs its first batch, rank 0 creates the
+        # files from the first shape any rank saw, and the others open them after a barrier.
+        report: dict[str, Any] = {}
+        failure: Exception | None = None
+        batch = next(batches, None)
+        if batch is not None:
+            try:
+                rows, logits = run(batch)
+                first = (batch, rows, logits)
+                report["shape"] = (logits.shape[-1], logits.shape[1] if logits.ndim == 3 else None)
+            except Exception as error:  # raised on every rank below, so that no rank waits forever
+                failure = error
+                report["error"] = f"{type(error).__name__}: {error}"
+        reports = _all_gather(report, world)
+        errors = [f"rank {r}: {report_r['error']}" for r, report_r in enumerate(reports) if "error" in report_r]
+        if failure is not None:
+            raise failure
+        if errors:
+            raise RuntimeError(f"another rank failed on its first batch ({errors[0]})")
+        shapes = [r["shape"] for r in reports if "shape" in r]
+        if not shapes:
+            raise ValueError("the dataloader yielded no batches")
+        num_classes, positions = shapes[0]
+        building = {
+            "format": FORMAT_VERSION,
+            "num_samples": num_samples,
+            "num_classes": num_classes,
+            "k": min(k, num_classes),
+            "positions": positions,
+            "teacher": name,
+        }
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "meta.json").unlink(missing_ok=True)
+            (out / BUILDING_FILE).unlink(missing_ok=True)
+            _create_arrays(out, building)
+            # building.json last: its presence says the arrays exist and can be resumed
+            _write_json(out / BUILDING_FILE, building)
+        _barrier(world)
+    num_classes, positions, k = int(building["num_classes"]), building["positions"], int(building["k"])
+    arrays = _open_arrays(out)
+    written = arrays["written"]
+
+    def store(rows: np.ndarray, logits: Tensor) -> None:
         if logits.shape[-1] != num_classes:
-            raise ValueError(f"the teacher returned {logits.shape[-1]} classes after {num_classes} in earlier batches")
+            raise ValueError(f"the teacher returned {logits.shape[-1]} classes, the cache holds {num_classes}")
         if (logits.shape[1] if logits.ndim == 3 else None) != positions:
             raise ValueError(
-                f"the teacher returned logits of shape {tuple(logits.shape)} after rows of {positions} positions: a "
-                "sequence cache needs the same number of tokens in every sample (pad them)"
+                f"the teacher returned logits of shape {tuple(logits.shape)}, the cache holds rows of {positions} "
+                "positions: a sequence cache needs the same number of tokens in every sample (pad them)"
             )
         values, top = logits.topk(k, dim=-1)
         if k < num_classes:
@@ -380,33 +543,130 @@ def build_teacher_cache(
             raise ValueError(
                 f"teacher logits reach {values.abs().max().item():.3g}, beyond float16's range; they cannot be cached"
             )
-        rows = torch.as_tensor(index).to("cpu", torch.int64).reshape(-1).numpy()
-        if rows.size and (rows.min() < 0 or rows.max() >= num_samples):
-            raise IndexError(f"sample index {rows.max()} out of range for num_samples={num_samples}")
+        missing = ~np.asarray(written[rows])
+        if not missing.all():  # resumed: rows already on disk are not written again
+            rows, keep = rows[missing], torch.from_numpy(missing).to(values.device)
+            values, top, rest = values[keep], top[keep], rest[keep]
         arrays["values"][rows] = values.to(torch.float16).cpu().numpy()
         arrays["indices"][rows] = top.cpu().numpy().astype(arrays["indices"].dtype)
         arrays["rest"][rows] = rest.cpu().numpy()
-        arrays["written"][rows] = True
-        labels_known = labels_known and _record_labels(batch, rows, labels)
-    if not arrays:
-        raise ValueError("the dataloader yielded no batches")
+        written[rows] = True  # last: a row marked written is complete
+
+    if first is not None:
+        batch, rows, logits = first
+        store(rows, logits)
+        labels_known = _record_labels(batch, rows, labels)
+    for batch in batches:
+        index = batch_index(batch)
+        if index is not None:
+            rows = torch.as_tensor(index).to("cpu", torch.int64).reshape(-1).numpy()
+            if rows.size and rows.min() >= 0 and rows.max() < num_samples and bool(np.asarray(written[rows]).all()):
+                labels_known = _record_labels(batch, rows, labels) and labels_known
+                continue  # resumed: every row of this batch is on disk, the teacher is not asked again
+        rows, logits = run(batch)
+        store(rows, logits)
+        labels_known = _record_labels(batch, rows, labels) and labels_known
     for array in arrays.values():
         array.flush()
-    meta = {
-        "format": FORMAT_VERSION,
-        "num_samples": num_samples,
-        "num_classes": num_classes,
-        "k": k,
-        "positions": positions,
-        "teacher": source or type(teacher).__name__,
-        "data_fingerprint": label_fingerprint(labels) if labels_known else None,
-        "data": data,
-        "teacher_args": teacher_args,
-        "reconstruction": "non-top-k columns = rest - log(C - k) (keeps their softmax mass at T=1)",
-    }
-    # meta.json last: its presence marks a complete cache.
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    if world > 1:  # rank 0 receives the labels each rank read (and waits until every rank is done)
+        own = np.flatnonzero(labels >= 0)
+        parts = _gather_to_zero((own, labels[own], labels_known), rank, world)
+        if parts is not None:
+            for rows_seen, labels_seen, known in parts:
+                labels[rows_seen] = labels_seen
+                labels_known = labels_known and known
+    if rank == 0:
+        meta = {
+            "format": FORMAT_VERSION,
+            "num_samples": num_samples,
+            "num_classes": num_classes,
+            "k": k,
+            "positions": positions,
+            "teacher": name,
+            "data_fingerprint": label_fingerprint(labels) if labels_known else None,
+            "data": data,
+            "teacher_args": teacher_args,
+            "reconstruction": "non-top-k columns = rest - log(C - k) (keeps their softmax mass at T=1)",
+        }
+        # meta.json last: its presence marks a complete cache.
+        _write_json(out / "meta.json", meta)
+        (out / BUILDING_FILE).unlink(missing_ok=True)
+    _barrier(world)
     return TeacherLogitCache(out)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    """Write ``content`` to ``path`` whole or not at all (a temporary file, then a rename)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(content, indent=2))
+    os.replace(partial, path)
+
+
+def _check_resumable(out: Path, found: dict[str, Any], k: int, num_samples: int, name: str) -> None:
+    """Refuse to resume a cache begun with another ``num_samples``, ``k`` or teacher."""
+    stored_k = int(found["k"])
+    wanted_k = min(k, int(found["num_classes"]))  # k is clipped to the class count when stored
+    mismatches = [
+        f"{what} {have!r} (asked: {want!r})"
+        for what, have, want in (
+            ("num_samples", int(found["num_samples"]), num_samples),
+            ("k", stored_k, wanted_k),
+            ("teacher", found.get("teacher"), name),
+        )
+        if have != want
+    ]
+    if mismatches:
+        raise ValueError(
+            f"cannot resume the cache at '{out}': it was begun with "
+            + ", ".join(mismatches)
+            + "; resume with the first build's arguments, or pass overwrite=True to start again"
+        )
+
+
+def _all_gather(obj: Any, world: int) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
+    if world == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _gather_to_zero(obj: Any, rank: int, world: int) -> list[Any] | None:
+    """``obj`` of every rank, in rank order, on rank 0 (``None`` on the others)."""
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _create_arrays(out: Path, building: dict[str, Any]) -> None:
+    """Create the cache's ``.npy`` files, zero-filled (no row written), from ``building.json``'s shape."""
+    num_samples, positions, k = int(building["num_samples"]), building["positions"], int(building["k"])
+    index_dtype = np.int16 if int(building["num_classes"]) <= np.iinfo(np.int16).max else np.int32
+    lead = (num_samples,) if positions is None else (num_samples, int(positions))
+    fmt = np.lib.format
+    for file, dtype, shape in (
+        ("values.npy", np.float16, (*lead, k)),
+        ("indices.npy", index_dtype, (*lead, k)),
+        ("rest.npy", np.float32, lead),
+        ("written.npy", np.bool_, (num_samples,)),
+    ):
+        array = fmt.open_memmap(out / file, "w+", dtype, shape)
+        array.flush()
+        del array
+
+
+def _open_arrays(out: Path) -> dict[str, np.memmap]:
+    return {name: np.load(out / f"{name}.npy", mmap_mode="r+") for name in ("values", "indices", "rest", "written")}
 
 
 def _record_labels(batch: Any, rows: np.ndarray, labels: np.ndarray) -> bool:
