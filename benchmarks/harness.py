@@ -347,3 +347,66 @@ def save_results(suite: str, results: list[SpeedResult], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     path.write_text(json.dumps({"suite": suite, "device": device, "results": [asdict(r) for r in results]}, indent=2))
+
+
+def launch_ranks(
+    command: list[str],
+    world_size: int = 2,
+    num_nodes: int = 1,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+) -> list[str]:
+    """Start ``command`` once per rank, as torchrun would: ``world_size`` ranks over ``num_nodes`` simulated nodes.
+
+    Lightning takes processes started from outside when ``LOCAL_RANK`` is set, so the same command
+    runs 2 processes on one node or 2 "nodes" of 1 process on loopback (``NODE_RANK`` 0 and 1, one
+    ``MASTER_ADDR=127.0.0.1``/``MASTER_PORT``). ``--devices <per node> --num-nodes <nodes>`` is appended.
+    Each rank runs one thread. A rank that fails leaves the others waiting in a collective, so they are
+    stopped 15 s later. Returns every rank's output; raises ``AssertionError`` with their tails on a
+    failure or a time-out.
+    """
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    per_node = world_size // num_nodes
+    port = str(find_free_network_port())
+    procs = []
+    for rank in range(world_size):
+        rank_env = {
+            **os.environ,
+            **(env or {}),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "NODE_RANK": str(rank // per_node),
+            "LOCAL_RANK": str(rank % per_node),
+            "WORLD_SIZE": str(world_size),
+            "WORLD_SIZE_HINT": str(world_size),
+            "OMP_NUM_THREADS": "1",
+            "WORKER_DUMP_AFTER": str(max(timeout - 20, 5)),
+        }
+        full = [*command, "--devices", str(per_node), "--num-nodes", str(num_nodes)]
+        procs.append(
+            subprocess.Popen(full, env=rank_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    deadline = time.monotonic() + timeout
+    failed_at: float | None = None
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now - failed_at > 15):
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(0.2)
+    outputs = [p.communicate()[0] for p in procs]
+    if time.monotonic() > deadline:
+        outputs = [o + f"\n[timed out after {timeout} s]" for o in outputs]
+    if any(p.returncode != 0 for p in procs):
+        tails = "\n".join(
+            f"--- rank {r} (exit {p.returncode}) ---\n{o[-12000:]}"
+            for r, (p, o) in enumerate(zip(procs, outputs, strict=True))
+        )
+        raise AssertionError(f"a rank of {' '.join(command)} failed:\n{tails}")
+    return outputs

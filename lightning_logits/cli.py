@@ -122,7 +122,9 @@ def launch_teacher_cache(
     group that is already running (a ``Trainer``'s), call ``build_teacher_cache`` directly.
 
     Args:
-        teacher, dataloader, path: as for ``build_teacher_cache``.
+        teacher: as for ``build_teacher_cache``.
+        dataloader: as for ``build_teacher_cache``.
+        path: as for ``build_teacher_cache``.
         devices: processes per node.
         num_nodes: nodes of the job.
         accelerator: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL), as Fabric takes it.

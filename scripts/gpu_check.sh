@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check, under 8 minutes on one GPU: the CUDA-marked tests (bf16-mixed, a
 # channels_last teacher, every method's hot path under torch.cuda.set_sync_debug_mode("error"),
-# 2-GPU DDP where two GPUs exist), the quickstart recipe on CUDA for 2 epochs, and every speed
+# 2-GPU DDP where two GPUs exist), the quickstart recipe on CUDA for 2 epochs, the quickstart under
+# ModelParallelStrategy (FSDP2, NCCL) on one GPU writing a sharded checkpoint folder, and every speed
 # suite with small step counts (absolute times and ratios). Without CUDA it prints
 # "no CUDA: skipped" and exits 0.
 #   bash scripts/gpu_check.sh            # PYTHON=/path/to/python to choose the interpreter
@@ -33,6 +34,16 @@ run_dir=$(mktemp -d)
 timeout "$(budget 90)" "$PY" -m lightning_logits.cli fit --config recipes/quickstart.yaml --trainer.accelerator gpu \
   --trainer.max_epochs 2 --trainer.logger.init_args.save_dir "$run_dir" \
   --trainer.default_root_dir "$run_dir" 2>&1 | tail -n 15 || status=1
+rm -rf "$run_dir"
+
+section "ModelParallelStrategy (FSDP2) on 1 GPU: quickstart, 1 epoch, sharded (NCCL), then the sharded tests' worker"
+run_dir=$(mktemp -d)
+timeout "$(budget 90)" "$PY" -m lightning_logits.cli fit --config recipes/quickstart.yaml --trainer.accelerator gpu \
+  --trainer.devices 1 --trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy \
+  --trainer.strategy.data_parallel_size 1 --trainer.strategy.tensor_parallel_size 1 \
+  --trainer.max_epochs 1 --trainer.logger.init_args.save_dir "$run_dir" \
+  --trainer.default_root_dir "$run_dir" 2>&1 | tail -n 8 || status=1
+ls -d "$run_dir"/quickstart/version_*/checkpoints/last.ckpt/ 2>/dev/null && echo "sharded checkpoint folder written" || status=1
 rm -rf "$run_dir"
 
 section "speed suites (each at most 60 s; 20 steps x 2 rounds after 5 warm-up steps; median step, ratio to baseline)"

@@ -228,3 +228,17 @@ def test_consolidated_checkpoint_loads_as_a_classifier_and_as_a_teacher(tmp_path
     torch.testing.assert_close(teacher.fc.weight.detach(), torch.tensor(trained["params"]["model.fc.weight"]))
     with pytest.raises(FileNotFoundError, match="no sharded checkpoint"):
         consolidate_checkpoint(tmp_path / "one.ckpt", tmp_path / "again.ckpt")
+
+
+def test_memory_benchmark_smoke_shows_one_nth_per_rank(tmp_path: Path) -> None:
+    from benchmarks import memory_sharded
+
+    out = tmp_path / "memory.md"
+    memory_sharded.main(["--smoke", "--out", str(out)])
+    rows = {
+        line.split("|")[1].strip(): line.split("|") for line in out.read_text().splitlines() if line.startswith("| ")
+    }
+    # student total ratio (column 6) and teacher ratio (column 8), sharded over 2 ranks: about 1/2
+    assert float(rows["ddp"][6]) == 1.0 and float(rows["ddp"][8]) == 1.0
+    assert 0.49 < float(rows["fsdp2"][6]) < 0.56 and float(rows["fsdp2"][8]) == 1.0
+    assert 0.49 < float(rows["fsdp2_teacher_full"][6]) < 0.56 and 0.49 < float(rows["fsdp2_teacher_full"][8]) < 0.56

@@ -887,8 +887,12 @@ def forward_kl_loss(
         logits: ``[..., V]`` student logits (``[N, C]`` or ``[B, T, V]``), with their graph.
         teacher_logits: ``[..., V]`` teacher logits; detached here.
         temperature: ``T > 0`` dividing both logit tensors (default 1.0).
-        target, mask, ignore_index, standardize, chunk_size, validate_args: as in :func:`kd_loss`
-            (``target`` only skips the positions equal to ``ignore_index``).
+        target: ``[...]`` labels; only used to skip the positions equal to ``ignore_index``.
+        mask: as in :func:`kd_loss`.
+        ignore_index: as in :func:`kd_loss`.
+        standardize: as in :func:`kd_loss`.
+        chunk_size: as in :func:`kd_loss`.
+        validate_args: as in :func:`kd_loss`.
 
     Returns:
         A scalar: the mean over the valid positions, computed in float32 and returned in the dtype of
@@ -934,8 +938,15 @@ def reverse_kl_loss(
     over all of them.
 
     Args:
-        logits, teacher_logits, temperature, target, mask, ignore_index, standardize, chunk_size,
-            validate_args: as in :func:`forward_kl_loss`.
+        logits: as in :func:`forward_kl_loss`.
+        teacher_logits: as in :func:`forward_kl_loss`.
+        temperature: as in :func:`forward_kl_loss`.
+        target: as in :func:`forward_kl_loss`.
+        mask: as in :func:`forward_kl_loss`.
+        ignore_index: as in :func:`forward_kl_loss`.
+        standardize: as in :func:`forward_kl_loss`.
+        chunk_size: as in :func:`forward_kl_loss`.
+        validate_args: as in :func:`forward_kl_loss`.
 
     Returns:
         A scalar: the mean over the valid positions (float32 inside, the dtype of ``logits`` out).
@@ -989,8 +1000,15 @@ def jsd_loss(
     ``log M`` is a log-sum-exp of the two log-probabilities, never the log of a sum of probabilities.
 
     Args:
-        logits, teacher_logits, temperature, target, mask, ignore_index, standardize, chunk_size,
-            validate_args: as in :func:`forward_kl_loss`.
+        logits: as in :func:`forward_kl_loss`.
+        teacher_logits: as in :func:`forward_kl_loss`.
+        temperature: as in :func:`forward_kl_loss`.
+        target: as in :func:`forward_kl_loss`.
+        mask: as in :func:`forward_kl_loss`.
+        ignore_index: as in :func:`forward_kl_loss`.
+        standardize: as in :func:`forward_kl_loss`.
+        chunk_size: as in :func:`forward_kl_loss`.
+        validate_args: as in :func:`forward_kl_loss`.
         beta: the teacher's weight in ``[0, 1]`` (default 0.5, symmetric; GKD's paper also uses 0.1
             and 0.9).
 
@@ -1041,8 +1059,15 @@ def skew_kl_loss(
     larger by the teacher's entropy (a constant: the same gradient).
 
     Args:
-        logits, teacher_logits, temperature, target, mask, ignore_index, standardize, chunk_size,
-            validate_args: as in :func:`forward_kl_loss`.
+        logits: as in :func:`forward_kl_loss`.
+        teacher_logits: as in :func:`forward_kl_loss`.
+        temperature: as in :func:`forward_kl_loss`.
+        target: as in :func:`forward_kl_loss`.
+        mask: as in :func:`forward_kl_loss`.
+        ignore_index: as in :func:`forward_kl_loss`.
+        standardize: as in :func:`forward_kl_loss`.
+        chunk_size: as in :func:`forward_kl_loss`.
+        validate_args: as in :func:`forward_kl_loss`.
         alpha: the teacher's share of the mixture, in ``[0, 1]`` (default 0.1, the paper's).
 
     Returns:
@@ -1088,8 +1113,15 @@ def skew_reverse_kl_loss(
     :func:`reverse_kl_loss`, ``alpha = 1`` gives 0.
 
     Args:
-        logits, teacher_logits, temperature, target, mask, ignore_index, standardize, chunk_size,
-            validate_args: as in :func:`forward_kl_loss`.
+        logits: as in :func:`forward_kl_loss`.
+        teacher_logits: as in :func:`forward_kl_loss`.
+        temperature: as in :func:`forward_kl_loss`.
+        target: as in :func:`forward_kl_loss`.
+        mask: as in :func:`forward_kl_loss`.
+        ignore_index: as in :func:`forward_kl_loss`.
+        standardize: as in :func:`forward_kl_loss`.
+        chunk_size: as in :func:`forward_kl_loss`.
+        validate_args: as in :func:`forward_kl_loss`.
         alpha: the student's share of the mixture, in ``[0, 1]`` (default 0.1, the paper's).
 
     Returns:
@@ -1134,8 +1166,15 @@ def tv_loss(
     almost no mass (unlike forward KL), and it is 0 only when the two distributions are equal.
 
     Args:
-        logits, teacher_logits, temperature, target, mask, ignore_index, standardize, chunk_size,
-            validate_args: as in :func:`forward_kl_loss`.
+        logits: as in :func:`forward_kl_loss`.
+        teacher_logits: as in :func:`forward_kl_loss`.
+        temperature: as in :func:`forward_kl_loss`.
+        target: as in :func:`forward_kl_loss`.
+        mask: as in :func:`forward_kl_loss`.
+        ignore_index: as in :func:`forward_kl_loss`.
+        standardize: as in :func:`forward_kl_loss`.
+        chunk_size: as in :func:`forward_kl_loss`.
+        validate_args: as in :func:`forward_kl_loss`.
 
     Returns:
         A scalar: the mean over the valid positions (float32 inside, the dtype of ``logits`` out).

@@ -664,7 +664,10 @@ def fused_linear_cross_entropy(
         hidden: ``[..., H]`` hidden states entering the head.
         weight: ``[V, H]`` head weight.
         target: int ``[...]`` token ids.
-        bias, ignore_index, chunk_size, validate_args: as in :func:`fused_distillation_loss`.
+        bias: as in :func:`fused_distillation_loss`.
+        ignore_index: as in :func:`fused_distillation_loss`.
+        chunk_size: as in :func:`fused_distillation_loss`.
+        validate_args: as in :func:`fused_distillation_loss`.
 
     Returns:
         The scalar loss in ``hidden``'s dtype.
