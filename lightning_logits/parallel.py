@@ -23,7 +23,7 @@ def is_model_parallel(trainer: pl.Trainer) -> bool:
 
     Example:
         >>> import lightning.pytorch as pl
-            >>> is_model_parallel(pl.Trainer(accelerator="cpu", devices=1, logger=False))
+        >>> is_model_parallel(pl.Trainer(accelerator="cpu", devices=1, logger=False))
         False
     """
     from lightning.pytorch.strategies import ModelParallelStrategy

@@ -31,6 +31,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
 from lightning_logits.callbacks import (  # noqa: E402
+    ERACE,
     LAWN,
     UER,
     USKD,
@@ -137,6 +138,8 @@ def scenario_callbacks(name: str, cache: str | None) -> list[pl.Callback]:
         return [USKD(feature_layer="model.body")]
     if name in ("lawn_all", "lawn_final"):
         return [LAWN(free_steps=5, scope=name.split("_")[1])]  # type: ignore[arg-type]
+    if name == "erace":
+        return [ERACE(buffer_size=32, replay_batch_size=8)]
     if name == "er":
         return [ExperienceReplay(buffer_size=32, replay_batch_size=8)]
     if name == "uer":
