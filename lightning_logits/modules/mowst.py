@@ -130,6 +130,44 @@ def _log_histogram(module: pl.LightningModule, tag: str, values: Tensor) -> None
             add(tag, values.detach().float().cpu(), module.global_step)
 
 
+Routing = Literal["gate", "strong", "weak"]
+# C = keep * sigmoid(gate(.)) + force: (1, 0) the gate's confidence, (0, 0) C = 0, (0, 1) C = 1
+_ROUTING_CODE: dict[Routing, tuple[float, float]] = {"gate": (1.0, 0.0), "strong": (0.0, 0.0), "weak": (0.0, 1.0)}
+
+
+class _Routing(nn.Module):
+    """Which expert a :class:`Mowst` model uses: the gate's confidence, or one expert alone.
+
+    Holds the buffer ``code = (keep, force)`` and maps the gate's confidence ``c`` to
+    ``keep * c + force``: exactly ``c``, ``0`` or ``1``, without a host-device sync. A buffer, so
+    it travels with the weights (``state_dict``, checkpoints, best-weights snapshots).
+    """
+
+    code: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("code", torch.tensor(_ROUTING_CODE["gate"]))
+
+    def forward(self, confidence: Tensor) -> Tensor:
+        code = self.code.to(confidence.dtype)
+        return code[0] * confidence + code[1]
+
+    @property
+    def mode(self) -> Routing:
+        code = tuple(float(v) for v in self.code.tolist())  # reads the buffer: call outside the hot path
+        return next((k for k, v in _ROUTING_CODE.items() if v == code), "gate")
+
+    def set(self, mode: Routing) -> None:
+        with torch.no_grad():
+            self.code.copy_(torch.tensor(_ROUTING_CODE[mode], dtype=self.code.dtype))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # weights saved before the routing existed: their model is the gate's mixture
+        state_dict.setdefault(prefix + "code", torch.tensor(_ROUTING_CODE["gate"]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -158,6 +196,17 @@ class Mowst(pl.LightningModule):
       and the benchmark use); ``"weak"`` the same for the MLP; ``"both"`` the GNN then the MLP;
       ``"joint"`` both experts together for exactly ``pretrain_epochs`` epochs (the warm-up of earlier
       releases); ``"none"`` starts with the turns.
+    * The best weights cover every phase, pretraining included. An early-stopped pretraining
+      phase routes every node to the expert it trains (:attr:`routing` ``"strong"``: ``C = 0``;
+      ``"weak"``: ``C = 1``), so its ``val/acc`` is that expert's and its best weights are a
+      candidate like any turn's; the turns must beat it. The first weak turn starts from the
+      gate as initialized (``C`` about 0.5 on every node, as in the official code) and its
+      weights are kept only if the mixture beats the pretrained expert on validation: otherwise
+      the turn ends on the pretrained expert alone and the next strong turn trains it alone.
+      So the model ``fit`` ends with, ``last.ckpt`` and the best checkpoint are never worse on
+      validation than the best phase so far; a Mowst whose turns never beat its pretrained GNN
+      ends as that GNN (``routing == "strong"``). Rounds count a gain only over this best, so
+      ``round_patience + 1`` rounds that never beat the pretraining stop training.
 
     The schedule (:class:`~lightning_logits.modules.mowst_schedule.MowstSchedule`, in
     :attr:`schedule`) is saved in checkpoints: a run resumed during pretraining or a turn continues
@@ -175,7 +224,9 @@ class Mowst(pl.LightningModule):
     side by side on the same graphs: the frozen expert runs in eval mode (no dropout, fixed
     BatchNorm) and its outputs are cached within a turn (official: train mode, dropout on); the
     gate is saved and restored with the experts when the best weights are restored (official:
-    never); ``inference="expected"`` reports the exact expectation of random routing (official: the
+    never); pretraining competes with the turns for the best weights (official: its validation
+    accuracy is discarded, the turns are compared only with each other, so a weak turn below the
+    pretrained GNN is kept); ``inference="expected"`` reports the exact expectation of random routing (official: the
     average of 50 draws); Mowst* stops early and applies softmax once before the dispersion
     (official: no early stopping, and softmax twice at test time).
 
@@ -216,23 +267,26 @@ class Mowst(pl.LightningModule):
             probabilities: the Mowst* default). All three are logged under their own names too.
         route_seed: seed of the random routing at evaluation.
         cache_frozen: reuse the frozen expert's outputs within a turn.
-        restore_best: restore the best weights at the end of each turn, pretraining phase and run.
+        restore_best: restore the best weights at the end of each turn, pretraining phase and run
+            (the best over every phase, pretraining included, with its :attr:`routing`).
 
     Logged: ``train/loss``, ``mowst/turn`` (0 joint warm-up, 1 weak, 2 strong, 3 Mowst* joint,
     4 strong pretraining, 5 weak pretraining; also in the progress bar), ``val/acc``,
     ``val/acc_expected``, ``val/acc_random``, ``val/acc_deterministic``, ``val/acc_weak``,
     ``val/acc_strong``, ``mowst/weak_share`` (share of the evaluated nodes the random routing sent to
     the weak expert) and ``mowst/confidence`` (mean ``C``); under ``test/`` and the same
-    ``mowst/*`` keys in ``trainer.test``. A histogram of ``C`` goes to loggers whose experiment has
-    ``add_histogram`` (TensorBoard); the last ``C`` is kept in :attr:`last_confidence`.
+    ``mowst/*`` keys in ``trainer.test``. During an early-stopped pretraining phase ``val/acc`` is
+    the trained expert's accuracy (the model routes every node to it). A histogram of ``C`` goes to
+    loggers whose experiment has ``add_histogram`` (TensorBoard); the last ``C`` is kept in
+    :attr:`last_confidence`.
 
     Example:
         >>> from lightning_logits.data.graphs import csbm_graph
         >>> data = csbm_graph(num_nodes=60, num_classes=3, num_features=8)
         >>> model = Mowst(strong="gcn", num_features=8, num_classes=3, hidden=16, pretrain="strong")
         >>> weak_logits, strong_logits, confidence = model(data.x, data.edge_index)
-        >>> weak_logits.shape, confidence.shape, model.turn
-        (torch.Size([60, 3]), torch.Size([60]), 'pretrain_strong')
+        >>> weak_logits.shape, confidence.shape, model.turn, model.routing  # fit starts routing to the GNN
+        (torch.Size([60, 3]), torch.Size([60]), 'pretrain_strong', 'gate')
     """
 
     def __init__(
@@ -300,6 +354,7 @@ class Mowst(pl.LightningModule):
         self.strong: nn.Module
         self.gate: nn.Module
         self._built = False
+        self._routing = _Routing()
         if num_features is not None and num_classes is not None:
             self._build(num_features, num_classes)
         self.last_confidence: Tensor | None = None
@@ -366,6 +421,9 @@ class Mowst(pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        schedule = self.schedule
+        if schedule.turn_id == 0 and schedule.epochs_in_turn == 0 and not schedule.stopped:
+            self._enter_phase(schedule.phase)  # a fresh run (or one resumed before its first epoch)
         if self.hparams["max_turn_epochs"] is None and self.variant == "mowst" and not self.trainer.limit_val_batches:
             rank_zero_warn(
                 "Mowst runs without validation and max_turn_epochs=None: turns end on validation patience only, so "
@@ -387,7 +445,8 @@ class Mowst(pl.LightningModule):
                 "the gate's BatchNorm needs at least 2 nodes in training mode, got 1: train full-batch "
                 "or call model.eval() for single-node inference"
             )
-        return torch.sigmoid(self.gate(gate_in.to(x.dtype if x.is_floating_point() else torch.float32))).view(-1)
+        confidence = torch.sigmoid(self.gate(gate_in.to(x.dtype if x.is_floating_point() else torch.float32)))
+        return self._routing(confidence.view(-1))
 
     def _strong_logits(self, x: Tensor, edge_index: Tensor) -> Tensor:
         return self.strong(x, edge_index)
@@ -419,8 +478,38 @@ class Mowst(pl.LightningModule):
         ``"weak"``, ``"strong"`` (Mowst) or ``"joint"`` (Mowst*)."""
         return str(self.schedule.phase)
 
+    @property
+    def routing(self) -> Routing:
+        """How the model routes nodes: ``"gate"`` (the gate's confidence ``C``), ``"strong"`` (``C = 0``:
+        every node to the strong expert) or ``"weak"`` (``C = 1``).
+
+        Each pretraining phase routes to the expert it trains, so its validation accuracy is the
+        model's and its best weights compete with the turns'; weak turns and Mowst* use the gate.
+        A model whose best validation accuracy is its pretrained strong expert ends ``fit`` with
+        ``routing == "strong"``. Saved in ``state_dict`` (buffer ``_routing.code``).
+        """
+        return self._routing.mode
+
+    def _set_routing(self, mode: Routing) -> None:
+        self._routing.set(mode)
+        self._version += 1  # cached frozen outputs hold the confidence
+        self._cache = None
+
+    def _enter_phase(self, phase: str) -> None:
+        """Set the routing a phase starts with: pretraining phases use the expert they train, weak turns
+        and Mowst* the gate (they train it); a strong turn keeps the routing it inherits (the gate, or
+        the strong expert alone when the best model so far is the pretrained strong expert), except
+        ``"weak"``, under which the strong expert would get no gradient."""
+        if phase == "pretrain_strong":
+            self._set_routing("strong")
+        elif phase == "pretrain_weak":
+            self._set_routing("weak")
+        elif phase != "strong" or self.routing == "weak":
+            self._set_routing("gate")
+
     def _experts(self) -> dict[str, nn.Module]:
-        return {"weak": self.weak, "strong": self.strong, "gate": self.gate}
+        """Everything a snapshot holds: the experts, the gate and the routing."""
+        return {"weak": self.weak, "strong": self.strong, "gate": self.gate, "_routing": self._routing}
 
     def _load_snapshot(self, snapshot: dict[str, dict[str, Tensor]] | None) -> None:
         if snapshot is None:
@@ -448,6 +537,8 @@ class Mowst(pl.LightningModule):
                 self._load_best()
         self._phase_best = None
         self._cache = None
+        if not schedule.stopped:
+            self._enter_phase(schedule.phase)
         row = schedule.history[-1]
         best = "" if row["best_val_acc"] is None else f", best val acc {row['best_val_acc']:.4f}"
         nxt = schedule.stop_reason if schedule.stopped else f"next: {DESCRIPTION[schedule.phase]}"
@@ -618,11 +709,11 @@ class Mowst(pl.LightningModule):
         snapshot what improved, and apply the transition (before ModelCheckpoint writes the checkpoint)."""
         phase = self.schedule.phase
         score = {"pretrain_strong": scores["acc_strong"], "pretrain_weak": scores["acc_weak"]}.get(phase, scores["acc"])
-        recorded = self.schedule.record(score)
-        if recorded == "phase":
+        phase_improved, best_improved = self.schedule.record(score)
+        if phase_improved and phase in ("pretrain_strong", "pretrain_weak"):
             expert = "strong" if phase == "pretrain_strong" else "weak"
             self._phase_best = _snapshot({expert: self._experts()[expert]})
-        elif recorded == "best":
+        if best_improved:  # any phase, pretraining included: the model with its routing
             self._best_state = _snapshot(self._experts())
         self._advance()
 
@@ -646,9 +737,7 @@ class Mowst(pl.LightningModule):
     @override
     def on_train_end(self) -> None:
         schedule = self.schedule
-        if self.hparams["restore_best"]:
-            if schedule.pretraining and self._phase_best is not None and self._best_state is None:
-                self._load_snapshot(self._phase_best)
+        if self.hparams["restore_best"]:  # the best of every phase so far, pretraining included
             self._load_best()
         reason = schedule.stop_reason or (
             f"Mowst: the trainer ended the run (max_epochs, max_steps or another callback) during the "

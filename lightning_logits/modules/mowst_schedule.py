@@ -93,6 +93,10 @@ class MowstSchedule:
     than ``round_patience`` rounds in a row leave the best validation score unchanged, or when the
     Mowst* phase ends.
 
+    The best validation score :attr:`best_val` covers every phase but the joint warm-up: an
+    early-stopped pretraining phase competes with the turns (its model is one expert alone), so
+    the first round counts as a gain only if a turn beats the pretrained expert.
+
     The module calls :meth:`record` with each validation score (it returns what to snapshot),
     :meth:`step_done` after each training epoch and :meth:`advance` to apply a pending transition
     (it returns the phase that ended, whose best weights the module restores).
@@ -102,7 +106,9 @@ class MowstSchedule:
         >>> s.phase
         'pretrain_strong'
         >>> s.record(0.7), s.record(0.6), s.advance(), s.phase
-        ('phase', None, 'pretrain_strong', 'weak')
+        ((True, True), (False, False), 'pretrain_strong', 'weak')
+        >>> s.record(0.65), s.best_val  # a weak turn below the pretrained expert is no new best
+        ((True, False), 0.7)
     """
 
     VERSION = 1
@@ -162,22 +168,21 @@ class MowstSchedule:
         """One training epoch of the current phase is over."""
         self.epochs_in_turn += 1
 
-    def record(self, score: float) -> Literal["phase", "best"] | None:
+    def record(self, score: float) -> tuple[bool, bool]:
         """Take one validation score of the current phase.
 
-        Returns ``"phase"`` when a pretraining phase improved (snapshot the expert it trains),
-        ``"best"`` when the overall best validation score of the turns improved (snapshot every
-        network), else ``None``. Joint warm-up epochs and a stopped schedule record nothing.
+        Returns ``(phase_improved, best_improved)``: whether the score beat the current phase's
+        best (a pretraining phase then snapshots the expert it trains) and whether it beat the best
+        score of every phase so far, pretraining included (snapshot the whole model). Joint
+        warm-up epochs and a stopped schedule record nothing: ``(False, False)``.
         """
         if self.stopped or self.phase == "pretrain_joint":
-            return None
+            return False, False
         improved = self.plateau.update(score)
-        if self.pretraining:
-            return "phase" if improved else None
         if score > self.best_val:
             self.best_val = score
-            return "best"
-        return None
+            return improved, True
+        return improved, False
 
     def phase_done(self) -> bool:
         if self.stopped:
@@ -201,6 +206,8 @@ class MowstSchedule:
         self.history.append({"turn": ended, "epochs": self.epochs_in_turn, "best_val_acc": best})
         if self.pretraining:
             self._start(self.pending.pop(0) if self.pending else self._first())
+            # the first round must beat the pretrained expert(s) to count as a gain
+            self.round_start_best = self.best_val
             return ended
         if ended == "joint":
             self._stop(f"Mowst* stopped: {self.patience} validations without a better val/acc")
