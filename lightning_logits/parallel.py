@@ -41,7 +41,7 @@ def sharding_mesh(pl_module: pl.LightningModule) -> Any:
     Example:
         >>> import torch
         >>> from lightning_logits.modules import Classifier
-        >>> sharding_mesh(Classifier(torch.nn.Linear(4, 3))) is None  # no ModelParallelStrategy: no mesh
+        >>> sharding_mesh(Classifier(torch.nn.Linear(4, 3), num_classes=3)) is None  # not under ModelParallelStrategy
         True
     """
     global _warned_replicated_data

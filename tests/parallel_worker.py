@@ -372,12 +372,20 @@ def main(argv: list[str] | None = None) -> None:
         import faulthandler
 
         faulthandler.dump_traceback_later(dump_after, exit=False)
-    if args.scenarios == "resume":
-        run_resume(args)
-    elif args.scenarios == "timm_checkpoint":
-        run_timm_checkpoint(args)
-    else:
-        run(args)
+    # seed_everything (a recipe's seed_everything, an earlier test in this process) leaves PL_GLOBAL_SEED,
+    # and Lightning's distributed strategies then reseed at setup while one process does not: the
+    # auxiliary heads created in setup would start from other weights. Every run here starts unseeded.
+    global_seed = os.environ.pop("PL_GLOBAL_SEED", None)
+    try:
+        if args.scenarios == "resume":
+            run_resume(args)
+        elif args.scenarios == "timm_checkpoint":
+            run_timm_checkpoint(args)
+        else:
+            run(args)
+    finally:
+        if global_seed is not None:
+            os.environ["PL_GLOBAL_SEED"] = global_seed
     if args.strategy != "single" and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

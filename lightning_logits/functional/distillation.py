@@ -1219,7 +1219,7 @@ validate_args=..., **hyperparameters)`` and returns a scalar.
 Example:
     >>> import torch
     >>> sorted(DISTILLATION_LOSSES)
-    ['dhkd', 'dist', 'dkd', 'kd', 'nkd']
+    ['dhkd', 'dist', 'dkd', 'forward_kl', 'jsd', 'kd', 'nkd', 'reverse_kl', 'skew_kl', 'skew_reverse_kl', 'tv']
     >>> z = torch.tensor([[2.0, 0.0, -1.0]])
     >>> float(DISTILLATION_LOSSES["kd"](z, z, temperature=4.0))
     0.0
