@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
+from torch.distributed._composable.contract import _get_registry  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
 from lightning_logits.callbacks import (  # noqa: E402
@@ -168,6 +169,8 @@ def facts(name: str, module: Classifier, callbacks: list[pl.Callback]) -> dict[s
     """What a scenario reports besides its losses."""
     out: dict[str, Any] = {
         "student_sharded": is_sharded(module.model),
+        "param_dtypes": sorted({str(p.dtype) for p in module.parameters()}),
+        "checkpointed": sorted(n for n, m in module.named_modules() if "checkpoint" in (_get_registry(m) or {})),
         "head_weight_type": type(module.model.head.weight).__name__,
     }
     aux = getattr(module, "lightning_logits_aux", None)
@@ -322,9 +325,15 @@ def run(args: argparse.Namespace) -> None:
             (out / f"mowst.rank{record['rank']}.json").write_text(json.dumps(record))
             continue
         torch.manual_seed(0)
-        module = Classifier(TinyMLP(), optimizer=_adam if name.startswith("lawn") else _sgd)
+        # "ce_bf16_checkpointing": FSDP2's bf16 mixed precision and per-block activation checkpointing
+        options = (
+            dict(sharding_mixed_precision=True, activation_checkpointing=True)
+            if name.endswith("_checkpointing")
+            else {}
+        )
+        module = Classifier(TinyMLP(), optimizer=_adam if name.startswith("lawn") else _sgd, **options)
         recorder = StepRecorder()
-        callbacks = [*scenario_callbacks(name, args.cache), recorder]
+        callbacks = [*scenario_callbacks(name.removesuffix("_bf16_checkpointing"), args.cache), recorder]
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=args.devices,
