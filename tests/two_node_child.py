@@ -121,7 +121,10 @@ def main() -> None:
     _fit_and_cache(part, out)
     import torch.distributed
 
-    # without it both processes abort at exit ("terminate called without an active exception")
+    # without it both processes abort at exit ("terminate called without an active exception"); the
+    # barrier first, so that neither node tears down gloo while the other still has traffic in flight
+    # (once in a full-suite run, node 1 of the ModelParallelStrategy case aborted at exit without it)
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
