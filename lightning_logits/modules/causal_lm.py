@@ -14,6 +14,7 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_logits.loss_terms import StepScalars
+from lightning_logits.modules.classifier import optimizers_from_config
 from lightning_logits.networks.causal_lm import build_causal_lm, causal_lm_logits
 from lightning_logits.networks.heads import count_classes
 
@@ -305,15 +306,6 @@ class CausalLM(pl.LightningModule):
     # ------------------------------------------------------------------ optimizers
     @override
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=1e-3)
-        else:
-            optimizer = self.optimizer_factory(params)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval, "monitor": "val/loss"},
-        }
+        return optimizers_from_config(
+            self, self.optimizer_factory, self.lr_scheduler_factory, self.lr_scheduler_interval
+        )

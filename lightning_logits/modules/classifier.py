@@ -331,15 +331,25 @@ class Classifier(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=1e-3)
-        else:
-            optimizer = self.optimizer_factory(params)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
-        }
+        return optimizers_from_config(self, self.optimizer_factory, self.lr_scheduler_factory, "epoch")
+
+
+def optimizers_from_config(
+    module: nn.Module,
+    optimizer: OptimizerCallable | None,
+    lr_scheduler: LRSchedulerCallable | None,
+    interval: str,
+) -> Any:
+    """``configure_optimizers``' answer for a module whose optimizer and scheduler come from the config.
+
+    The optimizer (default AdamW, lr 1e-3) gets the trainable parameters; the scheduler, when given,
+    steps every ``interval`` (``"epoch"`` or ``"step"``), ``ReduceLROnPlateau`` monitoring ``val/loss``.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    built: torch.optim.Optimizer = torch.optim.AdamW(params, lr=1e-3) if optimizer is None else optimizer(params)
+    if lr_scheduler is None:
+        return built
+    return {
+        "optimizer": built,
+        "lr_scheduler": {"scheduler": lr_scheduler(built), "interval": interval, "monitor": "val/loss"},
+    }
