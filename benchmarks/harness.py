@@ -410,3 +410,14 @@ def launch_ranks(
         )
         raise AssertionError(f"a rank of {' '.join(command)} failed:\n{tails}")
     return outputs
+
+
+def run_child(command: list[str], name: str) -> dict[str, Any]:
+    """Run a benchmark child process (a fresh process, so its peak memory is its own) and return the JSON
+    it prints on a ``RESULT `` line; exits with the child's error output when it printed none."""
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        sys.stderr.write(proc.stderr[-2000:])
+        raise SystemExit(f"case {name} failed")
+    return json.loads(lines[0][len("RESULT ") :])

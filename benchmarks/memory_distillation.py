@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import ROOT, _peak_resident_mb, _reset_peak_resident, _resident_mb
+from benchmarks.harness import _peak_resident_mb, _reset_peak_resident, _resident_mb, run_child
 from lightning_logits.functional.distillation import DEFAULT_TEMPERATURE, DISTILLATION_LOSSES
 
 CASES = ["ce", "kd", "kd_chunked", "nkd_chunked", "dkd_chunked", "dhkd_chunked"]
@@ -76,12 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "benchmarks.memory_distillation", "--child", case]
         cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab)]
         cmd += ["--chunk", str(args.chunk)]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if not lines:
-            sys.stderr.write(proc.stderr[-2000:])
-            raise SystemExit(f"case {case} failed")
-        rows.append(json.loads(lines[0][len("RESULT ") :]))
+        rows.append(run_child(cmd, case))
     ce = next((r["loss_mb"] for r in rows if r["case"] == "ce"), None)
     size_mb = args.batch * args.seq * args.vocab * 4 / 2**20
     print(

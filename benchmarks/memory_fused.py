@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -39,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import ROOT, _peak_resident_mb, _reset_peak_resident, _resident_mb
+from benchmarks.harness import _peak_resident_mb, _reset_peak_resident, _resident_mb, run_child
 from lightning_logits.functional import fused_distillation_loss, fused_linear_cross_entropy, kd_loss
 
 CASES = ["fused_ce", "fused_kd", "fused_kd_t2", "fused_kd_topk", "chunked_kd", "linear_ce"]
@@ -108,12 +106,7 @@ def _run_child(case: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd += ["--tokens", str(args.tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
     if args.chunk is not None:
         cmd += ["--chunk", str(args.chunk)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        sys.stderr.write(proc.stderr[-2000:])
-        raise SystemExit(f"case {case} failed")
-    return json.loads(lines[0][len("RESULT ") :])
+    return run_child(cmd, case)
 
 
 def format_table(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
