@@ -194,6 +194,20 @@ def _full(tensor: Tensor) -> Tensor:
     return (full() if callable(full) else tensor).detach()
 
 
+def rank_trainer(args: argparse.Namespace, **options: Any) -> pl.Trainer:
+    """A quiet CPU ``Trainer`` for this rank, with the launch's devices, nodes and strategy, plus ``options``."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=make_strategy(args.strategy),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **options,
+    )
+
+
 def mowst_refusal(args: argparse.Namespace) -> dict[str, Any]:
     """Mowst under ModelParallelStrategy: the error every rank raises (same on all: no rank hangs)."""
     from lightning_logits.data.graphs import GraphDataModule, csbm_graph
@@ -201,15 +215,10 @@ def mowst_refusal(args: argparse.Namespace) -> dict[str, Any]:
 
     graph = csbm_graph(num_nodes=60, num_classes=3, num_features=6, homophily=0.7, feature_signal=1.5, seed=0)
     module = Mowst(num_features=6, num_classes=3, hidden=8)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        strategy=make_strategy(args.strategy),
+    trainer = rank_trainer(
+        args,
         max_epochs=1,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
     )
     try:
         trainer.fit(module, datamodule=GraphDataModule(data=graph))
@@ -265,17 +274,11 @@ def run_resume(args: argparse.Namespace) -> None:
     ]
     if args.crash_at is not None:
         callbacks.append(CrashAt(args.crash_at))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        strategy=make_strategy(args.strategy),
+    trainer = rank_trainer(
+        args,
         max_steps=args.steps,
         limit_val_batches=0,
         use_distributed_sampler=False,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=str(out),
         callbacks=callbacks,
     )
@@ -294,16 +297,10 @@ def run_timm_checkpoint(args: argparse.Namespace) -> None:
     images = torch.randn(48, 1, 16, 16)
     labels = torch.arange(48) % 4
     module = Classifier("resnet10t", num_classes=4, in_chans=1, optimizer=_sgd)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        strategy=make_strategy(args.strategy),
+    trainer = rank_trainer(
+        args,
         max_steps=3,
         limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=args.out,
         callbacks=[ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True, save_top_k=0)],
     )
@@ -334,18 +331,12 @@ def run(args: argparse.Namespace) -> None:
         module = Classifier(TinyMLP(), optimizer=_adam if name.startswith("lawn") else _sgd, **options)
         recorder = StepRecorder()
         callbacks = [*scenario_callbacks(name.removesuffix("_bf16_checkpointing"), args.cache), recorder]
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=args.devices,
-            num_nodes=args.num_nodes,
-            strategy=make_strategy(args.strategy),
+        trainer = rank_trainer(
+            args,
             max_steps=args.steps,
             limit_val_batches=2 if name == "diagnostics" else 0,
             use_distributed_sampler=False,
-            logger=False,
             enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             num_sanity_val_steps=0,
             default_root_dir=str(out),
             callbacks=callbacks,
