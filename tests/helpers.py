@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 from typing import Any
 
 import lightning.pytorch as pl
@@ -76,8 +78,34 @@ class TensorDataModule(pl.LightningDataModule):
         return self._loader()
 
 
+def _end_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+class EndProcessGroupAtExit(pl.Callback):
+    """In a ``ddp_spawn`` child that finished its run, end the gloo process group before the interpreter exits.
+
+    Lightning ends the process group at exit for NCCL only. A gloo group left alive until interpreter
+    finalization sometimes aborts the child ("terminate called without an active exception", SIGABRT)
+    after a good run, as pytorch/pytorch PR 179291 describes; it failed CI runs of our 2-process tests.
+    The barrier keeps one rank from closing its sockets while the other still talks to it. Registered
+    from ``teardown``, which Lightning calls only after a run that raised nothing, so a failed rank
+    never waits at the barrier for a rank that is stuck.
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1 and multiprocessing.parent_process() is not None:
+            atexit.unregister(_end_process_group)
+            atexit.register(_end_process_group)
+
+
 def fast_trainer(**kwargs: Any) -> pl.Trainer:
-    """A CPU Trainer with no logger, checkpoints, progress bar or summary (override any)."""
+    """A CPU Trainer with no logger, checkpoints, progress bar or summary (override any).
+
+    A multi-process Trainer also gets :class:`EndProcessGroupAtExit`.
+    """
     defaults: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
@@ -89,4 +117,8 @@ def fast_trainer(**kwargs: Any) -> pl.Trainer:
         num_sanity_val_steps=0,
     )
     defaults.update(kwargs)
+    if defaults["devices"] != 1:
+        callbacks = defaults.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        defaults["callbacks"] = [*callbacks, EndProcessGroupAtExit()]
     return pl.Trainer(**defaults)
