@@ -24,7 +24,7 @@ import contextlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -37,6 +37,8 @@ from lightning_logits.batch import batch_input, batch_target
 from lightning_logits.networks.heads import LogitTap
 
 __all__ = [
+    "DeferredTaskLoss",
+    "FusedHead",
     "LossTermCallback",
     "LossTermHub",
     "StepContext",
@@ -278,6 +280,95 @@ def check_state_version(state: Mapping[str, Any], current: int, owner: str) -> i
     return version
 
 
+class FusedHead(NamedTuple):
+    """The head of a language model whose step built no logits: what a fused loss computes them from.
+
+    A module that computes its loss with a fused head loss (such as
+    :class:`~lightning_logits.modules.CausalLM` with ``logits="fused"``) returns these from
+    ``training_step`` as ``"hidden_states"``, ``"head_weight"`` and ``"head_bias"`` instead of
+    ``"logits"``; :attr:`StepContext.fused_head` reads them. The logits would be
+    ``F.linear(hidden, weight, bias)``.
+
+    Attributes:
+        hidden: ``[B, T, H]`` (or ``[N, H]``) last hidden states, with their graph.
+        weight: ``[V, H]`` the head's weight (a parameter).
+        bias: ``[V]`` the head's bias, or ``None``.
+
+    Example:
+        >>> import torch
+        >>> head = FusedHead(torch.zeros(2, 5, 8), torch.zeros(100, 8), None)
+        >>> head.hidden.shape[:-1], head.weight.shape[0]  # positions, vocabulary
+        (torch.Size([2, 5]), 100)
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+
+
+class DeferredTaskLoss:
+    """A module's task loss that is computed after the loss-term callbacks ran, unless one computes it first.
+
+    A fused head loss computes the cross-entropy and a distillation term in one pass over the
+    vocabulary (one set of chunk logits for both). For that, a module such as
+    :class:`~lightning_logits.modules.CausalLM` (``logits="fused"``, with a loss-term callback attached)
+    returns ``{"loss": DeferredTaskLoss(compute, record), ...}`` instead of computing its loss:
+
+    - a callback that can compute the task loss together with its own term checks
+      :attr:`StepContext.task_loss_pending` and hands its share over with
+      :meth:`StepContext.provide_task_loss` (a tensor whose value is the task loss and whose graph
+      carries the gradient of both);
+    - otherwise the first read of :attr:`StepContext.task_loss` (by a callback, or by the hub after
+      all callbacks) calls ``compute()``, the module's own computation.
+
+    Either way ``record(value)`` is called once with the task loss, so the module logs it as if it
+    had computed it in ``training_step``. The task loss is thus computed exactly once.
+
+    Args:
+        compute: the module's own computation of its task loss (a scalar with a graph).
+        record: called with the resolved task loss (e.g. to log it); ``None``: nothing.
+
+    Example:
+        >>> import torch
+        >>> deferred = DeferredTaskLoss(lambda: torch.tensor(2.0), record=lambda v: print("logged", v.item()))
+        >>> deferred.pending
+        True
+        >>> deferred.resolve()  # nobody provided it: the module's own computation
+        logged 2.0
+        tensor(2.)
+        >>> deferred.pending, deferred.resolve()  # resolved once
+        (False, tensor(2.))
+    """
+
+    def __init__(self, compute: Callable[[], Tensor], record: Callable[[Tensor], None] | None = None) -> None:
+        self._compute = compute
+        self._record = record
+        self._value: Tensor | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether nobody has computed or provided the task loss yet."""
+        return self._value is None
+
+    def resolve(self, provided: Tensor | None = None) -> Tensor:
+        """The task loss: ``provided`` (by a callback, while pending), or the module's own computation.
+
+        Once resolved, later calls return the same tensor; providing a value then is an error.
+        """
+        if self._value is not None:
+            if provided is not None:
+                raise RuntimeError(
+                    "the task loss was already computed this step (a callback read context.task_loss or provided "
+                    "it before); provide it only while context.task_loss_pending is True"
+                )
+            return self._value
+        value = provided if provided is not None else self._compute()
+        self._value = value
+        if self._record is not None:
+            self._record(value)
+        return value
+
+
 @dataclass
 class StepContext:
     """What a loss term sees of one training step.
@@ -288,14 +379,17 @@ class StepContext:
         batch: the batch as the dataloader gave it.
         batch_idx: its index in the epoch.
         output: what the module's ``training_step`` returned.
-        task_loss: the module's own loss (the ``"loss"`` entry of ``output``).
+        task_loss: the module's own loss (the ``"loss"`` entry of ``output``); when the module
+            returned a :class:`DeferredTaskLoss`, reading it computes it (see
+            :meth:`provide_task_loss` for a callback that computes it in one pass with its term).
         tap: the hub's :class:`~lightning_logits.networks.heads.LogitTap`, holding the forward passes that
             ran inside ``training_step`` (``None`` when no registered callback needs it).
 
     Its properties read the step for a term: ``logits`` (``[N, C]``, or ``[B, T, V]`` for a
     sequence model), ``features`` (``[N, D]``, entering the head), ``target``, ``input`` and
     ``layer_output(name)``; each comes from ``training_step``'s output when it returns that key,
-    otherwise from the tap or the batch.
+    otherwise from the tap or the batch. A language model trained with a fused head loss builds
+    no logits; ``fused_head`` gives its hidden states and head weight instead.
 
     Example:
         >>> import torch
@@ -322,9 +416,42 @@ class StepContext:
     batch: Any
     batch_idx: int
     output: Tensor | Mapping[str, Any]
-    task_loss: Tensor
+    _task_loss: Tensor | DeferredTaskLoss
     tap: LogitTap | None
     terms: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def task_loss(self) -> Tensor:
+        """The module's own loss; a deferred one (:class:`DeferredTaskLoss`) is computed on first read."""
+        loss = self._task_loss
+        return loss.resolve() if isinstance(loss, DeferredTaskLoss) else loss
+
+    @property
+    def task_loss_pending(self) -> bool:
+        """Whether the module deferred its task loss and nobody has computed it yet this step."""
+        return isinstance(self._task_loss, DeferredTaskLoss) and self._task_loss.pending
+
+    def provide_task_loss(self, value: Tensor) -> None:
+        """Give the hub the module's deferred task loss, computed by a callback (only while pending).
+
+        ``value`` must equal the module's task loss in value; its graph may also carry the
+        gradient of the callback's own term (a one-pass fused loss), which the callback then
+        returns detached from :meth:`LossTermCallback.loss_term`.
+        """
+        if not self.task_loss_pending:
+            raise RuntimeError(
+                "provide_task_loss needs a pending deferred task loss (check context.task_loss_pending first)"
+            )
+        assert isinstance(self._task_loss, DeferredTaskLoss)
+        self._task_loss.resolve(value)
+
+    @property
+    def fused_head(self) -> FusedHead | None:
+        """The step's :class:`FusedHead` when ``training_step`` returned ``"hidden_states"`` and ``"head_weight"``."""
+        hidden, weight = self._from_output("hidden_states"), self._from_output("head_weight")
+        if hidden is None or weight is None:
+            return None
+        return FusedHead(hidden, weight, self._from_output("head_bias"))
 
     def _from_output(self, key: str) -> Tensor | None:
         if isinstance(self.output, Mapping) and key in self.output:
@@ -352,6 +479,12 @@ class StepContext:
         value = self._from_output("logits")
         if value is not None:
             return value
+        if self.fused_head is not None:
+            raise RuntimeError(
+                f"{type(self.pl_module).__name__} computed its loss with a fused head and built no [B, T, V] logits "
+                "this step, but a loss term asked for them; train with logits='full', or use callbacks that read "
+                "context.fused_head (TeacherDistillation with loss 'kd', 'forward_kl', 'reverse_kl' or 'jsd')"
+            )
         return self._require_tap("logits").logits[0]
 
     @property
@@ -504,6 +637,7 @@ class LossTermHub:
             output = self._original_step(*args, **kwargs)
         if output is None:  # the module skipped this batch
             return None
+        task_loss: Tensor | DeferredTaskLoss
         if isinstance(output, Tensor):
             task_loss = output
         elif isinstance(output, Mapping) and "loss" in output:
@@ -516,10 +650,12 @@ class LossTermHub:
         trainer = self.pl_module.trainer
         context = StepContext(trainer, self.pl_module, batch, int(batch_idx), output, task_loss, self.tap)
         replaced = any(c.replaces_task_loss for c in self.callbacks)
-        total = task_loss.new_zeros(()) if replaced else task_loss
         for callback in self.callbacks:
-            weighted = callback.weight * callback.loss_term(context)
-            context.terms[callback.name] = weighted
+            context.terms[callback.name] = callback.weight * callback.loss_term(context)
+        # A deferred task loss is resolved here if no callback computed (or provided) it.
+        task = context.task_loss
+        total = task.new_zeros(()) if replaced else task
+        for weighted in context.terms.values():
             total = total + weighted
         # No host read here: the values stay on the device, are logged on logging steps and checked
         # for NaN/inf there and at the epoch's end (StepScalars), naming the first bad term and step.
@@ -528,7 +664,7 @@ class LossTermHub:
         if self.scalars is None or self.scalars.names != names:
             keys: list[str | None] = [None if n == "task" else f"train/loss_{n}" for n in names]
             self.scalars = StepScalars(names, keys, prog_bar=True)
-        values = ([] if replaced else [task_loss]) + list(context.terms.values()) + [total]
+        values = ([] if replaced else [task]) + list(context.terms.values()) + [total]
         self.scalars.update(self.pl_module, values, _batch_size(batch))
         if self.tap is not None:
             self.tap.clear()  # release the step's activations before backward

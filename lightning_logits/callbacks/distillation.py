@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -28,7 +28,9 @@ from lightning_logits.functional.distillation import (
     dkd_warmup,
     standardize_logits,
 )
+from lightning_logits.functional.distillation_fused import FusedLossName, fused_distillation_loss
 from lightning_logits.loss_terms import (
+    FusedHead,
     LossTermCallback,
     LossTermHub,
     StepContext,
@@ -45,6 +47,7 @@ from lightning_logits.teacher_cache import TeacherLogitCache, dataset_labels, la
 __all__ = ["ResizeInput", "TeacherDistillation"]
 
 _LOSSES: tuple[str, ...] = get_args(DistillationLossName)
+_FUSED_LOSSES: tuple[str, ...] = get_args(FusedLossName)  # what the fused head loss computes
 # each loss's own hyperparameters and their defaults (mdistiller's CIFAR-100 DKD config, DIST's and NKD's)
 _LOSS_PARAMETERS: dict[str, dict[str, float]] = {
     "kd": {},
@@ -141,6 +144,22 @@ class TeacherDistillation(LossTermCallback):
     (see :func:`~lightning_logits.networks.causal_lm.causal_lm_logits`). A sequence cache
     (:func:`~lightning_logits.teacher_cache.build_teacher_cache` on ``[N, T]`` rows) stores the
     top-k logits per token.
+
+    **Fused head loss** (no ``[B, T, V]`` student logits): when the step returns the LM head's
+    input instead of logits (``"hidden_states"`` ``[B, T, H]``, ``"head_weight"`` ``[V, H]``,
+    optionally ``"head_bias"``, as :class:`~lightning_logits.modules.CausalLM` does with
+    ``logits="fused"``), the term is computed by
+    :func:`~lightning_logits.functional.fused_distillation_loss`, chunk by chunk over the tokens,
+    from the online teacher's logits or straight from the cache's top-k rows (never rebuilt to
+    ``[B, T, V]``). Losses: ``"kd"``, ``"forward_kl"``, ``"reverse_kl"`` and ``"jsd"`` (any
+    ``temperature`` and ``beta``, ``warmup_epochs``, ``chunk_size`` as the fused chunk); the others,
+    a callable and ``standardize=True`` are refused at setup. When the module left its
+    cross-entropy to be computed later (a :class:`~lightning_logits.loss_terms.DeferredTaskLoss`,
+    as CausalLM does), this callback computes the cross-entropy and its term **in one pass**
+    (``ce_weight=1``, ``kd_weight=weight``): it hands the module the cross-entropy, whose graph
+    carries the gradient of both, and returns its term detached, so the total loss and every
+    logged value equal the unfused run's and the head's chunk logits are computed once per step.
+    A second fused distillation callback then computes its own term alone.
 
     The teacher lives on this callback, not on the LightningModule: Lightning never moves it to
     train mode, DDP never wraps it, and it is never written into the student's checkpoint. It is
@@ -555,8 +574,23 @@ class TeacherDistillation(LossTermCallback):
 
     @override
     def on_hub_attached(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hub: LossTermHub) -> None:
+        if getattr(pl_module, "logits_mode", "full") == "fused":
+            self._check_fusable(pl_module)
         if self.loss == "dhkd":
             self.build_dual_head(pl_module)
+
+    def _check_fusable(self, pl_module: pl.LightningModule) -> None:
+        """Refuse a loss the fused head loss cannot compute, naming the ones it can."""
+        if self.loss in _FUSED_LOSSES and not self.standardize:
+            return
+        given = "a callable loss" if self.loss == "distill" else f"loss={self.loss!r}"
+        if self.standardize:
+            given += " with standardize=True"
+        raise ValueError(
+            f"{type(pl_module).__name__} computes its loss with a fused head and builds no [B, T, V] logits "
+            f"(logits='fused'), and the fused distillation loss computes {list(_FUSED_LOSSES)} without "
+            f"standardize; got {given}. Use one of those losses, or train with logits='full'"
+        )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -607,8 +641,79 @@ class TeacherDistillation(LossTermCallback):
         """``min((epoch + 1) / warmup_epochs, 1)`` for the 0-based ``epoch`` (1 without a warm-up)."""
         return dkd_warmup(epoch + 1, self.warmup_epochs)
 
+    def _fused_teacher(
+        self, context: StepContext, head: FusedHead
+    ) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor] | None]:
+        """``(teacher logits, None)`` from the online teacher, or ``(None, (values, indices, rest))`` from the cache.
+
+        The cache's top-k rows go to the fused loss as they are: it rebuilds one chunk at a time.
+        """
+        device = head.hidden.device
+        if self.cache is None:
+            teacher = self.teacher_logits(context)
+            expected = (*head.hidden.shape[:-1], head.weight.shape[0])
+            if tuple(teacher.shape) != expected:
+                raise ValueError(
+                    f"the teacher gave logits of shape {tuple(teacher.shape)} but the student's positions and "
+                    f"vocabulary are {expected}: teacher {teacher.shape[-1]} tokens, student {expected[-1]}"
+                )
+            return teacher, None
+        index = batch_index(context.batch)
+        if index is None:
+            raise ValueError(
+                "TeacherDistillation(cache=...) needs batches that carry sample indices: yield "
+                "(input, target, index), e.g. DigitsDataModule(return_index=True)"
+            )
+        values, indices, rest = (t.to(device, non_blocking=True) for t in self.cache.topk(index))
+        return None, (values, indices, rest)
+
+    def fused_loss_term(self, context: StepContext, head: FusedHead) -> Tensor:
+        """The term from the LM head's input (no student logits); see "Fused head loss" above.
+
+        While the module's task loss is pending (deferred), computes the cross-entropy in the same
+        pass and provides it through :meth:`StepContext.provide_task_loss`; the returned term is then
+        detached (its gradient is in the cross-entropy's graph).
+        """
+        self._check_fusable(context.pl_module)
+        teacher, topk = self._fused_teacher(context, head)
+        target = context.target
+        mask = context._from_output("mask")
+        if mask is not None:  # positions outside the mask count in no term: as ignored targets
+            target = target.masked_fill(~mask.bool(), -100)
+        validate = not self._validated
+        self._validated = True
+        factor = self.warmup_factor(context.trainer.current_epoch) if self.warmup_epochs > 0 else 1.0
+        # one pass with the cross-entropy only when the module's task loss is still to compute (and means the same)
+        joint = context.task_loss_pending and mask is None
+        kd_weight = self.weight * factor if joint else 1.0
+        with torch.autocast(head.hidden.device.type, enabled=False):  # float32 inside, as the module's own loss
+            terms = fused_distillation_loss(
+                head.hidden.to(head.weight.dtype),
+                head.weight,
+                target,
+                teacher,
+                bias=head.bias,
+                teacher_topk=topk,
+                loss=cast(FusedLossName, self.loss),  # checked by _check_fusable
+                beta=self.loss_kwargs.get("beta", 0.5),
+                temperature=self.temperature,
+                ce_weight=1.0 if joint else 0.0,
+                kd_weight=kd_weight,
+                chunk_size=self.chunk_size,
+                validate_args=validate,
+                return_terms=True,
+            )
+        if not joint:
+            return terms.loss * factor if factor != 1.0 else terms.loss
+        # the hub adds weight * (returned term) to the task loss: the gradient of both lives in the task loss
+        context.provide_task_loss(terms.loss - kd_weight * terms.kd)
+        return terms.kd * factor if factor != 1.0 else terms.kd
+
     @override
     def loss_term(self, context: StepContext) -> Tensor:
+        head = context.fused_head
+        if head is not None and context._from_output("logits") is None:
+            return self.fused_loss_term(context, head)
         student = self.student_logits(context)
         teacher = self.teacher_logits(context)
         if teacher.shape != student.shape:

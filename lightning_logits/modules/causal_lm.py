@@ -13,9 +13,10 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_logits.loss_terms import StepScalars
+from lightning_logits.functional.distillation_fused import fused_linear_cross_entropy
+from lightning_logits.loss_terms import DeferredTaskLoss, LossTermHub, StepScalars
 from lightning_logits.modules.classifier import optimizers_from_config
-from lightning_logits.networks.causal_lm import build_causal_lm, causal_lm_logits
+from lightning_logits.networks.causal_lm import build_causal_lm, causal_lm_hidden_states, causal_lm_logits
 from lightning_logits.networks.heads import count_classes
 
 __all__ = ["CausalLM", "TokenMeanLoss", "next_token_target"]
@@ -116,6 +117,23 @@ class CausalLM(pl.LightningModule):
     that get no loss, and the teacher is called on the same keyword inputs (``model_inputs``), so
     a Hugging Face teacher sees the student's padding and packing.
 
+    **Fused head loss** (``logits="fused"``): the ``[B, T, V]`` logits are never built, in training,
+    validation or test. The step takes the last hidden states ``[B, T, H]`` from the model's base
+    (``model.base_model``) and the head's weight (``model.get_output_embeddings()``), and computes
+    the cross-entropy with :func:`~lightning_logits.functional.fused_linear_cross_entropy`, a
+    chunk of tokens at a time (``fused_chunk_size``): at a 32k vocabulary the logits and their
+    gradient are most of a small model's activation memory. The training step then returns
+    ``{"loss", "hidden_states": [B, T, H], "head_weight": [V, H], "head_bias", "target", ...}``
+    (no ``"logits"``), which :class:`~lightning_logits.callbacks.TeacherDistillation` distills
+    from with the fused distillation loss. With a loss-term callback attached, ``"loss"`` is a
+    :class:`~lightning_logits.loss_terms.DeferredTaskLoss`: a distillation callback computes the
+    cross-entropy and its own term in the same pass over the vocabulary, and the module's
+    cross-entropy is computed by the module only when no callback did (never twice). Either way
+    ``train/loss`` and ``train/ppl`` are logged as in the full mode. It needs a Hugging Face
+    causal LM whose logits are ``F.linear(last hidden state, head)`` (checked on the first step:
+    a model with logit soft-capping or scaling is refused), and loss-term callbacks that read
+    logits (other than TeacherDistillation's fused losses) raise a clear error.
+
     **Batches**: a mapping with ``input_ids`` ``[B, T]`` and optionally ``labels`` (not shifted,
     ``ignore_index`` where no loss is wanted; default: ``input_ids``), ``attention_mask`` (padded
     batches) or ``position_ids`` (packed batches: per-document positions restarting at 0, see
@@ -134,6 +152,10 @@ class CausalLM(pl.LightningModule):
         lr_scheduler: a callable that takes the optimizer and returns a scheduler. Default: none.
         lr_scheduler_interval: step the scheduler every ``"step"`` (default, as LM warm-up/cosine
             schedules expect) or every ``"epoch"``.
+        logits: ``"full"`` (default): build the ``[B, T, V]`` logits and take ``F.cross_entropy``;
+            ``"fused"``: never build them (see above).
+        fused_chunk_size: tokens per chunk of the fused loss (``None``: its default, about
+            ``N * H / V`` tokens, so one chunk of logits is as large as the hidden states).
 
     Logged: ``train/loss`` (the mean cross-entropy over the step's target tokens, per step every
     ``log_every_n_steps`` and its epoch mean), ``train/ppl`` (the exponential of the epoch's
@@ -146,6 +168,10 @@ class CausalLM(pl.LightningModule):
         >>> out = lm.training_step({"input_ids": torch.randint(0, 64, (2, 5))}, 0)
         >>> out["logits"].shape, out["target"].shape, bool(out["loss"] > 0)
         (torch.Size([2, 5, 64]), torch.Size([2, 5]), True)
+        >>> fused = CausalLM(lm.model, logits="fused")  # the same model, no [B, T, V] logits
+        >>> out = fused.training_step({"input_ids": torch.randint(0, 64, (2, 5))}, 0)
+        >>> "logits" in out, out["hidden_states"].shape, out["head_weight"].shape
+        (False, torch.Size([2, 5, 16]), torch.Size([64, 16]))
     """
 
     def __init__(
@@ -156,10 +182,20 @@ class CausalLM(pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
+        logits: Literal["full", "fused"] = "full",
+        fused_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
+        if logits not in ("full", "fused"):
+            raise ValueError(
+                f"logits must be 'full' (build the [B, T, V] logits) or 'fused' (never build them), got {logits!r}"
+            )
+        if fused_chunk_size is not None and (
+            isinstance(fused_chunk_size, bool) or not isinstance(fused_chunk_size, int) or fused_chunk_size < 1
+        ):
+            raise ValueError(f"fused_chunk_size must be a positive number of tokens or None, got {fused_chunk_size!r}")
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise ValueError(f"ignore_index must be an integer label value, got {ignore_index!r}")
         source = model
@@ -172,6 +208,9 @@ class CausalLM(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
+        #: ``"full"`` or ``"fused"`` (the ``logits`` argument)
+        self.logits_mode = logits
+        self.fused_chunk_size = fused_chunk_size
         vocab = count_classes(self.model)
         self.vocab_size: int | None = vocab
         self._train_scalars = StepScalars(["cross_entropy"], ["train/loss"], prog_bar=True)
@@ -179,6 +218,7 @@ class CausalLM(pl.LightningModule):
         self.val_nll = TokenMeanLoss()
         self.test_nll = TokenMeanLoss()
         self._validated = False
+        self._head_checked = False
 
     @override
     def forward(
@@ -219,12 +259,58 @@ class CausalLM(pl.LightningModule):
                 raise ValueError(f"{key} must have the shape of input_ids {list(ids.shape)}, got {list(value.shape)}")
         return inputs, labels
 
-    def _step(self, batch: Any, validate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    def _target(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
         inputs, labels = self.unpack_batch(batch)
         ids = inputs["input_ids"]
         target = next_token_target(
             ids, labels, inputs.get("attention_mask"), inputs.get("position_ids"), self.ignore_index
         )
+        return inputs, target
+
+    def _check_target(self, target: Tensor, vocab: int) -> None:
+        chosen = target[target != IGNORE]
+        if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= vocab):
+            raise ValueError(
+                f"labels hold token ids in [{int(chosen.min())}, {int(chosen.max())}] but the model has a "
+                f"vocabulary of {vocab}; use the model's tokenizer, or mark positions to skip with "
+                f"ignore_index={self.ignore_index}"
+            )
+
+    def _fused_parts(self, inputs: dict[str, Tensor], target: Tensor, validate: bool) -> tuple[Tensor, nn.Linear]:
+        """The last hidden states ``[B, T, H]`` and the LM head, checked on a validating step."""
+        check = validate and not self._head_checked  # the probe of the head runs once per module
+        hidden, head = causal_lm_hidden_states(self.model, inputs, check=check)
+        self._head_checked = self._head_checked or check
+        ids = inputs["input_ids"]
+        if hidden.shape[:2] != ids.shape:
+            raise ValueError(
+                f"{type(self.model).__name__}'s base model returned hidden states of shape {tuple(hidden.shape)} for "
+                f"input_ids {tuple(ids.shape)}; the fused loss needs [B, T, H]"
+            )
+        if validate:
+            self._check_target(target, head.weight.shape[0])
+        return hidden, head
+
+    def _fused_cross_entropy(self, hidden: Tensor, head: nn.Linear, target: Tensor, validate: bool) -> Tensor:
+        # float32 arithmetic inside whatever autocast is active: the fused loss casts nothing itself
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_linear_cross_entropy(
+                hidden.to(head.weight.dtype),
+                head.weight,
+                target,
+                bias=head.bias,
+                ignore_index=IGNORE,
+                chunk_size=self.fused_chunk_size,
+                validate_args=validate,
+            )
+
+    def _step(self, batch: Any, validate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        inputs, target = self._target(batch)
+        ids = inputs["input_ids"]
+        if self.logits_mode == "fused":
+            hidden, head = self._fused_parts(inputs, target, validate)
+            loss = self._fused_cross_entropy(hidden, head, target, validate)
+            return loss, hidden, target, (target != IGNORE).sum(), inputs
         logits = self(**inputs)
         if logits.shape[:2] != ids.shape:
             raise ValueError(
@@ -233,13 +319,7 @@ class CausalLM(pl.LightningModule):
             )
         vocab = logits.shape[-1]
         if validate:
-            chosen = target[target != IGNORE]
-            if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= vocab):
-                raise ValueError(
-                    f"labels hold token ids in [{int(chosen.min())}, {int(chosen.max())}] but the model has a "
-                    f"vocabulary of {vocab}; use the model's tokenizer, or mark positions to skip with "
-                    f"ignore_index={self.ignore_index}"
-                )
+            self._check_target(target, vocab)
         flat = logits.reshape(-1, vocab)
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()  # the log-sum-exp over a large vocabulary in float32
@@ -257,10 +337,44 @@ class CausalLM(pl.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        loss, logits, target, count, inputs = self._step(batch, validate=not self._validated)
+        validate = not self._validated
         self._validated = True
+        if self.logits_mode == "fused":
+            return self._fused_training_step(batch, validate)
+        loss, logits, target, count, inputs = self._step(batch, validate=validate)
         self._record_train_step(loss, count, target.shape[0])
         return {"loss": loss, "logits": logits, "target": target, "input": inputs["input_ids"], "model_inputs": inputs}
+
+    def _fused_training_step(self, batch: Any, validate: bool) -> dict[str, Any]:
+        """The step without logits: the hidden states and the head for callbacks, the loss now or deferred.
+
+        With a loss-term callback attached (a hub on this module) the cross-entropy is left to the
+        hub as a :class:`~lightning_logits.loss_terms.DeferredTaskLoss`: a fused distillation
+        callback computes it in the same pass as its own term; otherwise the hub calls
+        :meth:`_fused_cross_entropy` after the callbacks. It is logged once either way.
+        """
+        inputs, target = self._target(batch)
+        hidden, head = self._fused_parts(inputs, target, validate)
+        count = (target != IGNORE).sum()
+        batch_size = target.shape[0]
+
+        def compute() -> Tensor:
+            return self._fused_cross_entropy(hidden, head, target, validate)
+
+        def record(value: Tensor) -> None:
+            self._record_train_step(value, count, batch_size)
+
+        loss: Tensor | DeferredTaskLoss
+        if LossTermHub.get(self) is not None:
+            loss = DeferredTaskLoss(compute, record)
+        else:
+            loss = compute()
+            record(loss)
+        out: dict[str, Any] = {"loss": loss, "hidden_states": hidden, "head_weight": head.weight}
+        if head.bias is not None:
+            out["head_bias"] = head.bias
+        out.update(target=target, input=inputs["input_ids"], model_inputs=inputs)
+        return out
 
     @torch.compiler.disable  # metrics and logging stay eager when the module is compiled
     def _record_train_step(self, loss: Tensor, count: Tensor, batch_size: int) -> None:

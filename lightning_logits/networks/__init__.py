@@ -4,7 +4,12 @@ here imports Lightning."""
 
 # First: registers "reduced_resnet18" with timm before anything can ask timm for a model name.
 from lightning_logits.networks.reduced_resnet import ReducedResNet18, reduced_resnet18  # isort: skip
-from lightning_logits.networks.causal_lm import build_causal_lm, causal_lm_logits
+from lightning_logits.networks.causal_lm import (
+    build_causal_lm,
+    causal_lm_head,
+    causal_lm_hidden_states,
+    causal_lm_logits,
+)
 from lightning_logits.networks.factory import build_expert, build_model, load_teacher, teacher_fingerprint
 from lightning_logits.networks.features import (
     FeatureLayer,
@@ -28,6 +33,8 @@ from lightning_logits.networks.sharding import find_blocks, fsdp_mesh, is_sharde
 
 __all__ = [
     "build_causal_lm",
+    "causal_lm_head",
+    "causal_lm_hidden_states",
     "causal_lm_logits",
     "AUX_ATTRIBUTE",
     "FeatureLayer",
