@@ -11,6 +11,9 @@ more than the tolerance.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -314,3 +317,20 @@ def test_ddp_spawn_two_ranks_train_fused(ddp_env: int, tmp_path: Path) -> None:
             assert got == pytest.approx(want, rel=1e-5, abs=1e-6) and got > 0.01
             assert ce_got == pytest.approx(ce_want, rel=1e-5)
     assert trainer.callback_metrics["train/loss_jsd_epoch"] > 0
+
+
+# --------------------------------------------------------------------------- the benchmark
+@pytest.mark.slow
+def test_training_memory_benchmark_smoke() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory_fused_training", "--smoke"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "### memory: a training step" in proc.stdout
+    for case in ("ce_full", "ce_fused", "kd_full", "kd_fused", "cache_full", "cache_fused"):
+        assert f"| {case} |" in proc.stdout

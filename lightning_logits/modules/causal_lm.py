@@ -337,11 +337,12 @@ class CausalLM(pl.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        validate = not self._validated
-        self._validated = True
         if self.logits_mode == "fused":
-            return self._fused_training_step(batch, validate)
-        loss, logits, target, count, inputs = self._step(batch, validate=validate)
+            out = self._fused_training_step(batch, validate=not self._validated)
+            self._validated = True
+            return out
+        loss, logits, target, count, inputs = self._step(batch, validate=not self._validated)
+        self._validated = True
         self._record_train_step(loss, count, target.shape[0])
         return {"loss": loss, "logits": logits, "target": target, "input": inputs["input_ids"], "model_inputs": inputs}
 
