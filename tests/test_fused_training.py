@@ -30,7 +30,7 @@ from lightning_logits.loss_terms import FusedHead, LossTermCallback, StepContext
 from lightning_logits.modules import CausalLM
 from lightning_logits.teacher_cache import build_teacher_cache
 from tests.helpers import fast_trainer
-from tests.test_causal_lm import _fixed_length_loader, _sgd, hf_model, llama, packed_loader
+from tests.test_causal_lm import _fixed_length_loader, _reads, _sgd, hf_model, llama, packed_loader
 from tests.test_distillation_losses import reference
 
 transformers = pytest.importorskip(
@@ -279,6 +279,20 @@ def test_the_fused_step_allocates_no_full_logits(tmp_path: Path) -> None:
     build_teacher_cache(teacher, loader, tmp_path / "top8", k=8)
     callbacks = [TeacherDistillation(cache=str(tmp_path / "top8"), loss="reverse_kl")]
     assert _largest("fused", callbacks, loader, WatchStep(limit)) == []  # the top-k rows are never rebuilt
+
+
+def test_the_fused_step_adds_no_host_reads() -> None:
+    loader = _fixed_length_loader(num=32, length=8)
+    teacher = sharp_teacher(seed=1)
+    counts = {
+        mode: _reads(
+            CausalLM(hf_model(llama(), seed=0), optimizer=_sgd, logits=mode),  # type: ignore[arg-type]
+            [TeacherDistillation(teacher, loss="jsd")],
+            loader,
+        )
+        for mode in ("full", "fused")
+    }
+    assert counts["fused"].total == counts["full"].total, (dict(counts["fused"].sites), dict(counts["full"].sites))
 
 
 # --------------------------------------------------------------------------- two processes
