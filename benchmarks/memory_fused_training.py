@@ -98,7 +98,6 @@ def measure(case: str, args: argparse.Namespace, cache: str | None) -> dict[str,
     from lightning_logits.modules import CausalLM
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     mode = "fused" if case.endswith("_fused") else "full"
     callbacks: list[pl.Callback] = []
     if case.startswith("kd_"):
@@ -162,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
+        torch.set_num_threads(1)
         print("RESULT " + json.dumps(measure(args.child, args, args.cache)))
         return
     if args.smoke:
