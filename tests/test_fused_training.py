@@ -124,6 +124,21 @@ def test_fused_cross_entropy_trains_as_the_full_logits(_count_module_cross_entro
         assert float(fused[2].callback_metrics[key]) == pytest.approx(float(full[2].callback_metrics[key]), rel=1e-5)
 
 
+def test_padded_and_packed_batches_give_the_full_loss() -> None:
+    model = hf_model(llama(), seed=0)
+    full, fused = CausalLM(model, logits="full"), CausalLM(model, logits="fused")
+    ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(1))
+    left = torch.ones_like(ids)
+    left[0, :9] = 0  # the first row's probe tokens are all padding
+    left[1, :3] = 0
+    packed = next(iter(packed_loader(batch_size=3)))
+    for batch in ({"input_ids": ids, "attention_mask": left}, packed, {"input_ids": ids, "labels": ids}):
+        want, got = full.training_step(batch, 0), fused.training_step(batch, 0)
+        assert got["loss"].item() == pytest.approx(want["loss"].item(), rel=1e-5)
+        assert torch.equal(got["target"], want["target"]) and "logits" not in got
+        torch.testing.assert_close(F.linear(got["hidden_states"], got["head_weight"]), want["logits"])
+
+
 # --------------------------------------------------------------------------- distillation
 @pytest.mark.parametrize("loss", FUSED_LOSSES)
 def test_online_teacher_fused_equals_unfused(loss: str, _count_module_cross_entropy: list[int]) -> None:

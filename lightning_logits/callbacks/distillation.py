@@ -649,7 +649,8 @@ class TeacherDistillation(LossTermCallback):
         The cache's top-k rows go to the fused loss as they are: it rebuilds one chunk at a time.
         """
         device = head.hidden.device
-        if self.cache is None:
+        if self.cache is None or type(self.cache) is not TeacherLogitCache:
+            # the online teacher (or a cache layout other than rows by sample index: rebuilt by teacher_logits)
             teacher = self.teacher_logits(context)
             expected = (*head.hidden.shape[:-1], head.weight.shape[0])
             if tuple(teacher.shape) != expected:
