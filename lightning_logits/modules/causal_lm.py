@@ -292,7 +292,8 @@ class CausalLM(pl.LightningModule):
         return hidden, head
 
     def _fused_cross_entropy(self, hidden: Tensor, head: nn.Linear, target: Tensor, validate: bool) -> Tensor:
-        # float32 arithmetic inside whatever autocast is active: the fused loss casts nothing itself
+        # autocast off: the chunk products run in the head weight's dtype (float32 under mixed precision),
+        # the loss arithmetic in float32, whatever autocast the Trainer's precision set
         with torch.autocast(hidden.device.type, enabled=False):
             return fused_linear_cross_entropy(
                 hidden.to(head.weight.dtype),
