@@ -361,7 +361,7 @@ def test_half_precision_inputs_match_the_unfused_loss(dtype: torch.dtype) -> Non
 
 def test_float32_default_chunks_equal_a_single_chunk() -> None:
     h, w, b, y, t = _inputs(300, 4, 50, seed=9)
-    assert default_chunk_size(300, 4, 50) == 24
+    assert default_chunk_size(300, 4, 50) == 64  # the floor: 5 chunks
     leaves, one = _leaves(h, w, b), _leaves(h, w, b)
     chunked = fused_distillation_loss(*leaves[:2], y, t, bias=leaves[2], loss="jsd")
     whole = fused_distillation_loss(*one[:2], y, t, bias=one[2], loss="jsd", chunk_size=300)
@@ -512,7 +512,7 @@ def test_memory_benchmark_runs_every_case_and_prints_the_ratios() -> None:
         torch.set_num_threads(threads)  # measure() runs on one thread
     args = argparse.Namespace(tokens=40, hidden=8, vocab=300, chunk=None)
     table = format_table(rows, args)
-    assert "fused chunk = 8 tokens" in table
+    assert "fused chunk = 40 tokens" in table  # default_chunk_size: the 64-row floor, capped at N = 40
     for case in CASES:
         assert f"| {case} |" in table
     with pytest.raises(SystemExit):

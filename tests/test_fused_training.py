@@ -69,7 +69,8 @@ def run(
     val: Any = None,
 ) -> tuple[Steps, CausalLM, pl.Trainer]:
     steps_cb = Steps()
-    module = CausalLM(copy.deepcopy(student), optimizer=_sgd, logits=mode)  # type: ignore[arg-type]
+    # 24-token chunks: the 64-token batches take three (the default chunk would be the whole batch here)
+    module = CausalLM(copy.deepcopy(student), optimizer=_sgd, logits=mode, fused_chunk_size=24)  # type: ignore[arg-type]
     trainer = fast_trainer(
         max_epochs=1,
         limit_train_batches=steps,
@@ -143,7 +144,7 @@ def test_padded_and_packed_batches_give_the_full_loss() -> None:
 @pytest.mark.parametrize("loss", FUSED_LOSSES)
 def test_online_teacher_fused_equals_unfused(loss: str, _count_module_cross_entropy: list[int]) -> None:
     student, teacher = hf_model(llama(), seed=0), sharp_teacher()
-    kwargs: dict[str, Any] = {"temperature": 2.0, "weight": 0.7}
+    kwargs: dict[str, Any] = {"temperature": 2.0, "weight": 0.7, "chunk_size": 24}
     if loss == "jsd":
         kwargs["beta"] = 0.3
     full = run("full", student, [TeacherDistillation(teacher, loss=loss, **kwargs)], packed_loader())
@@ -158,7 +159,7 @@ def test_online_teacher_fused_equals_unfused(loss: str, _count_module_cross_entr
 def _cache_callbacks(path: str) -> list[pl.Callback]:
     # the first computes the cross-entropy in its pass, the three others their term alone
     return [
-        TeacherDistillation(cache=path, loss="kd", temperature=2.0, weight=0.5),
+        TeacherDistillation(cache=path, loss="kd", temperature=2.0, weight=0.5, chunk_size=40),
         TeacherDistillation(cache=path, loss="forward_kl", weight=0.3),
         TeacherDistillation(cache=path, loss="reverse_kl", temperature=1.5, weight=0.4),
         TeacherDistillation(cache=path, loss="jsd", beta=0.7, weight=0.6),
@@ -273,7 +274,8 @@ class WatchStep(pl.Callback):
 
 
 def _largest(mode: str, callbacks: list[pl.Callback], loader: Any, watch: WatchStep) -> list[tuple[str, tuple]]:  # type: ignore[type-arg]
-    module = CausalLM(hf_model(llama(), seed=0), optimizer=_sgd, logits=mode)  # type: ignore[arg-type]
+    # 16-token chunks: at these sizes the default chunk (at least 64 tokens) would be the whole batch
+    module = CausalLM(hf_model(llama(), seed=0), optimizer=_sgd, logits=mode, fused_chunk_size=16)  # type: ignore[arg-type]
     fast_trainer(max_steps=2, limit_val_batches=0, callbacks=[*callbacks, watch]).fit(module, train_dataloaders=loader)
     return watch.mode.seen
 
@@ -286,10 +288,10 @@ def test_the_fused_step_allocates_no_full_logits(tmp_path: Path) -> None:
     assert full and all(256 in shape for _, shape in full)  # the logits, their views and gradients
     assert _largest("fused", [], loader, WatchStep(limit)) == []
     teacher = sharp_teacher()
-    callbacks = [TeacherDistillation(teacher, loss="jsd", temperature=2.0)]
+    callbacks = [TeacherDistillation(teacher, loss="jsd", temperature=2.0, chunk_size=16)]
     assert _largest("fused", callbacks, loader, WatchStep(limit, teacher)) == []
     build_teacher_cache(teacher, loader, tmp_path / "top8", k=8)
-    callbacks = [TeacherDistillation(cache=str(tmp_path / "top8"), loss="reverse_kl")]
+    callbacks = [TeacherDistillation(cache=str(tmp_path / "top8"), loss="reverse_kl", chunk_size=16)]
     assert _largest("fused", callbacks, loader, WatchStep(limit)) == []  # the top-k rows are never rebuilt
 
 
