@@ -28,7 +28,13 @@ import lightning_logits.data
 import lightning_logits.modules  # noqa: F401
 from lightning_logits.callbacks import LAWN, USKD, LogitDiagnostics, ReplayCallback, TeacherDistillation
 from lightning_logits.networks.factory import load_teacher
-from lightning_logits.teacher_cache import TeacherLogitCache, build_teacher_cache
+from lightning_logits.teacher_cache import (
+    TeacherLogitCache,
+    TokenLogitCache,
+    build_teacher_cache,
+    build_token_cache,
+    open_teacher_cache,
+)
 
 METHOD_SECTIONS: dict[str, type[Callback]] = {
     "distillation": TeacherDistillation,
@@ -107,8 +113,9 @@ def launch_teacher_cache(
     num_nodes: int = 1,
     accelerator: str = "cpu",
     strategy: Literal["ddp_spawn", "ddp"] = "ddp_spawn",
+    layout: Literal["samples", "tokens"] = "samples",
     **build_kwargs: Any,
-) -> TeacherLogitCache:
+) -> TeacherLogitCache | TokenLogitCache:
     """Start ``devices`` processes per node with Lightning Fabric and build one cache with all of them.
 
     Every process runs :func:`~lightning_logits.teacher_cache.build_teacher_cache` on its share of
@@ -121,15 +128,21 @@ def launch_teacher_cache(
     ``num_nodes=2`` and ``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` set. Inside a process
     group that is already running (a ``Trainer``'s), call ``build_teacher_cache`` directly.
 
+    With ``layout="tokens"``, ``dataloader`` is the list of token documents and every process runs
+    :func:`~lightning_logits.teacher_cache.build_token_cache` instead (a flat, token-scale cache of a
+    causal LM teacher), each on its share of the document batches.
+
     Args:
         teacher: as for ``build_teacher_cache``.
-        dataloader: as for ``build_teacher_cache``.
+        dataloader: as for ``build_teacher_cache``; with ``layout="tokens"``, the documents.
         path: as for ``build_teacher_cache``.
         devices: processes per node.
         num_nodes: nodes of the job.
         accelerator: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL), as Fabric takes it.
         strategy: how Fabric starts the processes.
-        **build_kwargs: the other arguments of ``build_teacher_cache`` (``k``, ``resume``, ...).
+        layout: ``"samples"`` (default: ``build_teacher_cache``, rows by sample index) or ``"tokens"``
+            (``build_token_cache``, rows by token of variable-length documents).
+        **build_kwargs: the other arguments of the builder (``k``, ``resume``, ...).
 
     Returns:
         The cache, opened for reading in this process.
@@ -146,17 +159,25 @@ def launch_teacher_cache(
     """
     if "device" in build_kwargs:
         raise TypeError("launch_teacher_cache places the teacher on each process's device: pass accelerator instead")
+    if layout not in ("samples", "tokens"):
+        raise ValueError(f"layout must be 'samples' or 'tokens', got {layout!r}")
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
-    fabric.launch(functools.partial(_build_on_every_rank, teacher, dataloader, str(path), build_kwargs))
-    return TeacherLogitCache(path)
+    fabric.launch(functools.partial(_build_on_every_rank, teacher, dataloader, str(path), build_kwargs, layout))
+    return open_teacher_cache(path)
 
 
 def _build_on_every_rank(
-    teacher: nn.Module, dataloader: Iterable[Any], path: str, build_kwargs: dict[str, Any], fabric: Fabric
+    teacher: nn.Module,
+    dataloader: Any,
+    path: str,
+    build_kwargs: dict[str, Any],
+    layout: str,
+    fabric: Fabric,
 ) -> None:
     # module-level so that ddp_spawn can pickle it
+    build = build_token_cache if layout == "tokens" else build_teacher_cache
     try:
-        build_teacher_cache(teacher, dataloader, path, device=fabric.device, **build_kwargs)
+        build(teacher, dataloader, path, device=fabric.device, **build_kwargs)
     finally:
         _end_process_group()  # without it, the processes of a multi-node job abort at exit
 
