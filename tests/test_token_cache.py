@@ -311,3 +311,24 @@ def test_two_ranks_build_the_one_rank_bytes_and_two_ranks_distill_from_it(ddp_en
     trainer = fast_trainer(strategy="ddp_spawn", devices=2, max_steps=2, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(module, train_dataloaders=DataLoader(_rows(docs), batch_size=2))
     assert len(_check_logs(logs, ranks=2, steps=2)) == 4  # the two ranks read different rows
+
+
+# --------------------------------------------------------------------------- the benchmark
+def test_the_token_cache_benchmark_smoke_measures_the_formulas_bytes_and_reads() -> None:
+    from benchmarks.bench_token_cache import main
+
+    table = main(["--smoke", "--k", "8", "32"])
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| ")]
+    sizes = [r for r in rows if len(r) == 8 and r[0].isdigit()]
+    reads = [r for r in rows if len(r) == 6 and r[0].isdigit()]
+    assert [r[0] for r in sizes] == ["8", "32"] and [r[0] for r in reads] == ["8", "32"]
+    for k, formula, measured, values, indices, rest, tokens, _ in sizes:
+        assert int(formula) == int(k) * 4 + 6  # float16 values, uint16 ids (vocabulary 1000)
+        # the files hold the formula's bytes plus the per-document arrays and the .npy headers
+        assert int(formula) < float(measured) < int(formula) + 2
+        assert float(values) == pytest.approx(2 * int(k), abs=0.5) and float(indices) == pytest.approx(
+            2 * int(k), abs=0.5
+        )
+        assert float(rest) == pytest.approx(4, abs=0.5) and float(tokens) == pytest.approx(2, abs=0.5)
+    for _, _, sequential, random, in_memory, _ in reads:
+        assert float(sequential) > 0 and float(random) > 0 and float(in_memory) > 0
