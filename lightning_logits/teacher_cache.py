@@ -1073,6 +1073,12 @@ def build_token_cache(
         raise ValueError(f"document {int(np.argmin(lengths))} is empty; drop empty documents before caching")
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     fingerprint = token_fingerprint(documents)
+    seen = _all_gather(fingerprint, world)
+    if any(other != fingerprint for other in seen):
+        raise ValueError(
+            f"the ranks were given different documents ({', '.join(str(f) for f in seen)}): every rank must "
+            "be given the same documents in the same order (each takes its own share of them)"
+        )
     wanted = {"fingerprint": fingerprint, "k": k, "dtype": dtype, "teacher": name}
 
     def check_resumable(found: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ from lightning_logits.teacher_cache import (
 )
 from tests.conftest import find_free_port
 from tests.helpers import fast_trainer
+from tests.sync_counter import HostReadCounter, counting_callbacks
 from tests.test_distillation_losses import reference
 
 transformers = pytest.importorskip(
@@ -271,9 +272,12 @@ def test_a_hf_causal_lm_distills_from_the_flat_cache_with_forward_kl_and_jsd(tmp
     callbacks = [Checked(str(tmp_path / "c"), loss, str(tmp_path)) for loss in ("forward_kl", "jsd")]
     torch.manual_seed(0)
     module = CausalLM(llama(hidden=32), optimizer=_sgd)
-    trainer = fast_trainer(max_steps=3, limit_val_batches=0, callbacks=callbacks)
-    trainer.fit(module, train_dataloaders=DataLoader(_rows(docs), batch_size=4))
+    with HostReadCounter() as counter:  # steps 1 and 2: after the first step's checks
+        start, end = counting_callbacks(counter, first=1, last=3)
+        trainer = fast_trainer(max_steps=3, limit_val_batches=0, callbacks=[start, *callbacks, end])
+        trainer.fit(module, train_dataloaders=DataLoader(_rows(docs), batch_size=4))
     assert len(_check_logs(tmp_path, ranks=1, steps=3)) == 3  # three different batches
+    assert counter.steps == 2 and not [site for site in counter.sites if "/lightning_logits/" in site], counter.sites
     assert trainer.callback_metrics["train/loss_c_jsd_epoch"] > 0
 
     # other text than the cache's: refused on the first step

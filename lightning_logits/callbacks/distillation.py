@@ -187,7 +187,9 @@ class TeacherDistillation(LossTermCallback):
         loss_kwargs: extra keyword arguments for a callable ``loss``.
         cache: directory of a top-k teacher-logit cache
             (:mod:`lightning_logits.teacher_cache`); the batches must then carry sample indices
-            (``(input, target, index)``), and no teacher runs.
+            (``(input, target, index)``), or, for a token-scale cache
+            (:func:`~lightning_logits.teacher_cache.build_token_cache`), a ``token_index [B, T]``
+            (see :meth:`token_cache_logits`); no teacher runs.
         checkpoint: weights of a teacher given by name.
         num_classes: classes of a teacher given by name (default: the student's ``num_classes``).
         teacher_kwargs: keyword arguments of the model factory for a teacher given by name
