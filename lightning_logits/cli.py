@@ -194,6 +194,13 @@ def cache_main(argv: list[str] | None = None) -> None:
     ``torchrun``/SLURM the processes are already there): each takes every ``N*M``-th batch and
     writes its rows into the same files, global rank 0 writes ``meta.json``. ``--resume``
     continues a build that stopped, without asking the teacher again for rows already written.
+
+    ``--layout tokens`` builds a token-scale cache of a causal LM teacher
+    (:func:`~lightning_logits.teacher_cache.build_token_cache`) instead: the DataModule is built
+    with ``--data-args`` as given and its ``documents(split)`` method gives the token documents
+    (a sequence of token-id sequences, the same ones the student packs); ``--batch-size`` is then
+    documents per teacher call (default 8) and ``--dtype`` the values' storage. The teacher is
+    typically ``hf:<name or saved directory>``.
     """
     parser = argparse.ArgumentParser(
         prog="lightning-logits-cache",
@@ -210,8 +217,22 @@ def cache_main(argv: list[str] | None = None) -> None:
         "--data-args", default="{}", help="JSON init args of the DataModule, e.g. '{\"image_size\": 32}'"
     )
     parser.add_argument("--split", default="train", help="split to cache (the DataModule's dataset(split))")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--k", type=int, default=10, help="logits kept per sample (default 10)")
+    parser.add_argument(
+        "--batch-size", type=int, help="samples (default 256) or, with --layout tokens, documents (default 8) per call"
+    )
+    parser.add_argument("--k", type=int, default=10, help="logits kept per sample or token (default 10)")
+    parser.add_argument(
+        "--layout",
+        choices=("samples", "tokens"),
+        default="samples",
+        help="rows by sample index (default), or by token of the DataModule's documents(split) (a causal LM)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default="float16",
+        help="storage of the values of a --layout tokens cache (default float16)",
+    )
     parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -235,6 +256,10 @@ def cache_main(argv: list[str] | None = None) -> None:
         parser.error(f"--devices and --num-nodes must be at least 1, got {args.devices} and {args.num_nodes}")
     if args.overwrite and args.resume:
         parser.error("pass --overwrite (start again) or --resume (continue a stopped build), not both")
+    if args.layout == "samples" and args.dtype != "float16":
+        parser.error(f"--dtype {args.dtype} is for --layout tokens; the per-sample cache stores float16")
+    if args.batch_size is None:
+        args.batch_size = 8 if args.layout == "tokens" else 256
     if args.devices * args.num_nodes == 1:
         _cache_command(args, None)
         return
@@ -245,6 +270,9 @@ def cache_main(argv: list[str] | None = None) -> None:
 
 def _cache_command(args: argparse.Namespace, fabric: Fabric | None) -> None:
     """One process of ``lightning-logits-cache`` (module-level so that ddp_spawn can pickle it)."""
+    if getattr(args, "layout", "samples") == "tokens":
+        _token_cache_command(args, fabric)
+        return
     data_args = json.loads(args.data_args)
     datamodule = _import(args.data)(**{**data_args, "return_index": True})
     datamodule.setup("fit")
@@ -280,6 +308,46 @@ def _cache_command(args: argparse.Namespace, fabric: Fabric | None) -> None:
     if fabric is None or fabric.global_rank == 0:
         print(
             f"wrote top-{cache.k} logits of {cache.num_samples} samples ({cache.num_classes} classes) to {cache.path}"
+        )
+
+
+def _token_cache_command(args: argparse.Namespace, fabric: Fabric | None) -> None:
+    """``lightning-logits-cache --layout tokens``: a token-scale cache of the DataModule's documents."""
+    data_args = json.loads(args.data_args)
+    datamodule = _import(args.data)(**data_args)
+    documents_of = getattr(datamodule, "documents", None)
+    if not callable(documents_of):
+        raise TypeError(
+            f"--layout tokens needs a DataModule with a documents(split) method returning the token documents; "
+            f"{args.data} has none"
+        )
+    if callable(getattr(datamodule, "setup", None)):
+        datamodule.setup("fit")
+    documents = documents_of(args.split)
+    torch.manual_seed(0)  # a teacher given by name without weights is random: the same in every process
+    teacher = load_teacher(args.teacher, args.checkpoint, args.num_classes, json.loads(args.model_kwargs))
+    try:
+        cache = build_token_cache(
+            teacher,
+            documents,
+            args.out,
+            k=args.k,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            device=args.device if fabric is None else fabric.device,
+            source=args.teacher,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            data={"class_path": args.data, "init_args": data_args, "split": args.split},
+            teacher_args={"checkpoint": args.checkpoint, "model_kwargs": json.loads(args.model_kwargs)},
+        )
+    finally:
+        if fabric is not None:
+            _end_process_group()
+    if fabric is None or fabric.global_rank == 0:
+        print(
+            f"wrote top-{cache.k} logits of {cache.num_tokens} tokens in {cache.num_documents} documents "
+            f"({cache.num_classes} tokens of vocabulary, {cache.dtype}) to {cache.path}"
         )
 
 

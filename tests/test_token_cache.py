@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_logits.callbacks.distillation import TeacherDistillation
-from lightning_logits.cli import launch_teacher_cache
+from lightning_logits.cli import cache_main, launch_teacher_cache
 from lightning_logits.data.packing import pack_documents
 from lightning_logits.loss_terms import StepContext
 from lightning_logits.modules import CausalLM
@@ -209,6 +209,35 @@ def test_an_interrupted_build_resumes_without_asking_the_teacher_again(tmp_path:
     _same_files(out, tmp_path / "clean")
     with pytest.raises(ValueError, match="document 1 is empty"):
         build_token_cache(CountingTeacher(str(tmp_path)), [[1], []], tmp_path / "e", k=2)
+
+
+class ToyDocuments:
+    """A DataModule-like class with ``documents(split)``, for ``lightning-logits-cache --layout tokens``."""
+
+    def __init__(self, count: int = 9, seed: int = 0) -> None:
+        self.count, self.seed = count, seed
+
+    def documents(self, split: str) -> list[Tensor]:
+        return documents(count=self.count, seed=self.seed if split == "train" else self.seed + 1)
+
+
+def test_the_cache_command_builds_a_token_cache_from_a_saved_hf_teacher(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    teacher = hf_teacher()
+    teacher.save_pretrained(tmp_path / "teacher")
+    args = ["--teacher", f"hf:{tmp_path / 'teacher'}", "--data", "tests.test_token_cache.ToyDocuments"]
+    args += ["--data-args", '{"count": 9}', "--layout", "tokens", "--k", "6", "--dtype", "bfloat16", "--device", "cpu"]
+    cache_main([*args, "--out", str(tmp_path / "cli")])
+    assert "wrote top-6 logits of" in capsys.readouterr().out
+    build_token_cache(teacher, ToyDocuments(9).documents("train"), tmp_path / "direct", k=6, dtype="bfloat16")
+    for name in TOKEN_FILES[:-1]:  # the arrays; meta.json records another source
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), name
+    meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
+    assert meta["data"]["class_path"] == "tests.test_token_cache.ToyDocuments" and meta["dtype"] == "bfloat16"
+    with pytest.raises(SystemExit):
+        cache_main(["--teacher", "x", "--out", str(tmp_path / "y"), "--dtype", "float32"])  # tokens only
+    assert "--dtype float32 is for --layout tokens" in capsys.readouterr().err
 
 
 def test_the_old_layouts_still_open(tmp_path: Path) -> None:
