@@ -712,6 +712,7 @@ _VALUE_DTYPES: dict[str, tuple[type[np.generic], int]] = {
     "bfloat16": (np.int16, 2),
     "float32": (np.float32, 4),
 }
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _TOKEN_ARRAYS = ("values", "indices", "rest", "tokens", "offsets", "written")
 
 
@@ -737,11 +738,21 @@ def token_bytes_per_token(k: int, vocab_size: int, dtype: ValueDtype = "float16"
     return k * (_VALUE_DTYPES[dtype][1] + index) + 4 + index
 
 
-def _document_lengths(documents: Sequence[Any]) -> np.ndarray:
+def _scan_documents(documents: Sequence[Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """``(lengths, token_fingerprint)`` of ``documents`` in one pass over them."""
+    digest = hashlib.sha1()
     lengths = np.empty(len(documents), dtype=np.int64)
     for number in range(len(documents)):
-        lengths[number] = int(torch.as_tensor(documents[number]).numel())
-    return lengths
+        ids = torch.as_tensor(documents[number]).detach().to("cpu", torch.int64).reshape(-1).numpy()
+        digest.update(np.ascontiguousarray(ids).tobytes())
+        lengths[number] = ids.size
+    digest.update(lengths.tobytes())
+    fingerprint = {
+        "num_documents": int(lengths.size),
+        "num_tokens": int(lengths.sum()),
+        "tokens_sha1": digest.hexdigest()[:16],
+    }
+    return lengths, fingerprint
 
 
 def token_fingerprint(documents: Sequence[Tensor | Sequence[int]]) -> dict[str, Any]:
@@ -758,14 +769,7 @@ def token_fingerprint(documents: Sequence[Tensor | Sequence[int]]) -> dict[str, 
         >>> token_fingerprint([[1, 2], [3]]) == token_fingerprint([[1], [2, 3]])  # other boundaries
         False
     """
-    digest = hashlib.sha1()
-    lengths = []
-    for document in documents:
-        ids = torch.as_tensor(document).detach().to("cpu", torch.int64).reshape(-1).numpy()
-        digest.update(np.ascontiguousarray(ids).tobytes())
-        lengths.append(ids.size)
-    digest.update(np.asarray(lengths, dtype=np.int64).tobytes())
-    return {"num_documents": len(lengths), "num_tokens": int(sum(lengths)), "tokens_sha1": digest.hexdigest()[:16]}
+    return _scan_documents(documents)[1]
 
 
 def _fingerprint_of_arrays(tokens: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
@@ -969,19 +973,26 @@ def open_teacher_cache(path: str | Path) -> TeacherLogitCache | TokenLogitCache:
     return TeacherLogitCache(path)
 
 
-def _top_rows(logits: Tensor, k: int, dtype: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(values, indices, rest)`` of ``[L, V]`` float32 logits: top-k and the log-sum-exp of the others."""
+def _top_rows(logits: Tensor, mask: Tensor, k: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k values (in the storage type), their ids and the log-sum-exp of the others, on the host.
+
+    ``logits``: float32 ``[B, L, V]``; ``mask``: ``[B, L]``, the real (not padding) positions, whose
+    values must fit float16 when that is the storage.
+    """
     values, top = logits.topk(k, dim=-1)
     if k < logits.shape[-1]:
         rest = logits.scatter(-1, top, float("-inf")).logsumexp(dim=-1)
     else:
         rest = torch.full(logits.shape[:-1], float("-inf"), device=logits.device)
-    if dtype == "float16" and bool((values.abs() > torch.finfo(torch.float16).max).any()):
-        raise ValueError(
-            f"teacher logits reach {values.abs().max().item():.3g}, beyond float16's range: build with "
-            "dtype='bfloat16' or 'float32'"
-        )
-    return values, top, rest
+    if dtype == "float16":
+        largest = values.abs().amax(dim=-1)[mask.to(values.device).bool()].max()
+        if bool(largest > torch.finfo(torch.float16).max):
+            raise ValueError(
+                f"teacher logits reach {largest.item():.3g}, beyond float16's range: build with "
+                "dtype='bfloat16' or 'float32'"
+            )
+    stored = values.to(torch.bfloat16).view(torch.int16) if dtype == "bfloat16" else values.to(_TORCH_DTYPES[dtype])
+    return stored.cpu().numpy(), top.cpu().numpy(), rest.cpu().numpy()
 
 
 @torch.no_grad()
@@ -1066,13 +1077,12 @@ def build_token_cache(
     rank, world = _rank_and_world()
     out = Path(path)
     name = source or type(teacher).__name__
-    lengths = _document_lengths(documents)
+    lengths, fingerprint = _scan_documents(documents)
     if lengths.size == 0:
         raise ValueError("no documents to cache")
     if (lengths < 1).any():
         raise ValueError(f"document {int(np.argmin(lengths))} is empty; drop empty documents before caching")
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    fingerprint = token_fingerprint(documents)
     seen = _all_gather(fingerprint, world)
     if any(other != fingerprint for other in seen):
         raise ValueError(
@@ -1124,7 +1134,7 @@ def build_token_cache(
     num_batches = (len(documents) + batch_size - 1) // batch_size
     mine = range(rank, num_batches, world)
 
-    def run(number: int) -> tuple[range, Tensor]:
+    def run(number: int) -> tuple[range, Tensor, Tensor, Tensor]:
         docs = range(number * batch_size, min((number + 1) * batch_size, len(documents)))
         longest = int(lengths[docs.start : docs.stop].max())
         ids = torch.zeros(len(docs), longest, dtype=torch.long)
@@ -1138,9 +1148,9 @@ def build_token_cache(
                 f"the teacher returned logits of shape {tuple(logits.shape)} for input_ids {tuple(ids.shape)}; "
                 "a token cache needs a causal LM returning [B, L, V]"
             )
-        return docs, logits.float()
+        return docs, ids, mask, logits.float()
 
-    first: tuple[range, Tensor] | None = None
+    first: tuple[range, Tensor, Tensor, Tensor] | None = None
     if building is None:
         # The vocabulary is the teacher's: every rank runs its first batch, rank 0 creates the arrays.
         report: dict[str, Any] = {}
@@ -1148,7 +1158,7 @@ def build_token_cache(
         if len(mine):
             try:
                 first = run(mine[0])
-                report["vocab"] = int(first[1].shape[-1])
+                report["vocab"] = int(first[3].shape[-1])
             except Exception as error:  # raised on every rank below, so that no rank waits forever
                 failure = error
                 report["error"] = f"{type(error).__name__}: {error}"
@@ -1179,21 +1189,19 @@ def build_token_cache(
     arrays = {n: np.load(out / f"{n}.npy", mmap_mode="r+") for n in _TOKEN_ARRAYS}
     written = arrays["written"]
 
-    def store(docs: range, logits: Tensor) -> None:
+    def store(docs: range, ids: Tensor, mask: Tensor, logits: Tensor) -> None:
         if logits.shape[-1] != vocab:
             raise ValueError(f"the teacher returned {logits.shape[-1]} logits per token, the cache holds {vocab}")
+        values, top, rest = _top_rows(logits, mask, k, dtype)  # the whole batch at once, then one copy per document
+        tokens = ids.numpy()
         for row, d in enumerate(docs):
             if written[d]:
                 continue  # resumed: already on disk
-            length = int(lengths[d])
-            values, top, rest = _top_rows(logits[row, :length], k, dtype)
-            start, end = int(offsets[d]), int(offsets[d + 1])
-            stored = values.to(torch.bfloat16).view(torch.int16) if dtype == "bfloat16" else values
-            arrays["values"][start:end] = stored.cpu().numpy().astype(arrays["values"].dtype, copy=False)
-            arrays["indices"][start:end] = top.cpu().numpy().astype(arrays["indices"].dtype)
-            arrays["rest"][start:end] = rest.cpu().numpy()
-            ids = torch.as_tensor(documents[d], dtype=torch.long).reshape(-1).numpy()
-            arrays["tokens"][start:end] = ids.astype(arrays["tokens"].dtype)
+            length, start, end = int(lengths[d]), int(offsets[d]), int(offsets[d + 1])
+            arrays["values"][start:end] = values[row, :length]
+            arrays["indices"][start:end] = top[row, :length].astype(arrays["indices"].dtype)
+            arrays["rest"][start:end] = rest[row, :length]
+            arrays["tokens"][start:end] = tokens[row, :length].astype(arrays["tokens"].dtype)
         for d in docs:
             written[d] = True  # last: a document marked written is complete
 

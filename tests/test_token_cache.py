@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -238,6 +239,19 @@ def test_the_cache_command_builds_a_token_cache_from_a_saved_hf_teacher(
     with pytest.raises(SystemExit):
         cache_main(["--teacher", "x", "--out", str(tmp_path / "y"), "--dtype", "float32"])  # tokens only
     assert "--dtype float32 is for --layout tokens" in capsys.readouterr().err
+
+
+def test_logits_beyond_float16_need_another_dtype(tmp_path: Path) -> None:
+    class Loud(nn.Module):
+        def forward(self, input_ids: Tensor) -> Tensor:
+            return F.one_hot(input_ids, 8).float() * 1e6  # the real tokens' logits: 1e6, beyond float16
+
+    with pytest.raises(ValueError, match=r"reach 1e\+06, beyond float16's range: build with dtype='bfloat16'"):
+        build_token_cache(Loud(), [[1, 2], [3]], tmp_path / "a", k=2)
+    cache = build_token_cache(Loud(), [[1, 2], [3]], tmp_path / "b", k=2, dtype="bfloat16")
+    values, ids, _ = cache.document(0)
+    assert values[:, 0].tolist() == [torch.tensor(1e6).to(torch.bfloat16).item()] * 2  # bfloat16 keeps the range
+    assert ids[:, 0].tolist() == [1, 2]
 
 
 def test_the_old_layouts_still_open(tmp_path: Path) -> None:
