@@ -46,6 +46,7 @@ from lightning_logits.teacher_cache import (
     dataset_labels,
     label_fingerprint,
     open_teacher_cache,
+    reconstruct_logits,
 )
 
 __all__ = ["ResizeInput", "TeacherDistillation"]
@@ -609,10 +610,16 @@ class TeacherDistillation(LossTermCallback):
             return first_tensor(teacher(x))
 
     def token_cache_logits(self, context: StepContext, cache: TokenLogitCache) -> Tensor:
-        """``[B, T, V]`` teacher logits read from a token-scale cache at the batch's ``token_index [B, T]``.
+        """``[B, T, V]`` teacher logits rebuilt from a token-scale cache's rows (:meth:`token_cache_rows`)."""
+        return reconstruct_logits(*self.token_cache_rows(context, cache), cache.num_classes)
 
-        The batch (a mapping) carries ``token_index``, each position's row of the cache (``-1``: none),
-        as :func:`~lightning_logits.data.packing.pack_documents` gives with ``token_index=True``. On the
+    def token_cache_rows(self, context: StepContext, cache: TokenLogitCache) -> tuple[Tensor, Tensor, Tensor]:
+        """The cached top-k rows at the batch's ``token_index [B, T]``: ``(values, indices, rest)``.
+
+        ``values``/``indices`` ``[B, T, k]`` and ``rest`` ``[B, T]``, on the device of ``token_index``
+        (see :meth:`~lightning_logits.teacher_cache.TokenLogitCache.topk`). The
+        batch (a mapping) carries ``token_index``, each position's row of the cache (``-1``: none), as
+        :func:`~lightning_logits.data.packing.pack_documents` gives with ``token_index=True``. On the
         first step, the batch's token ids are compared with the cached ones and every position that
         gets a loss must have a row; every step checks the rows' range (on the host copy of the index).
         """
@@ -624,15 +631,14 @@ class TeacherDistillation(LossTermCallback):
                 "entry, e.g. pack_documents(documents, length, token_index=True) on the documents the cache was "
                 "built on"
             )
-        student = context.logits
-        if tuple(token_index.shape) != tuple(student.shape[:-1]):
+        inputs = context.output.get("model_inputs") if isinstance(context.output, Mapping) else None
+        input_ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else batch.get("input_ids")
+        if isinstance(input_ids, Tensor) and tuple(token_index.shape) != tuple(input_ids.shape):
             raise ValueError(
-                f"token_index has shape {tuple(token_index.shape)} but the student's logits {tuple(student.shape)}: "
+                f"token_index has shape {tuple(token_index.shape)} but input_ids {tuple(input_ids.shape)}: "
                 "give one cache row per position [B, T]"
             )
         if not self._validated:  # first step only: these read batch values on the host
-            inputs = context.output.get("model_inputs") if isinstance(context.output, Mapping) else None
-            input_ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else batch.get("input_ids")
             if isinstance(input_ids, Tensor):
                 cache.check_tokens(token_index, input_ids)
             try:
@@ -646,7 +652,13 @@ class TeacherDistillation(LossTermCallback):
                         f"{uncovered} positions of the first batch get a loss (target != -100) but have no row in "
                         f"the token cache '{cache.path}' (token_index -1): give every trained token its row"
                     )
-        return cache.logits(token_index, device=student.device)
+        values, indices, rest = cache.topk(token_index)
+        device = token_index.device
+        return (
+            values.to(device, non_blocking=True),
+            indices.to(device, non_blocking=True),
+            rest.to(device, non_blocking=True),
+        )
 
     def student_logits(self, context: StepContext) -> Tensor:
         """The logits that get the term: the classifier's, or the auxiliary head's for dual-head KD."""
