@@ -57,13 +57,15 @@ cache/digits_top5 --k 5 --data-args '{"image_size": 32}' [--devices N] [--resume
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -211,12 +213,15 @@ class TeacherLogitCache:
                 f"no teacher-logit cache at '{self.path}' (missing meta.json); build one with "
                 "`lightning-logits-cache --teacher ... --out DIR` or build_teacher_cache()"
             )
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self.meta: dict[str, Any] = _read_cache_json(meta_path)
         if self.meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"cache '{self.path}' has format {self.meta.get('format')}, expected {FORMAT_VERSION}")
-        self.num_samples = int(self.meta["num_samples"])
-        self.num_classes = int(self.meta["num_classes"])
-        self.k = int(self.meta["k"])
+        try:
+            self.num_samples = int(self.meta["num_samples"])
+            self.num_classes = int(self.meta["num_classes"])
+            self.k = int(self.meta["k"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(_damaged(meta_path, f"{type(err).__name__}: {err}")) from err
         positions = self.meta.get("positions")
         #: tokens per sample of a sequence cache (rows ``[T, k]``), ``None`` for classification rows
         self.positions: int | None = None if positions is None else int(positions)
@@ -227,10 +232,12 @@ class TeacherLogitCache:
         self._open()
 
     def _open(self) -> None:
-        self.values = np.load(self.path / "values.npy", mmap_mode="r")
-        self.indices = np.load(self.path / "indices.npy", mmap_mode="r")
-        self.rest = np.load(self.path / "rest.npy", mmap_mode="r")
-        self.written = np.load(self.path / "written.npy", mmap_mode="r")
+        lead = (self.num_samples,) if self.positions is None else (self.num_samples, self.positions)
+        shapes = {"values": (*lead, self.k), "indices": (*lead, self.k), "rest": lead, "written": (self.num_samples,)}
+        arrays = _open_arrays(self.path, "r", shapes)
+        self.values, self.indices, self.rest, self.written = (
+            arrays[n] for n in ("values", "indices", "rest", "written")
+        )
         missing = int((~np.asarray(self.written)).sum())
         if missing:
             raise ValueError(
@@ -514,14 +521,19 @@ def build_teacher_cache(
             "positions": positions,
             "teacher": name,
         }
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "meta.json").unlink(missing_ok=True)
-            (out / BUILDING_FILE).unlink(missing_ok=True)
+
+        def create() -> None:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "meta.json").unlink(missing_ok=True)
+                (out / BUILDING_FILE).unlink(missing_ok=True)
+            except OSError as err:
+                raise _write_failure(Path(err.filename or out), err, resumable=False) from err
             _create_arrays(out, building)
             # building.json last: its presence says the arrays exist and can be resumed
-            _write_json(out / BUILDING_FILE, building)
-        _barrier(world)
+            _write_json(out / BUILDING_FILE, building, resumable=False)
+
+        _on_rank_zero(create, rank, world)
     num_classes, positions, k = int(building["num_classes"]), building["positions"], int(building["k"])
     arrays = _open_arrays(out)
     written = arrays["written"]
@@ -575,7 +587,8 @@ def build_teacher_cache(
             for rows_seen, labels_seen, known in parts:
                 labels[rows_seen] = labels_seen
                 labels_known = labels_known and known
-    if rank == 0:
+
+    def finish() -> None:
         meta = {
             "format": FORMAT_VERSION,
             "num_samples": num_samples,
@@ -591,19 +604,78 @@ def build_teacher_cache(
         # meta.json last: its presence marks a complete cache.
         _write_json(out / "meta.json", meta)
         (out / BUILDING_FILE).unlink(missing_ok=True)
-    _barrier(world)
+
+    _on_rank_zero(finish, rank, world)
     return TeacherLogitCache(out)
 
 
+def _on_rank_zero(step: Callable[[], None], rank: int, world: int) -> None:
+    """Run ``step`` on global rank 0 while the others wait; its error is raised on every rank (none waits forever)."""
+    failure: Exception | None = None
+    if rank == 0:
+        try:
+            step()
+        except Exception as error:
+            failure = error
+    reports = _all_gather(None if failure is None else f"{type(failure).__name__}: {failure}", world)
+    if failure is not None:
+        raise failure
+    if reports[0] is not None:
+        raise RuntimeError(f"rank 0 failed to write the teacher-logit cache: {reports[0]}")
+
+
+_REBUILD = (
+    "rebuild the cache: `lightning-logits-cache ... --out {folder} --overwrite` "
+    "(or build_teacher_cache(..., overwrite=True))"
+)
+
+
+def _damaged(path: Path, reason: str) -> str:
+    """The message for a cache file that cannot be read: which file, what is wrong, what to do."""
+    return f"teacher-logit cache file '{path}' is damaged ({reason}); " + _REBUILD.format(folder=path.parent)
+
+
+def _read_cache_json(path: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(_damaged(path, f"not valid JSON: {err}")) from err
+    if not isinstance(content, dict):
+        raise ValueError(_damaged(path, f"holds a {type(content).__name__}, not a JSON object"))
+    return content
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _read_cache_json(path) if path.is_file() else None
 
 
-def _write_json(path: Path, content: dict[str, Any]) -> None:
+def _write_failure(path: Path, err: OSError, resumable: bool) -> OSError:
+    """``err`` (of the same class) with a message naming the file, the likely cause and what to do."""
+    reason = err.strerror or str(err)
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        cause = f"make '{path.parent}' and its files writable by this user, or build elsewhere (another --out)"
+    elif err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        cause = "the disk is full or a file-size limit (`ulimit -f`) was reached: free space or build elsewhere"
+    else:
+        cause = "fix the cause"
+    then = (
+        "then rerun with resume=True (--resume): the rows already written are kept and not computed again"
+        if resumable
+        else "then run the build again (no row was stored yet)"
+    )
+    return type(err)(err.errno, f"could not write the teacher-logit cache file '{path}' ({reason}): {cause}, {then}")
+
+
+def _write_json(path: Path, content: dict[str, Any], resumable: bool = True) -> None:
     """Write ``content`` to ``path`` whole or not at all (a temporary file, then a rename)."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(content, indent=2))
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(content, indent=2))
+        os.replace(partial, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)  # what a full disk let through
+        raise _write_failure(path, err, resumable) from err
 
 
 def _check_resumable(out: Path, found: dict[str, Any], k: int, num_samples: int, name: str) -> None:
@@ -660,13 +732,55 @@ def _create_arrays(out: Path, building: dict[str, Any]) -> None:
         ("rest.npy", np.float32, lead),
         ("written.npy", np.bool_, (num_samples,)),
     ):
-        array = fmt.open_memmap(out / file, "w+", dtype, shape)
-        array.flush()
-        del array
+        try:
+            array = fmt.open_memmap(out / file, "w+", dtype, shape)
+            array.flush()
+            del array
+            _allocate(out / file)
+        except OSError as err:
+            raise _write_failure(out / file, err, resumable=False) from err
 
 
-def _open_arrays(out: Path) -> dict[str, np.memmap]:
-    return {name: np.load(out / f"{name}.npy", mmap_mode="r+") for name in ("values", "indices", "rest", "written")}
+def _allocate(path: Path) -> None:
+    """Reserve the disk blocks of a (sparse) array file now.
+
+    A memory-mapped write into a hole of a sparse file on a full disk kills the process with
+    SIGBUS, no message; reserved up front, a full disk fails here with ENOSPC, before the teacher runs.
+    """
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
+def _open_arrays(
+    out: Path, mode: Literal["r", "r+"] = "r+", shapes: dict[str, tuple[Any, ...]] | None = None
+) -> dict[str, np.memmap]:
+    """The cache's arrays, memory-mapped; a missing, truncated or malformed file is named in the error."""
+    arrays = {}
+    for name in ("values", "indices", "rest", "written"):
+        path = out / f"{name}.npy"
+        if not path.is_file():
+            raise FileNotFoundError(_damaged(path, "missing").replace("is damaged (missing)", "is missing"))
+        try:
+            arrays[name] = np.load(path, mmap_mode=mode)
+        except PermissionError as err:
+            raise PermissionError(
+                err.errno,
+                f"cannot open the teacher-logit cache file '{path}' ({err.strerror}): make it readable "
+                f"(and writable, to resume a build) by this user",
+            ) from err
+        except (ValueError, OSError, EOFError) as err:  # a bad header, a file shorter than its header says
+            raise ValueError(_damaged(path, f"{type(err).__name__}: {err}")) from err
+        want = None if shapes is None else shapes[name]
+        if want is not None and tuple(arrays[name].shape) != tuple(want):
+            raise ValueError(_damaged(path, f"shape {tuple(arrays[name].shape)}, meta.json says {tuple(want)}"))
+    if shapes is None and len({int(a.shape[0]) for a in arrays.values()}) != 1:
+        sizes = {n: int(a.shape[0]) for n, a in arrays.items()}
+        raise ValueError(_damaged(out / "written.npy", f"the arrays disagree on the number of rows: {sizes}"))
+    return arrays
 
 
 def _record_labels(batch: Any, rows: np.ndarray, labels: np.ndarray) -> bool:

@@ -8,6 +8,7 @@ after each task, keeps the matrix, logs its summaries and draws it.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -253,7 +254,10 @@ class ContinualMetrics(Callback):
         path = Path(out)
         path.mkdir(parents=True, exist_ok=True)
         assert self.accuracy_matrix is not None
-        torch.save(self.accuracy_matrix.clone(), path / "accuracy_matrix.pt")
+        # whole or not at all: a run killed while writing leaves the previous matrix, not a cut-off file
+        partial = path / "accuracy_matrix.pt.partial"
+        torch.save(self.accuracy_matrix.clone(), partial)
+        os.replace(partial, path / "accuracy_matrix.pt")
         if self.plot:
             try:
                 plot_accuracy_matrix(self.accuracy_matrix, path / "accuracy_matrix.png")
