@@ -446,6 +446,103 @@ def run(points_per_method: int, workdir: Path, cases: list[str] | None = None) -
     return results
 
 
+# --------------------------------------------------------------------------- damaged files
+Outcome = Literal["refused, file named", "loads unchanged", "loads changed", "other error"]
+DAMAGES = ("cut off", "zeroed block", "flipped byte")
+
+
+@dataclass
+class FileResult:
+    """One damaged copy of a file: what was done to it and what reading it gave."""
+
+    kind: str
+    damage: str
+    outcome: Outcome
+    message: str
+
+
+def _damage(data: bytes, damage: str, rng: random.Random) -> bytes:
+    """``data`` cut off at a random length, with a random 512-byte block zeroed, or with one random byte flipped."""
+    if damage == "cut off":
+        return data[: rng.randrange(len(data))]
+    out = bytearray(data)
+    if damage == "zeroed block":
+        start = rng.randrange(len(data))
+        out[start : start + 512] = bytes(len(out[start : start + 512]))
+        return bytes(out) if bytes(out) != data else bytes(out[:-1])  # a block that was zeros already: cut one byte
+    position = rng.randrange(len(data))
+    out[position] ^= 1 << rng.randrange(8)
+    return bytes(out)
+
+
+def _read_outcome(read: Callable[[], Any], original: Any, path: Path) -> tuple[Outcome, str]:
+    try:
+        value = read()
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+        return ("refused, file named" if str(path) in str(error) else "other error"), message
+    return ("loads unchanged" if not differences(original, value) else "loads changed"), ""
+
+
+def damage_files(workdir: Path, copies: int, rng: random.Random) -> list[FileResult]:
+    """Damage ``copies`` copies per (file, damage) pair and read each one back the way the library reads it.
+
+    The files: a Lightning ``last.ckpt`` (read by :func:`~lightning_logits.networks.check_checkpoint`,
+    then ``torch.load``), each array of a teacher-logit cache and its ``meta.json`` (read by
+    :class:`~lightning_logits.teacher_cache.TeacherLogitCache` and all its rows rebuilt).
+    """
+    from lightning_logits.networks import check_checkpoint
+    from lightning_logits.teacher_cache import TeacherLogitCache
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    module = _classifier()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(module, datamodule=BlobData())
+    checkpoint = workdir / "last.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    cache = build_cache(workdir / "cache")
+    rows = torch.arange(48)
+    clean_logits = TeacherLogitCache(cache).logits(rows)
+    files: dict[str, tuple[Path, Callable[[], Any], Any]] = {
+        "checkpoint": (
+            checkpoint,
+            lambda: torch.load(check_checkpoint(checkpoint), weights_only=False)["state_dict"],
+            module.state_dict(),
+        ),
+    }
+    for name in ("values.npy", "indices.npy", "rest.npy", "written.npy", "checksum.npy", "meta.json"):
+        files[f"cache {name}"] = (cache / name, lambda: TeacherLogitCache(cache).logits(rows), clean_logits)
+    results = []
+    for kind, (path, read, original) in files.items():
+        clean = path.read_bytes()
+        for damage in DAMAGES:
+            for _ in range(copies):
+                path.write_bytes(_damage(clean, damage, rng))
+                outcome, message = _read_outcome(read, original, path)
+                results.append(FileResult(kind, damage, outcome, message))
+        path.write_bytes(clean)
+    return results
+
+
+def format_files_table(results: list[FileResult]) -> str:
+    outcomes: tuple[Outcome, ...] = ("refused, file named", "loads unchanged", "loads changed", "other error")
+    lines = [
+        "### damaged files",
+        "",
+        "| file | damage | copies | " + " | ".join(outcomes) + " |",
+        "|---|---|---|" + "---|" * len(outcomes),
+    ]
+    for kind in dict.fromkeys(r.kind for r in results):
+        for damage in DAMAGES:
+            rows = [r for r in results if r.kind == kind and r.damage == damage]
+            counts = " | ".join(str(sum(r.outcome == o for r in rows)) for o in outcomes)
+            lines.append(f"| {kind} | {damage} | {len(rows)} | {counts} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="1 crash point per method (the test suite's profile)")
@@ -457,10 +554,16 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         results = run(1 if args.smoke else 3, Path(tmp), cases)
+        files = damage_files(Path(tmp) / "files", 2 if args.smoke else 20, random.Random(SEED))
     profile = "smoke" if args.smoke else "long"
-    table = format_table(results, profile)
-    table += f"\n\nCPU, one thread per run, {time.perf_counter() - start:.0f} s in all (`python -m benchmarks.crash"
-    table += " --smoke`)." if args.smoke else "`)."
+    table = format_table(results, profile) + "\n\n" + format_files_table(files)
+    named = sum(r.outcome == "refused, file named" for r in files)
+    harmless = sum(r.outcome == "loads unchanged" for r in files)
+    table += f"\n\n{len(files)} damaged files: {named} refused with the file named, {harmless} read back unchanged, "
+    table += f"{sum(r.outcome == 'loads changed' for r in files)} read back changed without an error, "
+    table += f"{sum(r.outcome == 'other error' for r in files)} refused by an error that does not name the file."
+    command = "python -m benchmarks.crash" + (" --smoke" if args.smoke else "")
+    table += f"\n\nCPU, one thread per run, {time.perf_counter() - start:.0f} s in all (`{command}`)."
     print(table)
     if not args.smoke:
         Path(args.out).write_text(table + "\n")

@@ -7,6 +7,7 @@ them resumes without asking the teacher again for the rows it had written.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import resource
@@ -29,7 +30,7 @@ from tests.helpers import fast_trainer
 from tests.test_teacher_cache_ranks import CountingTeacher, _assert_same_files, _calls, _loader
 
 ROOT = Path(__file__).resolve().parent.parent
-ARRAYS = ("values.npy", "indices.npy", "rest.npy", "written.npy")
+ARRAYS = ("values.npy", "indices.npy", "rest.npy", "written.npy", "checksum.npy")
 NOBODY = 65534
 DATA = {"class_path": "tests.test_teacher_cache_ranks._loader", "init_args": {"n": 50}, "split": "train"}
 
@@ -117,6 +118,33 @@ def test_a_cut_off_or_overwritten_cache_array_is_named_with_the_rebuild_command(
     (out / name).unlink()
     with pytest.raises(FileNotFoundError, match=f"'{out / name}' is missing"):
         TeacherLogitCache(out)
+
+
+@pytest.mark.parametrize("name", ["values.npy", "indices.npy", "rest.npy", "checksum.npy"])
+def test_a_row_changed_after_the_build_fails_its_checksum_when_it_is_read(tmp_path: Path, name: str) -> None:
+    out = _cache(tmp_path)
+    clean = TeacherLogitCache(out).logits(torch.arange(50))
+    array = np.load(out / name, mmap_mode="r+")
+    row = 17
+    raw = array.view(np.uint8).reshape(-1)
+    raw[row * array[0:1].nbytes + 1] ^= 0x10  # one bit of one byte of row 17
+    array.flush()
+    del array, raw
+    cache = TeacherLogitCache(out)  # opens: the headers and shapes are intact
+    torch.testing.assert_close(cache.logits(torch.arange(17)), clean[:17], rtol=0, atol=0)  # other rows read fine
+    with pytest.raises(ValueError, match=r"rows \[17\] fail their checksum") as info:
+        cache.logits(torch.tensor([3, 17, 30]))
+    assert f"'{out / name}'" in str(info.value) and f"--out {out} --overwrite" in str(info.value)
+
+
+def test_a_cache_built_before_checksums_is_read_without_them(tmp_path: Path) -> None:
+    out = _cache(tmp_path)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["checksum"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    (out / "checksum.npy").unlink()
+    cache = TeacherLogitCache(out)
+    assert cache.checksum is None and cache.logits(torch.arange(50)).shape == (50, 7)
 
 
 def test_an_array_of_another_shape_than_meta_json_says_is_refused(tmp_path: Path) -> None:
