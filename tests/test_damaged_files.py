@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import random
 import resource
 import shutil
 import signal
@@ -327,3 +328,17 @@ def test_the_accuracy_matrix_file_is_replaced_whole_and_a_damaged_one_is_rewritt
     saved.write_bytes(saved.read_bytes()[:40])
     metrics._save(str(tmp_path))
     assert torch.equal(torch.load(saved), torch.ones(2, 2)) and not (tmp_path / "accuracy_matrix.pt.partial").exists()
+
+
+# --------------------------------------------------------------------------- the campaign
+def test_the_damaged_file_campaign_finds_nothing_silently_changed_and_every_error_names_its_file(
+    tmp_path: Path,
+) -> None:
+    # benchmarks.crash's campaign with 2 copies per (file, damage) pair; the long profile runs 20
+    results = crash.damage_files(tmp_path, copies=2, rng=random.Random(crash.SEED))
+    kinds = {r.kind for r in results}
+    assert kinds == {"checkpoint", *(f"cache {n}" for n in (*ARRAYS, "meta.json"))}
+    assert len(results) == len(kinds) * len(crash.DAMAGES) * 2
+    assert [r for r in results if r.outcome in ("loads changed", "other error")] == []
+    # every cut-off copy is refused (never "unchanged"), with its file named
+    assert all(r.outcome == "refused, file named" for r in results if r.damage == "cut off")
