@@ -290,6 +290,10 @@ def train(case: Case, shared: Path, run_dir: Path, kill: tuple[int, Where] | Non
     """One run of ``case`` in this process; writes ``run_dir/result.pt`` (weights and states) at the end."""
     torch.set_num_threads(1)
     _quiet()
+    # Lightning writes a checkpoint into a temporary file, then renames it: killed while writing, the
+    # temporary file stays behind. Kept in the run's folder rather than the system's.
+    (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(run_dir / "tmp")
     os.environ.pop("PL_GLOBAL_SEED", None)
     torch.manual_seed(0)
     module, datamodule, methods, options = case.build(shared)
@@ -498,7 +502,12 @@ def damage_files(workdir: Path, copies: int, rng: random.Random) -> list[FileRes
     torch.manual_seed(0)
     module = _classifier()
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=BlobData())
     checkpoint = workdir / "last.ckpt"

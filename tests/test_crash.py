@@ -27,8 +27,12 @@ def test_every_stateful_method_resumes_bit_identical_after_kill_9_at_a_seeded_st
         assert r.exit_code == -signal.SIGKILL, r
         low, high = crash.CASES[r.case].crash_steps
         assert low <= r.step <= high
-        # killed while last.ckpt of step N was written: the previous one (step N - 1) is intact
+        # killed while last.ckpt of step N was written: the previous one (step N - 1) is intact, and
+        # the half-written temporary file Lightning renames into place is left behind
         assert r.checkpoint_step == (r.step - 1 if r.where == "checkpoint_write" else r.step), r
+        temporary = (tmp_path / r.case / f"step{r.step}_{r.where}" / "tmp").iterdir()
+        leftovers = [p for p in temporary if not p.name.endswith(".py")]  # torch_geometric writes modules there
+        assert len(leftovers) == (r.where == "checkpoint_write"), leftovers
         assert r.differences == [], r
         assert r.survived
     # the kill points are drawn from a fixed seed: the same on every machine

@@ -57,6 +57,10 @@ class ContinualMetrics(Callback):
     The predictions are the argmax of what the module's ``forward`` returns during validation
     (recorded with a forward hook), so any module whose forward gives ``[N, C]`` logits works.
 
+    The matrix is part of the checkpoint. A run resumed from a checkpoint written at a task's last
+    training step (``ModelCheckpoint(every_n_train_steps=...)``), whose validation Lightning then
+    skips, evaluates that task itself at its first step, so the row is not left empty.
+
     Args:
         out_dir: where to write the heatmap and tensor; default the trainer's ``log_dir``.
         plot: write the PNG (matplotlib, a dependency of the package; when it cannot be
