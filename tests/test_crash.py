@@ -108,3 +108,12 @@ def test_kill_9_under_two_process_ddp_resumes_to_the_uninterrupted_weights_and_s
         ]
         assert states[0]["LAWN"]["phase"] == "constrained"
         assert crash.differences(states[0], states[1]) == []
+
+
+def test_the_benchmark_command_prints_both_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "crash.md"
+    crash.main(["--smoke", "--cases", "uskd", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| uskd | " in printed and "1 of 1 crashes survived over 1 methods." in printed
+    assert "| checkpoint | flipped byte | 2 |" in printed and "0 read back changed without an error" in printed
+    assert not out.exists()  # --smoke does not replace the long profile's results
