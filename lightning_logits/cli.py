@@ -27,7 +27,7 @@ import lightning_logits.callbacks
 import lightning_logits.data
 import lightning_logits.modules  # noqa: F401
 from lightning_logits.callbacks import LAWN, USKD, LogitDiagnostics, ReplayCallback, TeacherDistillation
-from lightning_logits.networks.factory import load_teacher
+from lightning_logits.networks.factory import check_checkpoint, load_teacher
 from lightning_logits.teacher_cache import (
     TeacherLogitCache,
     TokenLogitCache,
@@ -60,6 +60,16 @@ class LogitsCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key, callback_class in METHOD_SECTIONS.items():
             parser.add_lightning_class_args(callback_class, key, subclass_mode=True, required=False)
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's CLI reads --ckpt_path here (for its hyperparameters), before any hook: refuse a
+        # damaged file first, with its name and the checkpoints beside it (check_checkpoint).
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(str(ckpt_path)).is_file():
+            check_checkpoint(str(ckpt_path))
+        super()._parse_ckpt_path()
 
     @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:

@@ -11,6 +11,9 @@ index of the data set (row ``i`` is the sample the dataloader tags with index ``
 - ``indices.npy``: int16 (int32 beyond 32767 classes) ``[M, k]``, their class indices;
 - ``rest.npy``: float32 ``[M]``, the log-sum-exp of the ``C - k`` other logits (``-inf`` when ``k = C``);
 - ``written.npy``: bool ``[M]``, which rows were filled (reading an unfilled row is an error);
+- ``checksum.npy``: uint32 ``[M]``, a checksum of each row's bytes in the three arrays above
+  (:func:`row_checksums`), compared whenever rows are read: a row changed on disk after the build
+  (a bad copy, a bad disk) is an error naming the files, not silently different teacher logits;
 - ``meta.json``: ``num_samples``, ``num_classes``, ``k``, ``positions``, the teacher's source, the
   format version, and what the cache was built on: ``data_fingerprint`` (sample count, a SHA-1 of
   the labels by index, the class histogram; see :func:`label_fingerprint`) and ``data`` (the
@@ -65,11 +68,13 @@ cache/digits_top5 --k 5 --data-args '{"image_size": 32}' [--devices N] [--resume
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +99,7 @@ __all__ = [
     "reconstruct_logits",
     "token_bytes_per_token",
     "token_fingerprint",
+    "row_checksums",
 ]
 
 FORMAT_VERSION = 1
@@ -136,6 +142,33 @@ def reconstruct_logits(values: Tensor, indices: Tensor, rest: Tensor, num_classe
         fill = rest.float() - math.log(num_classes - k)
         out = fill.unsqueeze(-1).expand(*fill.shape, num_classes).clone()
     return out.scatter_(-1, indices.long(), values.float())
+
+
+def row_checksums(values: np.ndarray, indices: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    """A uint32 checksum per row of a cache's arrays: ``[B]`` from ``values``/``indices`` ``[B, (T,) k]`` and ``rest``.
+
+    An Adler-style pair of sums over the row's bytes (``s1``: their sum, ``s2``: their sum weighted
+    by position, both modulo 65521) in one vectorized pass, cheap enough to check every row read in a
+    training step: any single changed byte, and any block of bytes set to zero that were not all zero,
+    changes it.
+
+    Example:
+        >>> import numpy as np
+        >>> values, indices, rest = np.ones((2, 3), np.float16), np.zeros((2, 3), np.int16), np.zeros(2, np.float32)
+        >>> a = row_checksums(values, indices, rest)
+        >>> values[1, 2] = 2.0
+        >>> b = row_checksums(values, indices, rest)
+        >>> bool(a[0] == b[0]), bool(a[1] == b[1])
+        (True, False)
+    """
+    rows = values.shape[0]
+    data = np.concatenate(
+        [np.ascontiguousarray(a).view(np.uint8).reshape(rows, -1) for a in (values, indices, rest)], axis=1
+    ).astype(np.uint64)
+    weights = np.arange(1, data.shape[1] + 1, dtype=np.uint64) % 65521
+    s1 = data.sum(axis=1) % 65521
+    s2 = (data * weights).sum(axis=1) % 65521
+    return ((s2 << np.uint64(16)) | s1).astype(np.uint32)
 
 
 def label_fingerprint(labels: Tensor | np.ndarray | Sequence[int]) -> dict[str, Any]:
@@ -225,12 +258,18 @@ class TeacherLogitCache:
                 f"no teacher-logit cache at '{self.path}' (missing meta.json); build one with "
                 "`lightning-logits-cache --teacher ... --out DIR` or build_teacher_cache()"
             )
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self.meta: dict[str, Any] = _read_cache_json(meta_path)
         if self.meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"cache '{self.path}' has format {self.meta.get('format')}, expected {FORMAT_VERSION}")
-        self.num_samples = int(self.meta["num_samples"])
-        self.num_classes = int(self.meta["num_classes"])
-        self.k = int(self.meta["k"])
+            raise ValueError(
+                f"cache '{meta_path}' has format {self.meta.get('format')!r}, this version reads format "
+                f"{FORMAT_VERSION}; " + _REBUILD.format(folder=self.path)
+            )
+        try:
+            self.num_samples = int(self.meta["num_samples"])
+            self.num_classes = int(self.meta["num_classes"])
+            self.k = int(self.meta["k"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(_damaged(meta_path, f"{type(err).__name__}: {err}")) from err
         positions = self.meta.get("positions")
         #: tokens per sample of a sequence cache (rows ``[T, k]``), ``None`` for classification rows
         self.positions: int | None = None if positions is None else int(positions)
@@ -241,15 +280,22 @@ class TeacherLogitCache:
         self._open()
 
     def _open(self) -> None:
-        self.values = np.load(self.path / "values.npy", mmap_mode="r")
-        self.indices = np.load(self.path / "indices.npy", mmap_mode="r")
-        self.rest = np.load(self.path / "rest.npy", mmap_mode="r")
-        self.written = np.load(self.path / "written.npy", mmap_mode="r")
+        lead = (self.num_samples,) if self.positions is None else (self.num_samples, self.positions)
+        shapes = {"values": (*lead, self.k), "indices": (*lead, self.k), "rest": lead, "written": (self.num_samples,)}
+        if self.meta.get("checksum"):  # caches built before checksums existed have none
+            shapes["checksum"] = (self.num_samples,)
+        arrays = _open_arrays(self.path, "r", shapes)
+        self.values, self.indices, self.rest, self.written = (
+            arrays[n] for n in ("values", "indices", "rest", "written")
+        )
+        #: the per-row checksums (``None`` for a cache built without them)
+        self.checksum: np.ndarray | None = arrays.get("checksum")
         missing = int((~np.asarray(self.written)).sum())
         if missing:
             raise ValueError(
-                f"cache '{self.path}' is incomplete: {missing} of {self.num_samples} sample rows were never "
-                "written (the building dataloader skipped them: use drop_last=False); rebuild it"
+                f"cache '{self.path}' is incomplete: {missing} of {self.num_samples} sample rows were never written "
+                f"(so says '{self.path / 'written.npy'}': the building dataloader skipped them, use drop_last=False; "
+                "or that file was damaged); rebuild it"
             )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -274,9 +320,21 @@ class TeacherLogitCache:
     def topk(self, index: Tensor | Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
         """``(values [B, (T,) k] float16, indices [B, (T,) k] int64, rest [B, (T)] float32)`` of samples ``index``."""
         rows = self._rows(index)
-        values = torch.from_numpy(np.ascontiguousarray(self.values[rows]))
-        indices = torch.from_numpy(np.ascontiguousarray(self.indices[rows]).astype(np.int64))
-        rest = torch.from_numpy(np.ascontiguousarray(self.rest[rows]))
+        values_np = np.ascontiguousarray(self.values[rows])
+        indices_np = np.ascontiguousarray(self.indices[rows])
+        rest_np = np.ascontiguousarray(self.rest[rows])
+        if self.checksum is not None:
+            bad = np.flatnonzero(row_checksums(values_np, indices_np, rest_np) != self.checksum[rows])
+            if bad.size:
+                names = ("values.npy", "indices.npy", "rest.npy", "checksum.npy")
+                files = ", ".join(f"'{self.path / n}'" for n in names)
+                raise ValueError(
+                    f"teacher-logit cache rows {rows[bad][:5].tolist()} fail their checksum: {files} changed after "
+                    "the build (a bad copy or disk); " + _REBUILD.format(folder=self.path)
+                )
+        values = torch.from_numpy(values_np)
+        indices = torch.from_numpy(indices_np.astype(np.int64))
+        rest = torch.from_numpy(rest_np)
         return values, indices, rest
 
     def logits(self, index: Tensor | Sequence[int], device: torch.device | str | None = None) -> Tensor:
@@ -527,17 +585,24 @@ def build_teacher_cache(
             "k": min(k, num_classes),
             "positions": positions,
             "teacher": name,
+            "checksum": True,
         }
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "meta.json").unlink(missing_ok=True)
-            (out / BUILDING_FILE).unlink(missing_ok=True)
+
+        def create() -> None:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "meta.json").unlink(missing_ok=True)
+                (out / BUILDING_FILE).unlink(missing_ok=True)
+            except OSError as err:
+                raise _write_failure(Path(err.filename or out), err, resumable=False) from err
             _create_arrays(out, building)
             # building.json last: its presence says the arrays exist and can be resumed
-            _write_json(out / BUILDING_FILE, building)
-        _barrier(world)
+            _write_json(out / BUILDING_FILE, building, resumable=False)
+
+        _on_rank_zero(create, rank, world)
     num_classes, positions, k = int(building["num_classes"]), building["positions"], int(building["k"])
-    arrays = _open_arrays(out)
+    checksum = bool(building.get("checksum"))  # a build begun before checksums existed goes on without
+    arrays = _open_arrays(out, "r+", {"checksum": None} if checksum else None)
     written = arrays["written"]
 
     def store(rows: np.ndarray, logits: Tensor) -> None:
@@ -561,9 +626,14 @@ def build_teacher_cache(
         if not missing.all():  # resumed: rows already on disk are not written again
             rows, keep = rows[missing], torch.from_numpy(missing).to(values.device)
             values, top, rest = values[keep], top[keep], rest[keep]
-        arrays["values"][rows] = values.to(torch.float16).cpu().numpy()
-        arrays["indices"][rows] = top.cpu().numpy().astype(arrays["indices"].dtype)
-        arrays["rest"][rows] = rest.cpu().numpy()
+        values_np = values.to(torch.float16).cpu().numpy()
+        indices_np = top.cpu().numpy().astype(arrays["indices"].dtype)
+        rest_np = rest.cpu().numpy()
+        arrays["values"][rows] = values_np
+        arrays["indices"][rows] = indices_np
+        arrays["rest"][rows] = rest_np
+        if checksum:
+            arrays["checksum"][rows] = row_checksums(values_np, indices_np, rest_np)
         written[rows] = True  # last: a row marked written is complete
 
     if first is not None:
@@ -589,7 +659,8 @@ def build_teacher_cache(
             for rows_seen, labels_seen, known in parts:
                 labels[rows_seen] = labels_seen
                 labels_known = labels_known and known
-    if rank == 0:
+
+    def finish() -> None:
         meta = {
             "format": FORMAT_VERSION,
             "num_samples": num_samples,
@@ -600,24 +671,84 @@ def build_teacher_cache(
             "data_fingerprint": label_fingerprint(labels) if labels_known else None,
             "data": data,
             "teacher_args": teacher_args,
+            "checksum": checksum,
             "reconstruction": "non-top-k columns = rest - log(C - k) (keeps their softmax mass at T=1)",
         }
         # meta.json last: its presence marks a complete cache.
         _write_json(out / "meta.json", meta)
         (out / BUILDING_FILE).unlink(missing_ok=True)
-    _barrier(world)
+
+    _on_rank_zero(finish, rank, world)
     return TeacherLogitCache(out)
 
 
+def _on_rank_zero(step: Callable[[], None], rank: int, world: int) -> None:
+    """Run ``step`` on global rank 0 while the others wait; its error is raised on every rank (none waits forever)."""
+    failure: Exception | None = None
+    if rank == 0:
+        try:
+            step()
+        except Exception as error:
+            failure = error
+    reports = _all_gather(None if failure is None else f"{type(failure).__name__}: {failure}", world)
+    if failure is not None:
+        raise failure
+    if reports[0] is not None:
+        raise RuntimeError(f"rank 0 failed to write the teacher-logit cache: {reports[0]}")
+
+
+_REBUILD = (
+    "rebuild the cache: `lightning-logits-cache ... --out {folder} --overwrite` "
+    "(or build_teacher_cache(..., overwrite=True))"
+)
+
+
+def _damaged(path: Path, reason: str) -> str:
+    """The message for a cache file that cannot be read: which file, what is wrong, what to do."""
+    return f"teacher-logit cache file '{path}' is damaged ({reason}); " + _REBUILD.format(folder=path.parent)
+
+
+def _read_cache_json(path: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(_damaged(path, f"not valid JSON: {err}")) from err
+    if not isinstance(content, dict):
+        raise ValueError(_damaged(path, f"holds a {type(content).__name__}, not a JSON object"))
+    return content
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _read_cache_json(path) if path.is_file() else None
 
 
-def _write_json(path: Path, content: dict[str, Any]) -> None:
+def _write_failure(path: Path, err: OSError, resumable: bool) -> OSError:
+    """``err`` (of the same class) with a message naming the file, the likely cause and what to do."""
+    reason = err.strerror or str(err)
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        cause = f"make '{path.parent}' and its files writable by this user, or build elsewhere (another --out)"
+    elif err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        cause = "the disk is full or a file-size limit (`ulimit -f`) was reached: free space or build elsewhere"
+    else:
+        cause = "fix the cause"
+    then = (
+        "then rerun with resume=True (--resume): the rows already written are kept and not computed again"
+        if resumable
+        else "then run the build again (no row was stored yet)"
+    )
+    return type(err)(err.errno, f"could not write the teacher-logit cache file '{path}' ({reason}): {cause}, {then}")
+
+
+def _write_json(path: Path, content: dict[str, Any], resumable: bool = True) -> None:
     """Write ``content`` to ``path`` whole or not at all (a temporary file, then a rename)."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(content, indent=2))
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(content, indent=2))
+        os.replace(partial, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)  # what a full disk let through
+        raise _write_failure(path, err, resumable) from err
 
 
 def _check_resumable(out: Path, found: dict[str, Any], k: int, num_samples: int, name: str) -> None:
@@ -673,14 +804,58 @@ def _create_arrays(out: Path, building: dict[str, Any]) -> None:
         ("indices.npy", index_dtype, (*lead, k)),
         ("rest.npy", np.float32, lead),
         ("written.npy", np.bool_, (num_samples,)),
+        ("checksum.npy", np.uint32, (num_samples,)),
     ):
-        array = fmt.open_memmap(out / file, "w+", dtype, shape)
-        array.flush()
-        del array
+        try:
+            array = fmt.open_memmap(out / file, "w+", dtype, shape)
+            array.flush()
+            del array
+            _allocate(out / file)
+        except OSError as err:
+            raise _write_failure(out / file, err, resumable=False) from err
 
 
-def _open_arrays(out: Path) -> dict[str, np.memmap]:
-    return {name: np.load(out / f"{name}.npy", mmap_mode="r+") for name in ("values", "indices", "rest", "written")}
+def _allocate(path: Path) -> None:
+    """Reserve the disk blocks of a (sparse) array file now.
+
+    A memory-mapped write into a hole of a sparse file on a full disk kills the process with
+    SIGBUS, no message; reserved up front, a full disk fails here with ENOSPC, before the teacher runs.
+    """
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
+def _open_arrays(
+    out: Path, mode: Literal["r", "r+"] = "r+", shapes: Mapping[str, tuple[Any, ...] | None] | None = None
+) -> dict[str, np.memmap]:
+    """The cache's arrays, memory-mapped; a missing, truncated or malformed file is named in the error."""
+    arrays = {}
+    names = ["values", "indices", "rest", "written"] + [n for n in (shapes or {}) if n == "checksum"]
+    for name in names:
+        path = out / f"{name}.npy"
+        if not path.is_file():
+            raise FileNotFoundError(_damaged(path, "missing").replace("is damaged (missing)", "is missing"))
+        try:
+            arrays[name] = np.load(path, mmap_mode=mode)
+        except PermissionError as err:
+            raise PermissionError(
+                err.errno,
+                f"cannot open the teacher-logit cache file '{path}' ({err.strerror}): make it readable "
+                f"(and writable, to resume a build) by this user",
+            ) from err
+        except Exception as err:  # a bad header (numpy raises ValueError, EOFError, SyntaxError, ...), a short file
+            raise ValueError(_damaged(path, f"{type(err).__name__}: {err}")) from err
+        want = None if shapes is None else shapes.get(name)
+        if want is not None and tuple(arrays[name].shape) != tuple(want):
+            raise ValueError(_damaged(path, f"shape {tuple(arrays[name].shape)}, meta.json says {tuple(want)}"))
+    if (shapes is None or None in shapes.values()) and len({int(a.shape[0]) for a in arrays.values()}) != 1:
+        sizes = {n: int(a.shape[0]) for n, a in arrays.items()}
+        raise ValueError(_damaged(out / "written.npy", f"the arrays disagree on the number of rows: {sizes}"))
+    return arrays
 
 
 def _record_labels(batch: Any, rows: np.ndarray, labels: np.ndarray) -> bool:

@@ -5,7 +5,13 @@ here imports Lightning."""
 # First: registers "reduced_resnet18" with timm before anything can ask timm for a model name.
 from lightning_logits.networks.reduced_resnet import ReducedResNet18, reduced_resnet18  # isort: skip
 from lightning_logits.networks.causal_lm import build_causal_lm, causal_lm_logits
-from lightning_logits.networks.factory import build_expert, build_model, load_teacher, teacher_fingerprint
+from lightning_logits.networks.factory import (
+    build_expert,
+    build_model,
+    check_checkpoint,
+    load_teacher,
+    teacher_fingerprint,
+)
 from lightning_logits.networks.features import (
     FeatureLayer,
     default_feature_layer,
@@ -36,6 +42,7 @@ __all__ = [
     "aux_modules",
     "build_expert",
     "build_model",
+    "check_checkpoint",
     "default_feature_layer",
     "find_blocks",
     "find_classifier",

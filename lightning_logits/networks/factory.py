@@ -8,6 +8,8 @@ hyperparameters and weights.
 from __future__ import annotations
 
 import hashlib
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +18,14 @@ from torch import Tensor, nn
 
 from lightning_logits.networks.causal_lm import build_causal_lm
 
-__all__ = ["TORCHVISION_PREFIX", "build_expert", "build_model", "load_teacher", "teacher_fingerprint"]
+__all__ = [
+    "TORCHVISION_PREFIX",
+    "build_expert",
+    "build_model",
+    "check_checkpoint",
+    "load_teacher",
+    "teacher_fingerprint",
+]
 
 TORCHVISION_PREFIX = "torchvision/"
 """Model names starting with it are torchvision models (``"torchvision/resnet18"``); others are timm names.
@@ -187,12 +196,91 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_checkpoint(path: str | Path) -> Path:
+    """Check that a checkpoint file is whole before it is loaded; return its path.
+
+    ``torch.save`` writes a zip archive with a CRC-32 checksum per record, but ``torch.load`` does
+    not compare them: a checkpoint whose bytes changed after it was written (an interrupted copy
+    that was padded, a bad disk or transfer) loads without a word and training resumes from wrong
+    weights. This reads every record once and compares its checksum (about as long as reading the
+    file), and names the file, what is wrong, and the other checkpoints of its folder, newest first.
+    Call it before ``trainer.fit(..., ckpt_path=path)``; ``lightning-logits fit --ckpt_path`` and
+    teacher checkpoints (:func:`load_teacher`) are checked with it. A legacy (non-zip) ``torch.save``
+    file carries no checksums: it passes unchecked.
+
+    Args:
+        path: the ``.ckpt``/``.pt`` file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        IsADirectoryError: ``path`` is a directory (a sharded checkpoint folder is not checked here).
+        ValueError: the file is empty, truncated, not a checkpoint, or a record fails its checksum.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     good = Path(tmp) / "good.ckpt"
+        ...     torch.save({"w": torch.ones(3)}, good)
+        ...     cut = Path(tmp) / "cut.ckpt"
+        ...     _ = cut.write_bytes(good.read_bytes()[:100])  # killed while being copied
+        ...     check_checkpoint(good) == good
+        ...     try:
+        ...         check_checkpoint(cut)
+        ...     except ValueError as err:
+        ...         print(str(err).split(";")[0].replace(tmp, "..."))
+        True
+        '.../cut.ckpt' is not a readable checkpoint (truncated, or not a torch checkpoint: File is not a zip file)
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(_directory_message(path, "checkpoint"))
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist; fix the path{_others(path)}")
+    with open(path, "rb") as file:
+        head = file.read(2)
+    if not zipfile.is_zipfile(path):
+        if len(head) == 2 and head[0] == 0x80:  # a legacy pickle-format torch.save: no checksums to compare
+            return path
+        reason = "an empty file" if not head else "File is not a zip file"
+        raise ValueError(
+            f"'{path}' is not a readable checkpoint (truncated, or not a torch checkpoint: {reason}); it may have "
+            f"been cut off while it was written or copied: re-save it or point to another file{_others(path)}"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                crc = 0
+                with archive.open(info) as record:
+                    while chunk := record.read(1 << 24):
+                        crc = zlib.crc32(chunk, crc)
+                if crc != info.CRC:
+                    raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        raise ValueError(
+            f"'{path}' is not a readable checkpoint ({type(err).__name__}: {err}): its bytes changed after it was "
+            f"written (a bad copy, transfer or disk); it cannot be trusted: point to another file{_others(path)}"
+        ) from None
+    return path
+
+
+def _others(path: Path) -> str:
+    """`` (other checkpoints in its folder, newest first: ...)`` or an empty string."""
+    try:
+        found = [p for p in path.parent.glob("*.ckpt") if p.is_file() and p.resolve() != path.resolve()]
+    except OSError:
+        return ""
+    found = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)[:3]
+    return f" (other checkpoints in its folder, newest first: {', '.join(map(str, found))})" if found else ""
+
+
 def _read_checkpoint(path: Path) -> Any:
     """``torch.load`` of a checkpoint file, with errors that name the file and what is wrong with it."""
     if path.is_dir():
         raise IsADirectoryError(_directory_message(path, "checkpoint"))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist; train the teacher first or fix the path")
+    check_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
