@@ -21,12 +21,13 @@ predicted across files).
   Every KD term has temperature 1 and weight ``--kd-weight`` beside the cross-entropy.
 
 Reported: test-split perplexity (exp of the mean next-token cross-entropy per target token) of the
-student, mean ± std over seeds, the teacher's, and the validation perplexity. Learning rates and
-the KD weight were chosen on the VALIDATION split only (``--sweep`` prints the validation
-perplexity of a small grid, one seed); the test split is read only for the final table.
+student, mean ± std over seeds, and the teacher's. The learning rates (``--ce-lr`` for CE alone,
+``--student-lr`` with KD) and the KD weight were chosen on the VALIDATION split only (``--sweep``
+prints the validation perplexity of a small grid, one seed); the test split is read only for the
+final table.
 
     python -m benchmarks.accuracy_distillation_corpus            # 3 seeds
-    python -m benchmarks.accuracy_distillation_corpus --sweep    # validation grid, 1 seed
+    python -m benchmarks.accuracy_distillation_corpus --sweep    # validation grid, 1 seed (results/*_sweep.md)
     python -m benchmarks.accuracy_distillation_corpus --smoke    # a few files and steps: checks it runs
 
 The trained teacher is kept under ``--work-dir`` (keyed by its settings), so a rerun or the sweep
@@ -113,8 +114,13 @@ def train(
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, rows: PackedRows, batch_size: int = 64) -> float:
-    """exp of the mean next-token cross-entropy over every target token of ``rows`` (token-weighted)."""
+def perplexity(model: nn.Module, rows: PackedRows, batch_size: int = 64, limit: int | None = None) -> float:
+    """exp of the mean next-token cross-entropy over every target token of ``rows`` (token-weighted).
+
+    ``limit``: only the first ``limit`` rows (smoke runs).
+    """
+    if limit is not None:
+        rows = PackedRows({key: value[:limit] for key, value in rows.packed.items()})
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -172,8 +178,8 @@ def _teacher(args: argparse.Namespace, dm: StdlibCorpusDataModule, vocab: int) -
     record = {
         "seconds": seconds,
         "parameters": sum(p.numel() for p in module.model.parameters()),
-        "val_ppl": perplexity(module.model, dm.dataset("val")),
-        "test_ppl": perplexity(module.model, dm.dataset("test")),
+        "val_ppl": perplexity(module.model, dm.dataset("val"), limit=args.eval_rows),
+        "test_ppl": perplexity(module.model, dm.dataset("test"), limit=args.eval_rows),
     }
     path.mkdir(parents=True, exist_ok=True)
     torch.save(module.model.state_dict(), path / "weights.pt")
@@ -200,10 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student-layers", type=int, default=2)
     parser.add_argument("--student-rows", type=int, default=1024, help="training rows the student sees")
     parser.add_argument("--student-steps", type=int, default=150)
-    parser.add_argument("--student-lr", type=float, default=3e-3)
+    parser.add_argument("--ce-lr", type=float, default=3e-3, help="learning rate of the student alone")
+    parser.add_argument("--student-lr", type=float, default=1e-2, help="learning rate of the students with KD")
     parser.add_argument("--kd-weight", type=float, default=1.0)
     parser.add_argument("--k", type=int, default=16, help="top-k logits per token in the cache")
     parser.add_argument("--max-files", type=int, default=None, help="first files of each split only")
+    parser.add_argument("--eval-rows", type=int, default=None, help="evaluate on the first rows only (smoke)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
     parser.add_argument("--sweep", action="store_true", help="validation perplexity of a small grid, 1 seed")
     parser.add_argument("--smoke", action="store_true", help="a few files, 1 seed, a few steps: checks that it runs")
@@ -215,10 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     if args.smoke:
-        args.seeds, args.max_files, args.vocab, args.context = 1, 3, 320, 32
+        args.seeds, args.max_files, args.vocab, args.context = 1, 2, 300, 32
         args.teacher_steps, args.student_steps, args.student_rows = 4, 3, 32
         args.teacher_hidden, args.teacher_layers, args.student_hidden, args.student_layers, args.k = 32, 1, 16, 1, 4
-        args.batch_size = 8
+        args.batch_size, args.eval_rows = 8, 16
 
     started = time.perf_counter()
     dm = StdlibCorpusDataModule(
@@ -261,11 +269,12 @@ def main(argv: list[str] | None = None) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     begun = time.perf_counter()
                     callbacks = make_callbacks(Path(tmp), weight)
+                    lr_used = args.ce_lr if name == "CE alone" and not args.sweep else lr
                     student = train(
-                        student_config, student_rows, args.student_steps, lr, args.batch_size, seed, callbacks
+                        student_config, student_rows, args.student_steps, lr_used, args.batch_size, seed, callbacks
                     )
                     run_seconds.setdefault(label, []).append(time.perf_counter() - begun)
-                value = perplexity(student.model, held_out)
+                value = perplexity(student.model, held_out, limit=args.eval_rows)
                 rows.setdefault(label, []).append(value)
                 print(
                     f"seed {seed} {label}: {evaluate_on} ppl {value:.3f} ({run_seconds[label][-1]:.0f} s)", flush=True
@@ -277,6 +286,13 @@ def main(argv: list[str] | None = None) -> None:
         for split, s in stats.items()
     )
     command = "python -m benchmarks.accuracy_distillation_corpus" + (" --smoke" if args.smoke else "")
+    command += " --sweep" if args.sweep else ""
+    if args.sweep:
+        settings = "AdamW learning rate and KD weight as each row says"
+        chosen = "The validation sweep that chose the learning rates and the KD weight of the test table."
+    else:
+        settings = f"AdamW lr {args.ce_lr:g} alone, {args.student_lr:g} with KD, KD weight {args.kd_weight:g}"
+        chosen = "The learning rates and the KD weight were chosen on the validation split (`--sweep`), never on test."
     lines = [
         "### accuracy: distillation, language model on a real corpus (Python standard library source)",
         "",
@@ -288,9 +304,8 @@ def main(argv: list[str] | None = None) -> None:
         f"val ppl {record['val_ppl']:.2f}, **test ppl {record['test_ppl']:.2f}**. Student: hidden "
         f"{args.student_hidden}, {args.student_layers} layers, {student_params / 1e6:.2f} M parameters, "
         f"{args.student_rows} training rows drawn once, {args.student_steps} steps of {args.batch_size} rows, AdamW "
-        f"lr {args.student_lr:g} (warm-up, cosine to 10%); KD terms at temperature 1 and weight {args.kd_weight:g} "
-        f"beside the cross-entropy; cache top-{args.k}. The learning rate and the KD weight were chosen on the "
-        f"validation split (`--sweep`), never on test. {args.seeds} seed(s); {evaluate_on} perplexity, mean ± std "
+        f"{settings} (warm-up, cosine to 10%); KD terms at temperature 1 beside the cross-entropy; cache "
+        f"top-{args.k}. {chosen} {args.seeds} seed(s); {evaluate_on} perplexity, mean ± std "
         f"(lower is better). Wall time {minutes:.1f} min with {args.threads} torch thread(s) on a 2-core machine "
         f"shared with other jobs{reused}. Command: `{command}`.",
         "",
@@ -301,9 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | {_mean_std(values)} | {statistics.mean(run_seconds[name]):.0f} |")
     table = "\n".join(lines)
     print(table)
-    if not args.smoke and not args.sweep:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    if not args.smoke:
+        out = args.out.with_name(args.out.stem + "_sweep.md") if args.sweep else args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
 
 
 if __name__ == "__main__":
