@@ -117,6 +117,14 @@ def test_a_second_load_reads_the_cache_and_a_changed_file_rebuilds(
     assert built == [third.directory] and third.directory != first.directory
     StdlibCorpus.load(tmp_path / "data", vocab_size=320, root=root)  # another vocabulary: another build
     assert len(built) == 2
+    # a folder left by a build that died (no meta.json) is replaced, and no staging folder stays behind
+    stale = tmp_path / "other" / third.directory.name
+    stale.mkdir(parents=True)
+    (stale / "tokens.npy").write_bytes(b"half written")
+    rebuilt = StdlibCorpus.load(tmp_path / "other", vocab_size=300, root=root)
+    assert rebuilt.directory == stale and (stale / "meta.json").is_file()
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.documents["val"], third.documents["val"], strict=True))
+    assert [p.name for p in (tmp_path / "other").iterdir()] == [stale.name]
 
 
 def test_load_errors_name_the_problem(tmp_path: Path) -> None:
@@ -195,6 +203,7 @@ def test_every_lm_recipe_parses(recipe: Path, capsys: pytest.CaptureFixture[str]
         assert "teacher: hf:HuggingFaceTB/SmolLM2-360M" in printed and "loss: jsd" in printed
 
 
+@pytest.mark.slow
 def test_lm_recipes_train_the_teacher_then_distill_a_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_logits.cli import build_cli
 

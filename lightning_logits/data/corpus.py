@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +186,8 @@ class StdlibCorpus:
 def _build(directory: Path, texts: dict[str, list[bytes]], vocab_size: int, name: str | None) -> None:
     """Train the BPE on the training texts (or load ``name``), encode every split, write the files.
 
-    ``meta.json`` is written last: its presence says the cache is complete.
+    The files are written to a private folder renamed to ``directory`` at the end, so a cache
+    folder with ``meta.json`` is complete.
     """
     from tokenizers import ByteLevelBPETokenizer, Tokenizer
 
@@ -213,14 +216,24 @@ def _build(directory: Path, texts: dict[str, list[bytes]], vocab_size: int, name
             "bytes": sum(len(text) for text in texts[split]),
             "tokens": sum(len(item) for item in kept),
         }
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
+    # Written to a private folder, then renamed: processes that build at once never see half a cache.
+    staging = directory.with_name(f"{directory.name}.building-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(staging / "tokenizer.json"))
     offsets = np.cumsum([0] + [len(item) for item in ids], dtype=np.int64)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.int32
-    np.save(directory / "tokens.npy", np.concatenate([np.asarray(item, dtype=dtype) for item in ids]))
-    np.save(directory / "offsets.npy", offsets)
+    np.save(staging / "tokens.npy", np.concatenate([np.asarray(item, dtype=dtype) for item in ids]))
+    np.save(staging / "offsets.npy", offsets)
     meta = {"format": FORMAT, "vocab_size": tokenizer.get_vocab_size(), "stats": stats}
-    (directory / "meta.json").write_text(json.dumps(meta, indent=1))
+    (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        staging.rename(directory)
+    except OSError:  # another process finished first (or a stale incomplete folder is in the way)
+        if not (directory / "meta.json").is_file():
+            shutil.rmtree(directory, ignore_errors=True)
+            staging.rename(directory)
+            return
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class PackedRows(Dataset[dict[str, Tensor]]):
