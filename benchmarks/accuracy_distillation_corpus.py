@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -209,7 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ce-lr", type=float, default=3e-3, help="learning rate of the student alone")
     parser.add_argument("--student-lr", type=float, default=1e-2, help="learning rate of the students with KD")
     parser.add_argument("--kd-weight", type=float, default=1.0)
-    parser.add_argument("--k", type=int, default=16, help="top-k logits per token in the cache")
+    parser.add_argument(
+        "--k", type=int, nargs="+", default=[16], help="top-k logits per token in the cache (one row each)"
+    )
+    students = ["ce", "forward_kl", "reverse_kl", "jsd", "cache"]
+    parser.add_argument("--runs", nargs="+", default=students, choices=students, help="which students to train")
     parser.add_argument("--max-files", type=int, default=None, help="first files of each split only")
     parser.add_argument("--eval-rows", type=int, default=None, help="evaluate on the first rows only (smoke)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.seeds, args.max_files, args.vocab, args.context = 1, 2, 300, 32
         args.teacher_steps, args.student_steps, args.student_rows = 4, 3, 32
-        args.teacher_hidden, args.teacher_layers, args.student_hidden, args.student_layers, args.k = 32, 1, 16, 1, 4
+        args.teacher_hidden, args.teacher_layers, args.student_hidden, args.student_layers, args.k = 32, 1, 16, 1, [4]
         args.batch_size, args.eval_rows = 8, 16
 
     started = time.perf_counter()
@@ -244,15 +249,18 @@ def main(argv: list[str] | None = None) -> None:
     def online(loss: str, **kwargs: Any) -> Callable[[Path, float], list[Callback]]:
         return lambda tmp, weight: [TeacherDistillation(teacher, loss=loss, temperature=1.0, weight=weight, **kwargs)]  # type: ignore[arg-type]
 
-    configs: dict[str, Callable[[Path, float], list[Callback]]] = {
-        "CE alone": lambda tmp, weight: [],
-        "+ forward KL": online("forward_kl"),
-        "+ reverse KL": online("reverse_kl"),
-        "+ JSD (beta 0.5)": online("jsd", beta=0.5),
-        f"+ top-{args.k} cache KD (forward KL)": lambda tmp, weight: [
-            cache_distillation(teacher, student_rows, tmp / "cache", args.k, weight)
-        ],
+    def cached(k: int) -> Callable[[Path, float], list[Callback]]:
+        return lambda tmp, weight: [cache_distillation(teacher, student_rows, tmp / "cache", k, weight)]
+
+    every: dict[str, tuple[str, Callable[[Path, float], list[Callback]]]] = {
+        "ce": ("CE alone", lambda tmp, weight: []),
+        "forward_kl": ("+ forward KL", online("forward_kl")),
+        "reverse_kl": ("+ reverse KL", online("reverse_kl")),
+        "jsd": ("+ JSD (beta 0.5)", online("jsd", beta=0.5)),
     }
+    configs = {every[key][0]: every[key][1] for key in args.runs if key in every}
+    if "cache" in args.runs:
+        configs.update({f"+ top-{k} cache KD (forward KL)": cached(k) for k in args.k})
     grid: list[tuple[float, float]] = [(args.student_lr, args.kd_weight)]
     if args.sweep:  # the learning rate on CE alone and forward KL, the KD weight on forward KL
         grid = [(lr, w) for lr in (3e-3, 1e-2) for w in (0.5, 1.0)]
@@ -285,8 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{split} {s['files']} files / {s['bytes'] / 1e6:.2f} MB / {s['tokens'] / 1e6:.3f} M tokens / {s['rows']} rows"
         for split, s in stats.items()
     )
-    command = "python -m benchmarks.accuracy_distillation_corpus" + (" --smoke" if args.smoke else "")
-    command += " --sweep" if args.sweep else ""
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m benchmarks.accuracy_distillation_corpus", *given])
     if args.sweep:
         settings = "AdamW learning rate and KD weight as each row says"
         chosen = "The validation sweep that chose the learning rates and the KD weight of the test table."
@@ -305,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.student_hidden}, {args.student_layers} layers, {student_params / 1e6:.2f} M parameters, "
         f"{args.student_rows} training rows drawn once, {args.student_steps} steps of {args.batch_size} rows, AdamW "
         f"{settings} (warm-up, cosine to 10%); KD terms at temperature 1 beside the cross-entropy; cache "
-        f"top-{args.k}. {chosen} {args.seeds} seed(s); {evaluate_on} perplexity, mean ± std "
+        f"top-{', '.join(map(str, args.k))}. {chosen} {args.seeds} seed(s); {evaluate_on} perplexity, mean ± std "
         f"(lower is better). Wall time {minutes:.1f} min with {args.threads} torch thread(s) on a 2-core machine "
         f"shared with other jobs{reused}. Command: `{command}`.",
         "",
