@@ -6,7 +6,7 @@ train/val/test by a hash of the path, tokenized by a byte-level BPE trained on t
 only, files packed into rows of ``--context`` tokens (per-file positions: no token attends or is
 predicted across files).
 
-- teacher: a Llama-style ``transformers`` model (hidden 192, 4 layers) built from a config dict
+- teacher: a Llama-style ``transformers`` model (hidden 128, 4 layers) built from a config dict
   and trained once by :class:`~lightning_logits.modules.CausalLM` on every training row;
 - student: a smaller one (hidden 64, 2 layers) trained on ``--student-rows`` rows drawn from the
   training split, for ``--student-steps`` steps, with
@@ -29,6 +29,8 @@ final table.
     python -m benchmarks.accuracy_distillation_corpus            # 3 seeds
     python -m benchmarks.accuracy_distillation_corpus --sweep    # validation grid, 1 seed (results/*_sweep.md)
     python -m benchmarks.accuracy_distillation_corpus --smoke    # a few files and steps: checks it runs
+    python -m benchmarks.accuracy_distillation_corpus --runs cache --k 64 256 \
+        --out benchmarks/results/distillation_corpus_topk.md      # only cache students, larger k
 
 The trained teacher is kept under ``--work-dir`` (keyed by its settings), so a rerun or the sweep
 reuses it; the tokenized corpus is cached under ``--data-dir``.
