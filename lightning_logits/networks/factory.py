@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import zipfile
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,8 +128,9 @@ def load_teacher(
 
     Args:
         teacher: an ``nn.Module`` (returned as is); the path of a checkpoint of our
-            :class:`~lightning_logits.modules.Classifier` (a ``.ckpt`` that Lightning saved: the
-            wrapped network is returned); a timm model name / ``"torchvision/<name>"``; or
+            :class:`~lightning_logits.modules.Classifier` or :class:`~lightning_logits.modules.CausalLM`
+            (a ``.ckpt`` that Lightning saved: the wrapped network is returned, a causal LM rebuilt
+            from the config it recorded); a timm model name / ``"torchvision/<name>"``; or
             ``"hf:<name or directory>"``, a Hugging Face causal LM loaded with
             ``AutoModelForCausalLM.from_pretrained`` (``model_kwargs`` are its keyword arguments,
             e.g. ``{"dtype": "bfloat16"}``).
@@ -298,27 +300,33 @@ def _directory_message(path: Path, what: str) -> str:
 
 
 def _network_from_classifier_checkpoint(path: Path) -> nn.Module:
-    """The network inside a Lightning checkpoint of :class:`~lightning_logits.modules.Classifier`.
+    """The network inside a Lightning checkpoint of :class:`~lightning_logits.modules.Classifier` or ``CausalLM``.
 
-    Rebuilt from the checkpoint's hyperparameters (``model``, ``num_classes``, ``model_kwargs``)
-    and its ``model.*`` weights, without importing the LightningModule (networks sit below modules).
+    Rebuilt from the checkpoint's hyperparameters (``model``, ``num_classes``, ``model_kwargs``; a
+    ``CausalLM``'s ``model`` is a ``transformers`` config dict, or a name, and it has no
+    ``num_classes``) and its ``model.*`` weights, without importing the LightningModule (networks sit below modules).
     """
     ckpt = _read_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(hparams, dict) or not isinstance(state, dict) or "model" not in hparams:
         raise ValueError(
-            f"'{path}' is not a checkpoint of lightning_logits' Classifier (no 'hyper_parameters' with 'model'); "
+            f"'{path}' is not a checkpoint of lightning_logits' Classifier or CausalLM (no 'hyper_parameters' with "
+            "'model'); "
             "for another network pass teacher=<timm name> with checkpoint=<weights file>, or an nn.Module"
         )
     model = hparams["model"]
-    if not isinstance(model, str):
+    if not isinstance(model, str | Mapping):
         raise ValueError(
             f"'{path}' was saved from a Classifier that wrapped a module object ({type(model).__name__}), which a "
             "checkpoint cannot rebuild: pass that nn.Module as the teacher and load the weights yourself"
         )
     kwargs = dict(hparams.get("model_kwargs") or {})  # Classifier stores its merged factory kwargs here
-    net = build_model(model, hparams.get("num_classes"), **kwargs)
+    if isinstance(model, Mapping) or "num_classes" not in hparams:
+        # a CausalLM checkpoint: its model is a transformers config dict (or a model name)
+        net = build_causal_lm(model, kwargs)
+    else:
+        net = build_model(model, hparams.get("num_classes"), **kwargs)
     weights = {key[len("model.") :]: value for key, value in state.items() if key.startswith("model.")}
     net.load_state_dict(weights)
     return net
