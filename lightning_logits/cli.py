@@ -27,8 +27,14 @@ import lightning_logits.callbacks
 import lightning_logits.data
 import lightning_logits.modules  # noqa: F401
 from lightning_logits.callbacks import LAWN, USKD, LogitDiagnostics, ReplayCallback, TeacherDistillation
-from lightning_logits.networks.factory import load_teacher
-from lightning_logits.teacher_cache import TeacherLogitCache, build_teacher_cache
+from lightning_logits.networks.factory import check_checkpoint, load_teacher
+from lightning_logits.teacher_cache import (
+    TeacherLogitCache,
+    TokenLogitCache,
+    build_teacher_cache,
+    build_token_cache,
+    open_teacher_cache,
+)
 
 METHOD_SECTIONS: dict[str, type[Callback]] = {
     "distillation": TeacherDistillation,
@@ -54,6 +60,16 @@ class LogitsCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key, callback_class in METHOD_SECTIONS.items():
             parser.add_lightning_class_args(callback_class, key, subclass_mode=True, required=False)
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's CLI reads --ckpt_path here (for its hyperparameters), before any hook: refuse a
+        # damaged file first, with its name and the checkpoints beside it (check_checkpoint).
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(str(ckpt_path)).is_file():
+            check_checkpoint(str(ckpt_path))
+        super()._parse_ckpt_path()
 
     @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
@@ -107,8 +123,9 @@ def launch_teacher_cache(
     num_nodes: int = 1,
     accelerator: str = "cpu",
     strategy: Literal["ddp_spawn", "ddp"] = "ddp_spawn",
+    layout: Literal["samples", "tokens"] = "samples",
     **build_kwargs: Any,
-) -> TeacherLogitCache:
+) -> TeacherLogitCache | TokenLogitCache:
     """Start ``devices`` processes per node with Lightning Fabric and build one cache with all of them.
 
     Every process runs :func:`~lightning_logits.teacher_cache.build_teacher_cache` on its share of
@@ -121,15 +138,21 @@ def launch_teacher_cache(
     ``num_nodes=2`` and ``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` set. Inside a process
     group that is already running (a ``Trainer``'s), call ``build_teacher_cache`` directly.
 
+    With ``layout="tokens"``, ``dataloader`` is the list of token documents and every process runs
+    :func:`~lightning_logits.teacher_cache.build_token_cache` instead (a flat, token-scale cache of a
+    causal LM teacher), each on its share of the document batches.
+
     Args:
         teacher: as for ``build_teacher_cache``.
-        dataloader: as for ``build_teacher_cache``.
+        dataloader: as for ``build_teacher_cache``; with ``layout="tokens"``, the documents.
         path: as for ``build_teacher_cache``.
         devices: processes per node.
         num_nodes: nodes of the job.
         accelerator: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL), as Fabric takes it.
         strategy: how Fabric starts the processes.
-        **build_kwargs: the other arguments of ``build_teacher_cache`` (``k``, ``resume``, ...).
+        layout: ``"samples"`` (default: ``build_teacher_cache``, rows by sample index) or ``"tokens"``
+            (``build_token_cache``, rows by token of variable-length documents).
+        **build_kwargs: the other arguments of the builder (``k``, ``resume``, ...).
 
     Returns:
         The cache, opened for reading in this process.
@@ -146,17 +169,25 @@ def launch_teacher_cache(
     """
     if "device" in build_kwargs:
         raise TypeError("launch_teacher_cache places the teacher on each process's device: pass accelerator instead")
+    if layout not in ("samples", "tokens"):
+        raise ValueError(f"layout must be 'samples' or 'tokens', got {layout!r}")
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
-    fabric.launch(functools.partial(_build_on_every_rank, teacher, dataloader, str(path), build_kwargs))
-    return TeacherLogitCache(path)
+    fabric.launch(functools.partial(_build_on_every_rank, teacher, dataloader, str(path), build_kwargs, layout))
+    return open_teacher_cache(path)
 
 
 def _build_on_every_rank(
-    teacher: nn.Module, dataloader: Iterable[Any], path: str, build_kwargs: dict[str, Any], fabric: Fabric
+    teacher: nn.Module,
+    dataloader: Any,
+    path: str,
+    build_kwargs: dict[str, Any],
+    layout: str,
+    fabric: Fabric,
 ) -> None:
     # module-level so that ddp_spawn can pickle it
+    build = build_token_cache if layout == "tokens" else build_teacher_cache
     try:
-        build_teacher_cache(teacher, dataloader, path, device=fabric.device, **build_kwargs)
+        build(teacher, dataloader, path, device=fabric.device, **build_kwargs)
     finally:
         _end_process_group()  # without it, the processes of a multi-node job abort at exit
 
@@ -173,6 +204,13 @@ def cache_main(argv: list[str] | None = None) -> None:
     ``torchrun``/SLURM the processes are already there): each takes every ``N*M``-th batch and
     writes its rows into the same files, global rank 0 writes ``meta.json``. ``--resume``
     continues a build that stopped, without asking the teacher again for rows already written.
+
+    ``--layout tokens`` builds a token-scale cache of a causal LM teacher
+    (:func:`~lightning_logits.teacher_cache.build_token_cache`) instead: the DataModule is built
+    with ``--data-args`` as given and its ``documents(split)`` method gives the token documents
+    (a sequence of token-id sequences, the same ones the student packs); ``--batch-size`` is then
+    documents per teacher call (default 8) and ``--dtype`` the values' storage. The teacher is
+    typically ``hf:<name or saved directory>``.
     """
     parser = argparse.ArgumentParser(
         prog="lightning-logits-cache",
@@ -189,8 +227,22 @@ def cache_main(argv: list[str] | None = None) -> None:
         "--data-args", default="{}", help="JSON init args of the DataModule, e.g. '{\"image_size\": 32}'"
     )
     parser.add_argument("--split", default="train", help="split to cache (the DataModule's dataset(split))")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--k", type=int, default=10, help="logits kept per sample (default 10)")
+    parser.add_argument(
+        "--batch-size", type=int, help="samples (default 256) or, with --layout tokens, documents (default 8) per call"
+    )
+    parser.add_argument("--k", type=int, default=10, help="logits kept per sample or token (default 10)")
+    parser.add_argument(
+        "--layout",
+        choices=("samples", "tokens"),
+        default="samples",
+        help="rows by sample index (default), or by token of the DataModule's documents(split) (a causal LM)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default="float16",
+        help="storage of the values of a --layout tokens cache (default float16)",
+    )
     parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -214,6 +266,10 @@ def cache_main(argv: list[str] | None = None) -> None:
         parser.error(f"--devices and --num-nodes must be at least 1, got {args.devices} and {args.num_nodes}")
     if args.overwrite and args.resume:
         parser.error("pass --overwrite (start again) or --resume (continue a stopped build), not both")
+    if args.layout == "samples" and args.dtype != "float16":
+        parser.error(f"--dtype {args.dtype} is for --layout tokens; the per-sample cache stores float16")
+    if args.batch_size is None:
+        args.batch_size = 8 if args.layout == "tokens" else 256
     if args.devices * args.num_nodes == 1:
         _cache_command(args, None)
         return
@@ -224,6 +280,9 @@ def cache_main(argv: list[str] | None = None) -> None:
 
 def _cache_command(args: argparse.Namespace, fabric: Fabric | None) -> None:
     """One process of ``lightning-logits-cache`` (module-level so that ddp_spawn can pickle it)."""
+    if getattr(args, "layout", "samples") == "tokens":
+        _token_cache_command(args, fabric)
+        return
     data_args = json.loads(args.data_args)
     datamodule = _import(args.data)(**{**data_args, "return_index": True})
     datamodule.setup("fit")
@@ -259,6 +318,46 @@ def _cache_command(args: argparse.Namespace, fabric: Fabric | None) -> None:
     if fabric is None or fabric.global_rank == 0:
         print(
             f"wrote top-{cache.k} logits of {cache.num_samples} samples ({cache.num_classes} classes) to {cache.path}"
+        )
+
+
+def _token_cache_command(args: argparse.Namespace, fabric: Fabric | None) -> None:
+    """``lightning-logits-cache --layout tokens``: a token-scale cache of the DataModule's documents."""
+    data_args = json.loads(args.data_args)
+    datamodule = _import(args.data)(**data_args)
+    documents_of = getattr(datamodule, "documents", None)
+    if not callable(documents_of):
+        raise TypeError(
+            f"--layout tokens needs a DataModule with a documents(split) method returning the token documents; "
+            f"{args.data} has none"
+        )
+    if callable(getattr(datamodule, "setup", None)):
+        datamodule.setup("fit")
+    documents = documents_of(args.split)
+    torch.manual_seed(0)  # a teacher given by name without weights is random: the same in every process
+    teacher = load_teacher(args.teacher, args.checkpoint, args.num_classes, json.loads(args.model_kwargs))
+    try:
+        cache = build_token_cache(
+            teacher,
+            documents,
+            args.out,
+            k=args.k,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            device=args.device if fabric is None else fabric.device,
+            source=args.teacher,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            data={"class_path": args.data, "init_args": data_args, "split": args.split},
+            teacher_args={"checkpoint": args.checkpoint, "model_kwargs": json.loads(args.model_kwargs)},
+        )
+    finally:
+        if fabric is not None:
+            _end_process_group()
+    if fabric is None or fabric.global_rank == 0:
+        print(
+            f"wrote top-{cache.k} logits of {cache.num_tokens} tokens in {cache.num_documents} documents "
+            f"({cache.num_classes} tokens of vocabulary, {cache.dtype}) to {cache.path}"
         )
 
 

@@ -250,9 +250,11 @@ class GlobalStepRecorder(pl.Callback):
 
 
 def run_resume(args: argparse.Namespace) -> None:
-    """Every stateful method at once (dual-head KD, LAWN past its switch, ER's buffer), checkpointed each epoch.
+    """Stateful methods at once (``--methods``: dual-head KD, LAWN past its switch, ER's or UER's per-rank
+    buffers, USKD's head), checkpointed every ``--every-n-steps`` steps.
 
-    ``--crash-at S`` kills the job at step S; ``--resume`` continues from ``last.ckpt``.
+    ``--crash-at S`` kills the job at step S; ``--resume`` continues from ``last.ckpt``. Writes each rank's
+    losses and weights (``resume.rank<r>.json``) and its method callbacks' states (``resume_states.rank<r>.pt``).
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -265,11 +267,18 @@ def run_resume(args: argparse.Namespace) -> None:
         "dhkd": TeacherDistillation(teacher(), loss="dhkd"),
         "lawn": LAWN(free_steps=5),
         "er": ExperienceReplay(buffer_size=24, replay_batch_size=8),
+        "uer": UER(buffer_size=24, replay_batch_size=8),
+        "uskd": USKD(feature_layer="model.body"),
     }
     chosen = [methods[m] for m in args.methods.split(",") if m]
     callbacks: list[pl.Callback] = [
         *chosen,
-        ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True, save_top_k=-1, every_n_train_steps=5),
+        ModelCheckpoint(
+            dirpath=args.ckpt_dir,
+            save_last=True,
+            save_top_k=-1 if args.every_n_steps > 1 else 0,
+            every_n_train_steps=args.every_n_steps,
+        ),
         recorder,
     ]
     if args.crash_at is not None:
@@ -285,7 +294,9 @@ def run_resume(args: argparse.Namespace) -> None:
     trainer.fit(module, datamodule=IndexedData(args.batch_size), ckpt_path="last" if args.resume else None)
     params = {n: _full(p).tolist() for n, p in module.named_parameters()}
     lawn = methods["lawn"]
+    states = {type(c).__name__: c.state_dict() for c in chosen}
     record = {"losses": recorder.losses, "params": params, "lawn_norms": lawn.norms}  # type: ignore[attr-defined]
+    torch.save(states, out / f"resume_states.rank{trainer.global_rank}.pt")
     (out / f"resume.rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -365,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crash-at", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--methods", default="dhkd,lawn,er", help="the resume scenario's callbacks")
+    parser.add_argument("--every-n-steps", type=int, default=5, help="the resume scenario's checkpoint interval")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     dump_after = float(os.environ.get("WORKER_DUMP_AFTER", "0"))

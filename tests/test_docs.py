@@ -172,7 +172,8 @@ def recipe_row(path: Path) -> str:
         return str(v)
 
     config = yaml.safe_load(path.read_text())
-    epochs = (config.get("trainer") or {}).get("max_epochs")
+    trainer = config.get("trainer") or {}
+    budget = f"{trainer['max_steps']} steps" if trainer.get("max_steps", -1) != -1 else trainer.get("max_epochs")
     sections = [k for k in ("distillation", "uskd", "lawn", "replay", "diagnostics") if k in config]
     if sections:
         key = sections[0]
@@ -184,7 +185,7 @@ def recipe_row(path: Path) -> str:
         args = {k: v for k, v in (config["model"].get("init_args") or {}).items() if not isinstance(v, dict | list)}
         owner = f"none (model `{config['model']['class_path'].split('.')[-1]}`)"
     flags = " ".join(f"`--{key}.{k} {value(v)}`" for k, v in args.items())
-    return f"| `{path.relative_to(ROOT)}` | {owner} | {flags} | {epochs} |"
+    return f"| `{path.relative_to(ROOT)}` | {owner} | {flags} | {budget} |"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])

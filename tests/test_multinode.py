@@ -1,18 +1,17 @@
-"""Two nodes of one process each, simulated on loopback: what is written once per job is written by global rank 0 only.
+"""Two nodes of one process each, simulated on loopback: what is written once per job is written by
+global rank 0 only.
 
-Each test starts ``tests/two_node_child.py`` twice, with ``NODE_RANK=0`` and ``1``, one shared
-``MASTER_PORT`` and ``num_nodes=2, devices=1``: the second process is local rank 0 of node 1, the
-process a ``local_rank == 0`` check would let write. The child records every path it writes under
-the run's folder; the once-per-job files (cache ``meta.json``, diagnostics plots, the accuracy
-matrix and its plot, the logger's files) must appear in node 0's record and in no other.
+Each test starts ``tests/two_node_child.py`` twice through :func:`tests.parallel.launch`, with
+``NODE_RANK=0`` and ``1``, one shared ``MASTER_PORT`` and ``num_nodes=2, devices=1``: the second
+process is local rank 0 of node 1, the process a ``local_rank == 0`` check would let write. The
+child records every path it writes under the run's folder; the once-per-job files (cache
+``meta.json``, diagnostics plots, the accuracy matrix and its plot, the logger's files) must appear
+in node 0's record and in no other.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,50 +19,22 @@ import numpy as np
 import pytest
 
 from lightning_logits.teacher_cache import TeacherLogitCache
-from tests.conftest import find_free_port
+from tests.parallel import ROOT, launch
 
 pytestmark = pytest.mark.ddp
 
-ROOT = Path(__file__).resolve().parent.parent
+CHILD = ROOT / "tests" / "two_node_child.py"
 # Written by every rank by design: the rows of the cache each rank computed (disjoint parts of shared files).
 SHARED_BY_DESIGN = {f"cache/{name}.npy" for name in ("values", "indices", "rest", "written")}
 
 
 def _two_nodes(part: str, out: Path) -> tuple[list[str], list[str], float]:
     """Run both nodes of ``part``; returns the paths each wrote and the wall time."""
-    port = str(find_free_port())
     start = time.perf_counter()
-    procs = []
-    for node in (0, 1):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "NODE_RANK": str(node),
-            "PYTHONPATH": str(ROOT),
-            "PYTHONWARNINGS": "ignore",
-        }
-        for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
-            env.pop(name, None)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.two_node_child", part, str(out)],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    try:
-        outputs = [proc.communicate(timeout=400)[0] for proc in procs]
-    finally:  # a hung collective must fail the test, not leave two processes waiting forever
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    launch(
+        [part, str(out)], world_size=2, num_nodes=2, timeout=400, script=CHILD, extra_env={"PYTHONWARNINGS": "ignore"}
+    )
     wall = time.perf_counter() - start
-    for node, proc in enumerate(procs):
-        assert proc.returncode == 0, f"node {node} exited with {proc.returncode}:\n{outputs[node][-4000:]}"
     writes = [json.loads((out / f"writes_node{node}.json").read_text()) for node in (0, 1)]
     print(f"{part}: 2 nodes x 1 process in {wall:.1f} s")
     return writes[0], writes[1], wall

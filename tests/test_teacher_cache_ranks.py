@@ -31,7 +31,7 @@ from lightning_logits.teacher_cache import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE_FILES = ("values.npy", "indices.npy", "rest.npy", "written.npy", "meta.json")
+CACHE_FILES = ("values.npy", "indices.npy", "rest.npy", "written.npy", "checksum.npy", "meta.json")
 
 
 class CountingTeacher(nn.Module):

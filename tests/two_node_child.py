@@ -1,6 +1,7 @@
 """One node of a simulated 2-node job (run by tests/test_multinode.py, once with NODE_RANK=0 and once with 1).
 
-``python -m tests.two_node_child PART OUT``: PART is ``ddp`` or ``model_parallel`` (a short fit of
+``python tests/two_node_child.py PART OUT --devices 1 --num-nodes 2`` (as
+:func:`tests.parallel.launch` starts it): PART is ``ddp`` or ``model_parallel`` (a short fit of
 ``Classifier`` on a class-incremental digits stream with ``LogitDiagnostics`` and
 ``ContinualMetrics``, a CSV logger, then a teacher-logit cache built by both nodes through the
 running process group), or ``cache_cli`` (``lightning-logits-cache --devices 1 --num-nodes 2``).
@@ -108,6 +109,8 @@ def _fit_and_cache(part: str, out: Path) -> None:
 
 def main() -> None:
     part, out = sys.argv[1], Path(sys.argv[2])
+    if sys.argv[3:] != ["--devices", "1", "--num-nodes", "2"]:
+        raise SystemExit(f"two_node_child runs as 2 nodes of 1 process, got {sys.argv[3:]}")
     node = int(os.environ["NODE_RANK"])
     _record_writes(out, out / f"writes_node{node}.json")
     if part == "cache_cli":

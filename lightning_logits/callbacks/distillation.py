@@ -42,7 +42,14 @@ from lightning_logits.networks.factory import load_teacher, teacher_fingerprint
 from lightning_logits.networks.heads import AUX_ATTRIBUTE, aux_modules, count_classes, find_classifier, first_tensor
 from lightning_logits.networks.sharding import shard_model
 from lightning_logits.parallel import sharding_mesh
-from lightning_logits.teacher_cache import TeacherLogitCache, dataset_labels, label_fingerprint
+from lightning_logits.teacher_cache import (
+    TeacherLogitCache,
+    TokenLogitCache,
+    dataset_labels,
+    label_fingerprint,
+    open_teacher_cache,
+    reconstruct_logits,
+)
 
 __all__ = ["ResizeInput", "TeacherDistillation"]
 
@@ -200,7 +207,9 @@ class TeacherDistillation(LossTermCallback):
         loss_kwargs: extra keyword arguments for a callable ``loss``.
         cache: directory of a top-k teacher-logit cache
             (:mod:`lightning_logits.teacher_cache`); the batches must then carry sample indices
-            (``(input, target, index)``), and no teacher runs.
+            (``(input, target, index)``), or, for a token-scale cache
+            (:func:`~lightning_logits.teacher_cache.build_token_cache`), a ``token_index [B, T]``
+            (see :meth:`token_cache_logits`); no teacher runs.
         checkpoint: weights of a teacher given by name.
         num_classes: classes of a teacher given by name (default: the student's ``num_classes``).
         teacher_kwargs: keyword arguments of the model factory for a teacher given by name
@@ -319,7 +328,7 @@ class TeacherDistillation(LossTermCallback):
         self.input_transform = input_transform
         self.teacher_sharding = teacher_sharding
         self.teacher: nn.Module | None = None
-        self.cache: TeacherLogitCache | None = None
+        self.cache: TeacherLogitCache | TokenLogitCache | None = None
         # Absolute paths of the given files, recorded beside them: a resume from another directory finds them.
         self._abspaths = {
             key: _abspath(value) for key, value in (("teacher", teacher), ("checkpoint", checkpoint), ("cache", cache))
@@ -394,7 +403,7 @@ class TeacherDistillation(LossTermCallback):
     def _prepare_teacher(self, pl_module: pl.LightningModule) -> None:
         student_classes = self._student_classes(pl_module)
         if self.cache_path is not None:
-            self.cache = TeacherLogitCache(self.cache_path)
+            self.cache = open_teacher_cache(self.cache_path)
             if student_classes is not None and self.cache.num_classes != student_classes:
                 raise ValueError(
                     f"the teacher-logit cache '{self.cache_path}' has {self.cache.num_classes} classes but the "
@@ -506,6 +515,8 @@ class TeacherDistillation(LossTermCallback):
         """Refuse a cache built on other data than the training set (count and labels by index)."""
         cache = self.cache
         assert cache is not None
+        if isinstance(cache, TokenLogitCache):
+            return  # a token cache is checked against the token ids of the first batch (token_cache_logits)
         recorded = cache.data_fingerprint
         if recorded is None:
             rank_zero_warn(
@@ -604,6 +615,8 @@ class TeacherDistillation(LossTermCallback):
 
         Override to change how the teacher is called (e.g. a teacher with several inputs).
         """
+        if isinstance(self.cache, TokenLogitCache):
+            return self.token_cache_logits(context, self.cache)
         if self.cache is not None:
             index = batch_index(context.batch)
             if index is None:
@@ -629,6 +642,57 @@ class TeacherDistillation(LossTermCallback):
             if isinstance(inputs, Mapping) and self.input_transform is None:
                 return causal_lm_logits(teacher, inputs)  # a language model: the student's keyword inputs
             return first_tensor(teacher(x))
+
+    def token_cache_logits(self, context: StepContext, cache: TokenLogitCache) -> Tensor:
+        """``[B, T, V]`` teacher logits rebuilt from a token-scale cache's rows (:meth:`token_cache_rows`)."""
+        return reconstruct_logits(*self.token_cache_rows(context, cache), cache.num_classes)
+
+    def token_cache_rows(self, context: StepContext, cache: TokenLogitCache) -> tuple[Tensor, Tensor, Tensor]:
+        """The cached top-k rows at the batch's ``token_index [B, T]``: ``(values, indices, rest)``.
+
+        ``values``/``indices`` ``[B, T, k]`` and ``rest`` ``[B, T]``, on the device of ``token_index``
+        (see :meth:`~lightning_logits.teacher_cache.TokenLogitCache.topk`). The
+        batch (a mapping) carries ``token_index``, each position's row of the cache (``-1``: none), as
+        :func:`~lightning_logits.data.packing.pack_documents` gives with ``token_index=True``. On the
+        first step, the batch's token ids are compared with the cached ones and every position that
+        gets a loss must have a row; every step checks the rows' range (on the host copy of the index).
+        """
+        batch = context.batch
+        token_index = batch.get("token_index") if isinstance(batch, Mapping) else None
+        if not isinstance(token_index, Tensor):
+            raise ValueError(
+                f"the token cache '{cache.path}' is read by token: give batches (mappings) a 'token_index' [B, T] "
+                "entry, e.g. pack_documents(documents, length, token_index=True) on the documents the cache was "
+                "built on"
+            )
+        inputs = context.output.get("model_inputs") if isinstance(context.output, Mapping) else None
+        input_ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else batch.get("input_ids")
+        if isinstance(input_ids, Tensor) and tuple(token_index.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"token_index has shape {tuple(token_index.shape)} but input_ids {tuple(input_ids.shape)}: "
+                "give one cache row per position [B, T]"
+            )
+        if not self._validated:  # first step only: these read batch values on the host
+            if isinstance(input_ids, Tensor):
+                cache.check_tokens(token_index, input_ids)
+            try:
+                target: Tensor | None = context.target
+            except (TypeError, KeyError):
+                target = None
+            if target is not None and target.shape == token_index.shape:
+                uncovered = int(((token_index < 0) & (target != -100)).sum())
+                if uncovered:
+                    raise ValueError(
+                        f"{uncovered} positions of the first batch get a loss (target != -100) but have no row in "
+                        f"the token cache '{cache.path}' (token_index -1): give every trained token its row"
+                    )
+        values, indices, rest = cache.topk(token_index)
+        device = token_index.device
+        return (
+            values.to(device, non_blocking=True),
+            indices.to(device, non_blocking=True),
+            rest.to(device, non_blocking=True),
+        )
 
     def student_logits(self, context: StepContext) -> Tensor:
         """The logits that get the term: the classifier's, or the auxiliary head's for dual-head KD."""

@@ -8,6 +8,7 @@ after each task, keeps the matrix, logs its summaries and draws it.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,10 @@ class ContinualMetrics(Callback):
     The predictions are the argmax of what the module's ``forward`` returns during validation
     (recorded with a forward hook), so any module whose forward gives ``[N, C]`` logits works.
 
+    The matrix is part of the checkpoint. A run resumed from a checkpoint written at a task's last
+    training step (``ModelCheckpoint(every_n_train_steps=...)``), whose validation Lightning then
+    skips, evaluates that task itself at its first step, so the row is not left empty.
+
     Args:
         out_dir: where to write the heatmap and tensor; default the trainer's ``log_dir``.
         plot: write the PNG (matplotlib, a dependency of the package; when it cannot be
@@ -85,6 +90,7 @@ class ContinualMetrics(Callback):
         self.metric: AccuracyMatrix | None = None
         self._outputs: list[Tensor] = []
         self._hook: Any = None
+        self._resumed = False
 
     def _stream(self, trainer: pl.Trainer) -> ClassIncrementalStream:
         stream = getattr(trainer, "datamodule", None)
@@ -156,9 +162,58 @@ class ContinualMetrics(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active(trainer):
             return
+        self._fill_row(trainer, pl_module, self._stream(trainer).current_task)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # A run resumed from a checkpoint written at a task's last training step (before the
+        # end-of-task validation, as ModelCheckpoint(every_n_train_steps=...) does) goes on with the
+        # next task without validating (Lightning takes that validation as done, and calls no
+        # epoch-start hook for the resumed epoch). The weights have not changed since, so at the
+        # first step after the resume, evaluate the finished task instead of leaving its row empty.
+        if not self._resumed:
+            return
+        self._resumed = False
+        if self.metric is None or self.accuracy_matrix is None:
+            return
+        row = self._stream(trainer).current_task - 1
+        if row < 0 or not bool(self.accuracy_matrix[row, : row + 1].isnan().all()) or not self._validated(trainer, row):
+            return
+        self.metric.to(pl_module.device)
+        self.metric.reset_row(row)
+        was_training = pl_module.training
+        pl_module.eval()
+        loader = self._stream(trainer).val_dataloader()  # every task seen so far: columns > row are not kept
+        with torch.no_grad():
+            for number, batch in enumerate(loader):
+                if number >= self._val_batches(trainer, len(loader)):
+                    break
+                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                self.metric.update(pl_module(batch_input(batch)), batch_target(batch), after_task=row)
+        self._outputs.clear()
+        pl_module.train(was_training)
+        self._fill_row(trainer, pl_module, row)
+
+    @staticmethod
+    def _validated(trainer: pl.Trainer, epoch: int) -> bool:
+        """Whether Lightning validates at the end of epoch ``epoch``."""
+        every = trainer.check_val_every_n_epoch
+        return trainer.limit_val_batches != 0 and (every is None or (epoch + 1) % every == 0)
+
+    @staticmethod
+    def _val_batches(trainer: pl.Trainer, available: int) -> int:
+        """The number of validation batches Lightning would run (``limit_val_batches``: a count or a fraction)."""
+        limit = trainer.limit_val_batches
+        if limit is None:
+            return available
+        return min(available, int(limit)) if isinstance(limit, int) else int(available * limit)
+
+    def _fill_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule, row: int) -> None:
+        """Row ``row`` (the task just trained) of the matrix from the counts of this evaluation; log and save."""
         assert self.metric is not None and self.accuracy_matrix is not None
         stream = self._stream(trainer)
-        row = stream.current_task
         matrix = self.metric.compute().float().cpu()  # counts summed over ranks by torchmetrics
         self.accuracy_matrix[row, : row + 1] = matrix[row, : row + 1]
         values = {f"continual/acc_task{j}": float(self.accuracy_matrix[row, j]) for j in range(row + 1)}
@@ -203,7 +258,10 @@ class ContinualMetrics(Callback):
         path = Path(out)
         path.mkdir(parents=True, exist_ok=True)
         assert self.accuracy_matrix is not None
-        torch.save(self.accuracy_matrix.clone(), path / "accuracy_matrix.pt")
+        # whole or not at all: a run killed while writing leaves the previous matrix, not a cut-off file
+        partial = path / "accuracy_matrix.pt.partial"
+        torch.save(self.accuracy_matrix.clone(), partial)
+        os.replace(partial, path / "accuracy_matrix.pt")
         if self.plot:
             try:
                 plot_accuracy_matrix(self.accuracy_matrix, path / "accuracy_matrix.png")
@@ -221,6 +279,7 @@ class ContinualMetrics(Callback):
         check_state_version(state_dict, self.STATE_VERSION, "ContinualMetrics")
         matrix = state_dict["accuracy_matrix"]
         self.accuracy_matrix = None if matrix is None else matrix.clone()
+        self._resumed = True
 
 
 def plot_accuracy_matrix(matrix: Tensor, path: str | Path, title: str | None = None) -> None:

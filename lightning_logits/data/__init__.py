@@ -1,6 +1,7 @@
-"""DataModules: digits (embedded, no download) with OOD/corrupted variants, CIFAR-10/100, streams, graphs."""
+"""DataModules: stdlib text corpus, digits (embedded) with OOD/corrupted variants, CIFAR-10/100, streams, graphs."""
 
 from lightning_logits.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from lightning_logits.data.corpus import StdlibCorpus, StdlibCorpusDataModule, split_of, stdlib_files
 from lightning_logits.data.digits import DigitsDataModule, load_digits_tensors
 from lightning_logits.data.graphs import CSBMConfig, GraphDataModule, csbm_graph, edge_homophily, networkx_graph
 from lightning_logits.data.ood import (
@@ -23,6 +24,8 @@ __all__ = [
     "DigitsDataModule",
     "DigitsShiftDataModule",
     "GraphDataModule",
+    "StdlibCorpus",
+    "StdlibCorpusDataModule",
     "corrupt_images",
     "csbm_graph",
     "edge_homophily",
@@ -31,5 +34,7 @@ __all__ = [
     "pack_documents",
     "shape_images",
     "split_held_out_classes",
+    "split_of",
+    "stdlib_files",
     "uniform_noise_images",
 ]

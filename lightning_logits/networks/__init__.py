@@ -10,7 +10,13 @@ from lightning_logits.networks.causal_lm import (
     causal_lm_hidden_states,
     causal_lm_logits,
 )
-from lightning_logits.networks.factory import build_expert, build_model, load_teacher, teacher_fingerprint
+from lightning_logits.networks.factory import (
+    build_expert,
+    build_model,
+    check_checkpoint,
+    load_teacher,
+    teacher_fingerprint,
+)
 from lightning_logits.networks.features import (
     FeatureLayer,
     default_feature_layer,
@@ -43,6 +49,7 @@ __all__ = [
     "aux_modules",
     "build_expert",
     "build_model",
+    "check_checkpoint",
     "default_feature_layer",
     "find_blocks",
     "find_classifier",

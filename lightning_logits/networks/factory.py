@@ -8,6 +8,9 @@ hyperparameters and weights.
 from __future__ import annotations
 
 import hashlib
+import zipfile
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +19,14 @@ from torch import Tensor, nn
 
 from lightning_logits.networks.causal_lm import build_causal_lm
 
-__all__ = ["TORCHVISION_PREFIX", "build_expert", "build_model", "load_teacher", "teacher_fingerprint"]
+__all__ = [
+    "TORCHVISION_PREFIX",
+    "build_expert",
+    "build_model",
+    "check_checkpoint",
+    "load_teacher",
+    "teacher_fingerprint",
+]
 
 TORCHVISION_PREFIX = "torchvision/"
 """Model names starting with it are torchvision models (``"torchvision/resnet18"``); others are timm names.
@@ -118,8 +128,9 @@ def load_teacher(
 
     Args:
         teacher: an ``nn.Module`` (returned as is); the path of a checkpoint of our
-            :class:`~lightning_logits.modules.Classifier` (a ``.ckpt`` that Lightning saved: the
-            wrapped network is returned); a timm model name / ``"torchvision/<name>"``; or
+            :class:`~lightning_logits.modules.Classifier` or :class:`~lightning_logits.modules.CausalLM`
+            (a ``.ckpt`` that Lightning saved: the wrapped network is returned, a causal LM rebuilt
+            from the config it recorded); a timm model name / ``"torchvision/<name>"``; or
             ``"hf:<name or directory>"``, a Hugging Face causal LM loaded with
             ``AutoModelForCausalLM.from_pretrained`` (``model_kwargs`` are its keyword arguments,
             e.g. ``{"dtype": "bfloat16"}``).
@@ -187,12 +198,91 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_checkpoint(path: str | Path) -> Path:
+    """Check that a checkpoint file is whole before it is loaded; return its path.
+
+    ``torch.save`` writes a zip archive with a CRC-32 checksum per record, but ``torch.load`` does
+    not compare them: a checkpoint whose bytes changed after it was written (an interrupted copy
+    that was padded, a bad disk or transfer) loads without a word and training resumes from wrong
+    weights. This reads every record once and compares its checksum (about as long as reading the
+    file), and names the file, what is wrong, and the other checkpoints of its folder, newest first.
+    Call it before ``trainer.fit(..., ckpt_path=path)``; ``lightning-logits fit --ckpt_path`` and
+    teacher checkpoints (:func:`load_teacher`) are checked with it. A legacy (non-zip) ``torch.save``
+    file carries no checksums: it passes unchecked.
+
+    Args:
+        path: the ``.ckpt``/``.pt`` file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        IsADirectoryError: ``path`` is a directory (a sharded checkpoint folder is not checked here).
+        ValueError: the file is empty, truncated, not a checkpoint, or a record fails its checksum.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     good = Path(tmp) / "good.ckpt"
+        ...     torch.save({"w": torch.ones(3)}, good)
+        ...     cut = Path(tmp) / "cut.ckpt"
+        ...     _ = cut.write_bytes(good.read_bytes()[:100])  # killed while being copied
+        ...     check_checkpoint(good) == good
+        ...     try:
+        ...         check_checkpoint(cut)
+        ...     except ValueError as err:
+        ...         print(str(err).split(";")[0].replace(tmp, "..."))
+        True
+        '.../cut.ckpt' is not a readable checkpoint (truncated, or not a torch checkpoint: File is not a zip file)
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(_directory_message(path, "checkpoint"))
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist; fix the path{_others(path)}")
+    with open(path, "rb") as file:
+        head = file.read(2)
+    if not zipfile.is_zipfile(path):
+        if len(head) == 2 and head[0] == 0x80:  # a legacy pickle-format torch.save: no checksums to compare
+            return path
+        reason = "an empty file" if not head else "File is not a zip file"
+        raise ValueError(
+            f"'{path}' is not a readable checkpoint (truncated, or not a torch checkpoint: {reason}); it may have "
+            f"been cut off while it was written or copied: re-save it or point to another file{_others(path)}"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                crc = 0
+                with archive.open(info) as record:
+                    while chunk := record.read(1 << 24):
+                        crc = zlib.crc32(chunk, crc)
+                if crc != info.CRC:
+                    raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        raise ValueError(
+            f"'{path}' is not a readable checkpoint ({type(err).__name__}: {err}): its bytes changed after it was "
+            f"written (a bad copy, transfer or disk); it cannot be trusted: point to another file{_others(path)}"
+        ) from None
+    return path
+
+
+def _others(path: Path) -> str:
+    """`` (other checkpoints in its folder, newest first: ...)`` or an empty string."""
+    try:
+        found = [p for p in path.parent.glob("*.ckpt") if p.is_file() and p.resolve() != path.resolve()]
+    except OSError:
+        return ""
+    found = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)[:3]
+    return f" (other checkpoints in its folder, newest first: {', '.join(map(str, found))})" if found else ""
+
+
 def _read_checkpoint(path: Path) -> Any:
     """``torch.load`` of a checkpoint file, with errors that name the file and what is wrong with it."""
     if path.is_dir():
         raise IsADirectoryError(_directory_message(path, "checkpoint"))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist; train the teacher first or fix the path")
+    check_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
@@ -210,27 +300,33 @@ def _directory_message(path: Path, what: str) -> str:
 
 
 def _network_from_classifier_checkpoint(path: Path) -> nn.Module:
-    """The network inside a Lightning checkpoint of :class:`~lightning_logits.modules.Classifier`.
+    """The network inside a Lightning checkpoint of :class:`~lightning_logits.modules.Classifier` or ``CausalLM``.
 
-    Rebuilt from the checkpoint's hyperparameters (``model``, ``num_classes``, ``model_kwargs``)
-    and its ``model.*`` weights, without importing the LightningModule (networks sit below modules).
+    Rebuilt from the checkpoint's hyperparameters (``model``, ``num_classes``, ``model_kwargs``; a
+    ``CausalLM``'s ``model`` is a ``transformers`` config dict, or a name, and it has no
+    ``num_classes``) and its ``model.*`` weights, without importing the LightningModule (networks sit below modules).
     """
     ckpt = _read_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(hparams, dict) or not isinstance(state, dict) or "model" not in hparams:
         raise ValueError(
-            f"'{path}' is not a checkpoint of lightning_logits' Classifier (no 'hyper_parameters' with 'model'); "
+            f"'{path}' is not a checkpoint of lightning_logits' Classifier or CausalLM (no 'hyper_parameters' with "
+            "'model'); "
             "for another network pass teacher=<timm name> with checkpoint=<weights file>, or an nn.Module"
         )
     model = hparams["model"]
-    if not isinstance(model, str):
+    if not isinstance(model, str | Mapping):
         raise ValueError(
             f"'{path}' was saved from a Classifier that wrapped a module object ({type(model).__name__}), which a "
             "checkpoint cannot rebuild: pass that nn.Module as the teacher and load the weights yourself"
         )
     kwargs = dict(hparams.get("model_kwargs") or {})  # Classifier stores its merged factory kwargs here
-    net = build_model(model, hparams.get("num_classes"), **kwargs)
+    if isinstance(model, Mapping) or "num_classes" not in hparams:
+        # a CausalLM checkpoint: its model is a transformers config dict (or a model name)
+        net = build_causal_lm(model, kwargs)
+    else:
+        net = build_model(model, hparams.get("num_classes"), **kwargs)
     weights = {key[len("model.") :]: value for key, value in state.items() if key.startswith("model.")}
     net.load_state_dict(weights)
     return net
