@@ -176,6 +176,28 @@ def test_top_k_cache_fused_equals_unfused_for_every_loss(tmp_path: Path) -> None
     assert_same_training(full, fused)
 
 
+def test_token_cache_fused_equals_unfused(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from lightning_logits.teacher_cache import build_token_cache
+    from tests.test_token_cache import _rows, documents
+
+    docs = documents(count=20)
+    build_token_cache(sharp_teacher(seed=13), docs, tmp_path / "tok", k=8)
+    loader = DataLoader(_rows(docs), batch_size=4)  # packed rows with token_index
+
+    def callbacks() -> list[pl.Callback]:
+        return [
+            TeacherDistillation(cache=str(tmp_path / "tok"), loss="forward_kl", weight=0.5, chunk_size=24),
+            TeacherDistillation(cache=str(tmp_path / "tok"), loss="jsd", beta=0.3, chunk_size=24),
+        ]
+
+    student = hf_model(llama(), seed=0)
+    full, fused = run("full", student, callbacks(), loader), run("fused", student, callbacks(), loader)
+    assert full[0].rows[0]["train/loss_jsd_step"] > 0.01
+    assert_same_training(full, fused)
+
+
 def test_unsupported_losses_are_refused_naming_the_supported_ones() -> None:
     teacher, loader = sharp_teacher(), packed_loader()
     for callback in (

@@ -157,8 +157,8 @@ class TeacherDistillation(LossTermCallback):
     optionally ``"head_bias"``, as :class:`~lightning_logits.modules.CausalLM` does with
     ``logits="fused"``), the term is computed by
     :func:`~lightning_logits.functional.fused_distillation_loss`, chunk by chunk over the tokens,
-    from the online teacher's logits or straight from the cache's top-k rows (never rebuilt to
-    ``[B, T, V]``). Losses: ``"kd"``, ``"forward_kl"``, ``"reverse_kl"`` and ``"jsd"`` (any
+    from the online teacher's logits or straight from the cache's top-k rows (by sample index, or
+    by ``token_index`` for a token-scale cache; never rebuilt to ``[B, T, V]``). Losses: ``"kd"``, ``"forward_kl"``, ``"reverse_kl"`` and ``"jsd"`` (any
     ``temperature`` and ``beta``, ``warmup_epochs``, ``chunk_size`` as the fused chunk); the others,
     a callable and ``standardize=True`` are refused at setup. When the module left its
     cross-entropy to be computed later (a :class:`~lightning_logits.loss_terms.DeferredTaskLoss`,
@@ -710,11 +710,14 @@ class TeacherDistillation(LossTermCallback):
     ) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor] | None]:
         """``(teacher logits, None)`` from the online teacher, or ``(None, (values, indices, rest))`` from the cache.
 
-        The cache's top-k rows go to the fused loss as they are: it rebuilds one chunk at a time.
+        The cache's top-k rows (by sample index, or by ``token_index`` for a token-scale cache) go to
+        the fused loss as they are: it rebuilds one chunk at a time.
         """
         device = head.hidden.device
-        if self.cache is None or type(self.cache) is not TeacherLogitCache:
-            # the online teacher (or a cache layout other than rows by sample index: rebuilt by teacher_logits)
+        if isinstance(self.cache, TokenLogitCache):  # rows by token_index, checked as token_cache_logits checks them
+            values, indices, rest = self.token_cache_rows(context, self.cache)
+            return None, (values.to(device), indices.to(device), rest.to(device))
+        if self.cache is None:
             teacher = self.teacher_logits(context)
             expected = (*head.hidden.shape[:-1], head.weight.shape[0])
             if tuple(teacher.shape) != expected:
