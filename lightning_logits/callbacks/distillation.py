@@ -158,14 +158,15 @@ class TeacherDistillation(LossTermCallback):
     ``logits="fused"``), the term is computed by
     :func:`~lightning_logits.functional.fused_distillation_loss`, chunk by chunk over the tokens,
     from the online teacher's logits or straight from the cache's top-k rows (by sample index, or
-    by ``token_index`` for a token-scale cache; never rebuilt to ``[B, T, V]``). Losses: ``"kd"``, ``"forward_kl"``, ``"reverse_kl"`` and ``"jsd"`` (any
-    ``temperature`` and ``beta``, ``warmup_epochs``, ``chunk_size`` as the fused chunk); the others,
-    a callable and ``standardize=True`` are refused at setup. When the module left its
-    cross-entropy to be computed later (a :class:`~lightning_logits.loss_terms.DeferredTaskLoss`,
-    as CausalLM does), this callback computes the cross-entropy and its term **in one pass**
-    (``ce_weight=1``, ``kd_weight=weight``): it hands the module the cross-entropy, whose graph
-    carries the gradient of both, and returns its term detached, so the total loss and every
-    logged value equal the unfused run's and the head's chunk logits are computed once per step.
+    by ``token_index`` for a token-scale cache; never rebuilt to ``[B, T, V]``). Losses: ``"kd"``,
+    ``"forward_kl"``, ``"reverse_kl"`` and ``"jsd"`` (any ``temperature`` and ``beta``,
+    ``warmup_epochs``, ``chunk_size`` as the fused chunk); the others, a callable and
+    ``standardize=True`` are refused at setup. When the module left its cross-entropy to be
+    computed later (a :class:`~lightning_logits.loss_terms.DeferredTaskLoss`, as CausalLM does),
+    this callback computes the cross-entropy and its term **in one pass** (``ce_weight=1``,
+    ``kd_weight=weight``): it hands the module the cross-entropy, whose graph carries the
+    gradient of both, and returns its term detached, so the total loss and every logged value
+    equal the unfused run's and the head's chunk logits are computed once per step.
     A second fused distillation callback then computes its own term alone.
 
     The teacher lives on this callback, not on the LightningModule: Lightning never moves it to
