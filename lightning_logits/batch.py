@@ -16,6 +16,7 @@ from torch import Tensor
 _INPUT_KEYS = ("input", "inputs", "x", "image", "images")
 _TARGET_KEYS = ("target", "targets", "y", "label", "labels")
 _INDEX_KEYS = ("index", "indices", "idx")
+_PLAIN_SEQUENCES = (list, tuple)
 
 
 def _from_mapping(batch: Mapping[str, Any], keys: Sequence[str], what: str) -> Any:
@@ -29,6 +30,8 @@ def _from_mapping(batch: Mapping[str, Any], keys: Sequence[str], what: str) -> A
 
 def batch_input(batch: Any) -> Tensor:
     """The model input of a batch: element 0 of a tuple, or ``batch["input"]``."""
+    if type(batch) in _PLAIN_SEQUENCES and batch:  # the default collate's list: no ABC checks
+        return batch[0]
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, Mapping):
@@ -45,6 +48,8 @@ def batch_input(batch: Any) -> Tensor:
 
 def batch_target(batch: Any) -> Tensor:
     """The target of a batch: element 1 of a tuple, or ``batch["target"]``."""
+    if type(batch) in _PLAIN_SEQUENCES and len(batch) >= 2:
+        return batch[1]
     if isinstance(batch, Mapping):
         return _from_mapping(batch, _TARGET_KEYS, "target")
     if isinstance(batch, Sequence) and not isinstance(batch, Tensor) and len(batch) >= 2:

@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_logits.batch import batch_input, batch_target
@@ -84,25 +85,6 @@ def _check_gathered(weight: Tensor) -> None:
             "FSDP's default (lightning_logits.networks.shard_model does: blocks reshard, the root keeps its weights "
             "until the backward), or use strategy='ddp'"
         )
-
-
-@contextlib.contextmanager
-def _record_head(head: nn.Module) -> Iterator[list[tuple[Tensor, Tensor]]]:
-    """Record ``(features, logits)`` of every call of ``head`` inside the block.
-
-    A hook of its own, not the hub's tap: the tap's records of the incoming batch must stay
-    what other loss terms read in this step.
-    """
-    records: list[tuple[Tensor, Tensor]] = []
-
-    def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        records.append((args[0], output))
-
-    handle = head.register_forward_hook(hook)
-    try:
-        yield records
-    finally:
-        handle.remove()
 
 
 class ReplayCallback(LossTermCallback):
@@ -181,6 +163,11 @@ class ReplayCallback(LossTermCallback):
         self._world_size = 1
         self._pending_states: list[dict[str, Any]] | None = None
         self._validated = False
+        # The head's forward hook, registered once in setup, records into this list during the
+        # replay forward only (a hook of its own, not the hub's tap: the tap's records of the
+        # incoming batch must stay what other loss terms read in this step).
+        self._replay_records: list[tuple[Tensor, Tensor]] | None = None
+        self._replay_hook: RemovableHandle | None = None
 
     @property
     def validate_args(self) -> bool:
@@ -198,12 +185,30 @@ class ReplayCallback(LossTermCallback):
                 f"nn.Linear. {_CUSTOM_MODULE_HELP}"
             )
         self._head = tap.head
+        self._remove_replay_hook()
+        self._replay_hook = tap.head.register_forward_hook(self._record_replay)
         self._rank, self._world_size = trainer.global_rank, trainer.world_size
         if self._pending_states is not None:
             self._restore()
         elif self.buffer.seen == 0:
             # Per-rank random streams: the same seed on every rank would replay the same slots.
             self.buffer = make_buffer(self.buffer_kind, self.buffer_size, seed=self.seed + self._rank)
+
+    def _record_replay(self, _module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        records = self._replay_records
+        if records is not None:
+            records.append((args[0], output))
+
+    def _remove_replay_hook(self) -> None:
+        if self._replay_hook is not None:
+            self._replay_hook.remove()
+            self._replay_hook = None
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._remove_replay_hook()
+        super().teardown(trainer, pl_module, stage)
 
     @property
     def head(self) -> nn.Linear:
@@ -231,8 +236,12 @@ class ReplayCallback(LossTermCallback):
 
     def replay_forward(self, pl_module: pl.LightningModule, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Run the replayed inputs through the module; returns the head's ``(features, logits)``."""
-        with _record_head(self.head) as records:
+        records: list[tuple[Tensor, Tensor]] = []
+        self._replay_records = records
+        try:
             pl_module(inputs)
+        finally:
+            self._replay_records = None
         if not records:
             raise RuntimeError(
                 f"pl_module(x) did not run the classifier head on the replayed batch. {_CUSTOM_MODULE_HELP}"
