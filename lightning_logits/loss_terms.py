@@ -558,13 +558,14 @@ class LossTermHub:
         context = StepContext(self.pl_module.trainer, self.pl_module, batch, int(batch_idx), output, task_loss, tap)
         callbacks = self.callbacks
         replaced = any(c.replaces_task_loss for c in callbacks)
-        total = task_loss.new_zeros(()) if replaced else task_loss
+        total: Tensor | None = None if replaced else task_loss
         terms = context.terms
         for callback in callbacks:
             term = callback.loss_term(context)
             weighted = term if callback.weight == 1.0 else callback.weight * term
             terms[callback.name] = weighted
-            total = total + weighted
+            total = weighted if total is None else total + weighted
+        assert total is not None  # replaced implies a callback
         # No host read here: the values stay on the device, are logged on logging steps and checked
         # for NaN/inf there and at the epoch's end (StepScalars), naming the first bad term and step.
         # A replaced task loss is not optimized, so it is neither checked nor logged.
