@@ -84,6 +84,9 @@ def _replay_term(
     return F.cross_entropy(replay_logits.float(), replay_target.long())
 
 
+_TINY = 1e-30  # a positive float32 (and float64) number: divides a zero <u, g> without a NaN
+
+
 class _ScaledCosine(torch.autograd.Function):
     """``scale * cosine_logits(h, W)`` as one autograd node, with the closed-form backward.
 
@@ -120,16 +123,16 @@ class _ScaledCosine(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         unit_h, scaled_w, inv_h, inv_w, norm_h, norm_w = ctx.saved_tensors
         grad_h = grad_w = None
-        tiny = torch.finfo(norm_h.dtype).tiny  # a zero row has <u, g> = 0: 0 / tiny = 0, not 0 / 0
+        tiny = _TINY  # a zero row has <u, g> = 0: 0 / tiny = 0, not 0 / 0
         if ctx.needs_input_grad[0]:
             g_h = grad @ scaled_w  # [N, D]: the gradient at the unit rows
             along = (unit_h * g_h).sum(dim=1, keepdim=True).div_(norm_h.clamp_min(tiny))
-            grad_h = g_h.mul_(inv_h).sub_(unit_h * along)
+            grad_h = torch.addcmul(g_h.mul_(inv_h), unit_h, along, value=-1.0)
         if ctx.needs_input_grad[1]:
             g_w = grad.t() @ unit_h  # [C, D]: the gradient at the scaled unit rows
             # u <u, s g> / ||W|| with u = scaled_w / s
             along = (scaled_w * g_w).sum(dim=1, keepdim=True).div_(norm_w.clamp_min(tiny) * ctx.scale)
-            grad_w = g_w.mul_(inv_w).sub_(scaled_w * along)
+            grad_w = torch.addcmul(g_w.mul_(inv_w), scaled_w, along, value=-1.0)
         return grad_h, grad_w, None, None
 
 
