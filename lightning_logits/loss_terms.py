@@ -21,7 +21,7 @@ A module whose head the tap cannot find opts in with one line: return ``{"loss":
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_logits.batch import batch_input, batch_target
+from lightning_logits.batch import batch_input, batch_target, module_reader
 from lightning_logits.networks.heads import LogitTap
 
 __all__ = [
@@ -407,8 +407,8 @@ class StepContext:
         value = self._from_output("target")
         if value is not None:
             return value
-        custom: Callable[[Any], Tensor] | None = getattr(self.pl_module, "batch_target", None)
-        return custom(self.batch) if callable(custom) else batch_target(self.batch)
+        custom = module_reader(self.pl_module, "batch_target")
+        return custom(self.batch) if custom is not None else batch_target(self.batch)
 
     @property
     def input(self) -> Tensor:
@@ -416,8 +416,8 @@ class StepContext:
         value = self._from_output("input")
         if value is not None:
             return value
-        custom: Callable[[Any], Tensor] | None = getattr(self.pl_module, "batch_input", None)
-        return custom(self.batch) if callable(custom) else batch_input(self.batch)
+        custom = module_reader(self.pl_module, "batch_input")
+        return custom(self.batch) if custom is not None else batch_input(self.batch)
 
     def layer_output(self, name: str) -> Any:
         """Output of the intermediate layer ``name`` (registered with ``LossTermHub.tap.add_layer``)."""

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_logits.batch import batch_input, batch_target
+from lightning_logits.batch import batch_input, batch_target, module_reader
 from lightning_logits.buffers import BUFFER_KINDS, ReservoirBuffer, make_buffer
 from lightning_logits.functional.replay import er_ace_loss, replay_cross_entropy, uer_loss
 from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext, check_state_version
@@ -289,7 +289,7 @@ class ReplayCallback(LossTermCallback):
         self._clean_input = None
         if self.augment is None:
             return
-        if callable(getattr(pl_module, "batch_input", None)):
+        if module_reader(pl_module, "batch_input") is not None:
             raise TypeError(
                 f"{type(self).__name__}(augment=...) replaces the input inside the batch, but "
                 f"{type(pl_module).__name__} reads it with its own batch_input(); use (input, target) list "
@@ -317,12 +317,12 @@ class ReplayCallback(LossTermCallback):
         clean, self._clean_input = self._clean_input, None
         if outputs is None:  # the module skipped this batch
             return
-        custom_input = getattr(pl_module, "batch_input", None)
-        custom_target = getattr(pl_module, "batch_target", None)
-        inputs = custom_input(batch) if callable(custom_input) else batch_input(batch)
+        custom_input = module_reader(pl_module, "batch_input")
+        custom_target = module_reader(pl_module, "batch_target")
+        inputs = custom_input(batch) if custom_input is not None else batch_input(batch)
         if clean is not None:  # the batch holds the augmented input: store the original
             inputs = clean
-        target = custom_target(batch) if callable(custom_target) else batch_target(batch)
+        target = custom_target(batch) if custom_target is not None else batch_target(batch)
         with self._timed(pl_module):
             self.buffer.add(inputs, target)
 
