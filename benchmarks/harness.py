@@ -29,6 +29,27 @@ from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
 
+_CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+_clock: Callable[[], float] = time.perf_counter
+
+
+def set_clock(kind: str) -> None:
+    """Time steps by ``"wall"`` time (default) or by the training thread's ``"cpu"`` time.
+
+    The CPU clock counts only the time the training thread ran, so other jobs on a shared
+    machine, which take cores away, do not stretch the steps; it misses time spent waiting
+    (on a GPU, on I/O), so it is for one-thread CPU runs, where every case's work is on that thread.
+    """
+    global _clock
+    if kind not in _CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(_CLOCKS)}, got {kind!r}")
+    _clock = _CLOCKS[kind]
+
+
+def clock() -> float:
+    """Seconds on the clock chosen with :func:`set_clock`."""
+    return _clock()
+
 
 @dataclass
 class SpeedCase:
@@ -48,6 +69,8 @@ class SpeedCase:
         run: instead of a ``Trainer`` fit, a function ``run(steps, warmup, accelerator, compile)``
             that trains by itself and returns its per-iteration times in seconds (a plain loop).
         compile: whether ``--compile`` runs this case a second time with the network compiled.
+        also_against: a second baseline whose ratio is printed under the table, with ``also_target``.
+        also_target: the ratio asked for against ``also_against``.
     """
 
     name: str
@@ -59,6 +82,8 @@ class SpeedCase:
     full_iteration: bool = False
     run: Callable[[int, int, str, bool], list[float]] | None = None
     compile: bool = True
+    also_against: str | None = None
+    also_target: float | None = None
 
 
 @dataclass
@@ -71,6 +96,7 @@ class SpeedResult:
     ratio: float | None = None
     target: float | None = None
     peak_mb: float | None = None
+    also: tuple[str, float, float | None] | None = None  # (second baseline, ratio, target)
 
 
 class StepTimer(Callback):
@@ -90,7 +116,7 @@ class StepTimer(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         _sync(pl_module)
-        now = time.perf_counter()
+        now = clock()
         if self.full_iteration and self._seen > self.warmup:
             self.times.append(now - self._start)  # the whole previous iteration
         self._start = now
@@ -101,7 +127,7 @@ class StepTimer(Callback):
             return
         _sync(pl_module)
         if self._seen >= self.warmup:
-            self.times.append(time.perf_counter() - self._start)
+            self.times.append(clock() - self._start)
         self._seen += 1
 
 
@@ -310,6 +336,10 @@ def run_speed(
     for result in results:
         if result.baseline is not None and result.baseline in by_name:
             result.ratio = result.median_ms / by_name[result.baseline].median_ms
+    for case, _ in runs:
+        other = by_name.get(case.also_against or "")
+        if other is not None:
+            by_name[case.name].also = (other.name, by_name[case.name].median_ms / other.median_ms, case.also_target)
     if memory:
         for (case, compiled), result in zip(runs, results, strict=True):
             if compiled or case.run is not None:
@@ -340,6 +370,14 @@ def format_table(suite: str, results: list[SpeedResult]) -> str:
             f"| {r.name} | {r.baseline or ''} | {r.median_ms:.2f} | {r.iqr_ms:.2f} | {r.steps} "
             f"| {ratio} | {target} | {peak} |"
         )
+    also = [r for r in results if r.also is not None]
+    if also:
+        lines.append("")
+    for r in also:
+        assert r.also is not None
+        other, ratio_also, target_also = r.also
+        wanted = f" (target <= {target_also:.2f})" if target_also is not None else ""
+        lines.append(f"{r.name} / {other}: {ratio_also:.3f}{wanted}")
     return "\n".join(lines)
 
 

@@ -3,10 +3,11 @@
 :class:`ReservoirBuffer` keeps a uniform sample of everything it was offered;
 :class:`ClassBalancedBuffer` keeps the classes as equal in number as it can. Both keep tensors
 preallocated once on the training device. Offering a batch and drawing a replay batch each cost
-O(batch): a few random numbers from the buffer's own CPU ``torch.Generator`` and one indexed copy
-on the device. Nothing rebuilds a data set or a loader (the slowness Avalanche users report), and
-no device-to-host synchronization is needed for the reservoir (the random decisions are made on
-the CPU). The balanced buffer's decisions depend on the labels: it copies each batch's labels to
+O(batch): a few random numbers from the buffer's own CPU ``torch.Generator`` (drawn ahead in
+blocks of 1024: the same stream as drawn batch by batch) and one indexed copy on the device.
+Nothing rebuilds a data set or a loader (the slowness Avalanche users report), and no
+device-to-host synchronization is needed for the reservoir (the random decisions are made on the
+CPU). The balanced buffer's decisions depend on the labels: it copies each batch's labels to
 the host (one small copy per step).
 
 Under DDP the replay callbacks keep one buffer *per rank*, seeded ``seed + rank``: each rank
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import override
@@ -37,6 +37,7 @@ Example:
 """
 
 _FIELDS = ("inputs", "labels", "logits", "task_ids")
+_POOL = 1024  # uniforms drawn ahead from a buffer's generator in one call
 
 
 class ReservoirBuffer:
@@ -83,7 +84,13 @@ class ReservoirBuffer:
         self.store_logits = store_logits
         self.store_task_ids = store_task_ids
         self.seen = 0
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
+        # Uniforms drawn ahead (one generator call per _POOL numbers instead of two per step): the
+        # same numbers in the same order as drawing them one batch at a time. _pool_state is the
+        # generator's state before _pool was drawn, so ``generator`` can rewind to what was used.
+        self._pool: list[float] = []
+        self._pool_pos = 0
+        self._pool_state: Tensor | None = None
         self.inputs: Tensor | None = None
         self.labels: Tensor | None = None
         self.logits: Tensor | None = None
@@ -91,6 +98,42 @@ class ReservoirBuffer:
 
     def __len__(self) -> int:
         return min(self.seen, self.capacity)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The buffer's own random stream, positioned after the last number the buffer used.
+
+        The buffer draws its uniforms ahead in blocks; reading this property rewinds the generator
+        to the numbers actually used (and drops the rest), so its state is the one a buffer
+        drawing batch by batch would have: what checkpoints save and resumed runs compare.
+        """
+        if self._pool_state is not None:
+            if self._pool_pos < len(self._pool):  # unused numbers were drawn: rewind past them
+                self._generator.set_state(self._pool_state)
+                if self._pool_pos:
+                    torch.rand(self._pool_pos, generator=self._generator, dtype=torch.float64)
+            self._pool, self._pool_pos, self._pool_state = [], 0, None
+        return self._generator
+
+    @generator.setter
+    def generator(self, value: torch.Generator) -> None:
+        self._generator = value
+        self._pool, self._pool_pos, self._pool_state = [], 0, None
+
+    def _uniforms(self, count: int) -> list[float]:
+        """The next ``count`` uniforms in [0, 1) of the buffer's stream (float64), from the block drawn ahead."""
+        end = self._pool_pos + count
+        if end <= len(self._pool):
+            out = self._pool[self._pool_pos : end]
+            self._pool_pos = end
+            return out
+        left = self._pool[self._pool_pos :]
+        need = count - len(left)
+        # The CPU generator's float64 stream is the same drawn in one call or in several.
+        self._pool_state = self._generator.get_state()
+        self._pool = torch.rand(max(_POOL, need), generator=self._generator, dtype=torch.float64).tolist()
+        self._pool_pos = need
+        return left + self._pool[:need]
 
     @property
     def device(self) -> torch.device | None:
@@ -140,22 +183,22 @@ class ReservoirBuffer:
         to and its position in the batch. When two samples of one batch draw the same slot, only
         the later one is returned (as if they had been stored one after the other).
         """
-        # A batch is a handful of numbers on the host: numpy costs a fraction of torch's per-op overhead.
-        n = np.arange(self.seen, self.seen + batch_size, dtype=np.int64)
-        # j uniform in [0, n] for every sample: an exact draw in float64 for n < 2**50.
-        u = torch.rand(batch_size, generator=self.generator, dtype=torch.float64).numpy()
-        j = np.minimum((u * (n + 1)).astype(np.int64), n)
-        slots = np.where(n < self.capacity, n, j)
-        keep = slots < self.capacity
-        positions = np.arange(batch_size, dtype=np.int64)[keep]
-        slots = slots[keep]
-        if slots.size > 1:
-            # Keep the last writer of each slot; np.unique sorts by slot. On the reversed arrays it
-            # finds each slot's first index, i.e. its last writer in batch order.
-            slots, first = np.unique(slots[::-1], return_index=True)
-            positions = positions[::-1][first]
+        # A batch is a handful of numbers: plain Python costs less than a tensor or numpy op per number.
+        uniforms = self._uniforms(batch_size)
+        seen, capacity = self.seen, self.capacity
+        written: dict[int, int] = {}  # slot -> position of the last sample written there
+        for position, u in enumerate(uniforms):
+            n = seen + position
+            if n < capacity:
+                written[n] = position
+                continue
+            # j uniform in [0, n]: an exact draw in float64 for n < 2**50.
+            slot = min(int(u * (n + 1)), n)
+            if slot < capacity:
+                written[slot] = position
         self.seen += batch_size
-        return torch.from_numpy(np.ascontiguousarray(slots)), torch.from_numpy(np.ascontiguousarray(positions))
+        slots = sorted(written)
+        return torch.tensor(slots, dtype=torch.int64), torch.tensor([written[k] for k in slots], dtype=torch.int64)
 
     def _decide(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Where the samples of a batch go: ``(slots, positions)`` (see :meth:`slots_for`)."""
@@ -211,9 +254,8 @@ class ReservoirBuffer:
         k = min(int(batch_size), size)
         if k <= 0:
             return torch.empty(0, dtype=torch.int64)
-        # .numpy(): the draws come from the buffer's CPU generator, so reading them is no device sync
-        # (and .numpy() could not silently sync: it refuses a CUDA tensor).
-        u = torch.rand(k, generator=self.generator, dtype=torch.float64).numpy()
+        # The draws come from the buffer's CPU generator: reading them is no device sync.
+        u = self._uniforms(k)
         chosen: dict[int, None] = {}  # insertion-ordered set
         for i, j in enumerate(range(size - k, size)):
             t = min(int(u[i] * (j + 1)), j)
@@ -280,14 +322,15 @@ class ReservoirBuffer:
     def __getstate__(self) -> dict[str, Any]:
         # A torch.Generator does not survive torch.multiprocessing's spawn pickling (ddp_spawn
         # sends the callbacks to each process): carry its state as plain bytes instead.
+        generator = self.generator  # rewound to the numbers used: the drawn-ahead block is not sent
         state = self.__dict__.copy()
-        state["generator"] = self.generator.get_state().numpy().tobytes()
+        state["_generator"] = generator.get_state().numpy().tobytes()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         generator = torch.Generator()
-        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
-        self.__dict__.update({**state, "generator": generator})
+        generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
+        self.__dict__.update({**state, "_generator": generator})
 
     def to(self, device: torch.device | str) -> ReservoirBuffer:
         """Move the stored tensors to ``device`` (the generator stays on the CPU)."""
@@ -369,7 +412,7 @@ class ClassBalancedBuffer(ReservoirBuffer):
                 f"{tuple(labels.shape)}"
             )
         values = labels.detach().cpu().tolist()
-        uniforms = torch.rand(2 * len(values), generator=self.generator, dtype=torch.float64).numpy()
+        uniforms = self._uniforms(2 * len(values))
         written: dict[int, int] = {}  # slot -> position of the last sample written there
         for position, label in enumerate(values):
             u_choose, u_slot = uniforms[2 * position], uniforms[2 * position + 1]

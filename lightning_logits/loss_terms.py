@@ -20,7 +20,6 @@ A module whose head the tap cannot find opts in with one line: return ``{"loss":
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_logits.batch import batch_input, batch_target
+from lightning_logits.batch import batch_input, batch_target, module_reader
 from lightning_logits.networks.heads import LogitTap
 
 __all__ = [
@@ -110,19 +109,25 @@ class StepScalars:
 
     Calling ``self.log`` for each value of each step costs more than a small model's whole step,
     and checking each value for NaN on the host stalls a GPU every step. This keeps the step's
-    scalars in one device tensor instead:
+    scalars on the device instead:
 
-    - :meth:`update` (every step) stacks the values, batch-size weighted, into a per-step tensor
+    - :meth:`update` (every step) keeps detached references to the values (no tensor operation)
       and, on a logging step (``trainer.log_every_n_steps``, and the last step), logs them with one
       ``log_dict`` call as ``<key>_step``;
-    - on a logging step and at the epoch's end the pending steps are checked for NaN/inf with a
-      single host read; a non-finite value stops training with a ``FloatingPointError`` naming the
-      term, its value and the global step where it first appeared. So a non-finite term is caught
-      at most ``log_every_n_steps`` steps (50 by default) after it appears, or at the epoch's end;
+    - on a logging step and at the epoch's end the pending steps are stacked into one ``[S, K]``
+      tensor and checked for NaN/inf with a single host read; a non-finite value stops training
+      with a ``FloatingPointError`` naming the term, its value and the global step where it first
+      appeared. So a non-finite term is caught at most ``log_every_n_steps`` steps (50 by
+      default) after it appears, or at the epoch's end;
     - :meth:`epoch_end` logs the batch-size weighted epoch means as ``<key>_epoch``, the last
       step's values as ``<key>_step`` and, for monitors, the means as ``<key>`` (not sent to
       loggers): the same keys and values as ``self.log(key, value, on_step=True, on_epoch=True)``
       every step.
+
+    Lightning keeps a logged step value in its results until the epoch ends and, every step,
+    converts each one logged with ``prog_bar=True`` to a Python number (a host read). The step
+    after a logging step, :meth:`update` marks the values it logged as read, so Lightning stops
+    revisiting them; ``trainer.callback_metrics`` and the progress bar keep showing them.
 
     Args:
         names: the name of each value in error messages (``"cross_entropy"``, a term's name).
@@ -143,51 +148,76 @@ class StepScalars:
         if len(names) != len(keys):
             raise ValueError(f"got {len(names)} names but {len(keys)} keys")
         self.names, self.keys, self.prog_bar = list(names), list(keys), prog_bar
-        self._pending: list[Tensor] = []  # [K] batch-weighted values of each step since the last check
+        self._pending: list[list[Tensor]] = []  # detached values of each step since the last check
         self._pending_meta: list[tuple[int, int]] = []  # (global step, batch size)
-        self._sum: Tensor | None = None  # [K] weighted sum over the epoch's checked steps
+        self._sum: Tensor | None = None  # [K] batch-size weighted sum over the epoch's checked steps
         self._count = 0
-        self._last: Tensor | None = None  # [K] the latest step's values
+        self._last: list[Tensor] | None = None  # the latest step's values
+        self._logged: tuple[str | None, set[str]] | None = None  # (hook, names) of the last log_dict call
 
     @torch.compiler.disable  # bookkeeping: never traced into a compiled training_step
     def update(self, module: pl.LightningModule | None, values: list[Tensor], batch_size: int) -> None:
         """Record one step's values (scalars); on a logging step check the pending ones and log these."""
-        stacked = torch.stack([v.detach().reshape(()).float() for v in values])
+        row = [_detached_scalar(v) for v in values]
         trainer = module._trainer if module is not None else None
         step = trainer.global_step if trainer is not None else len(self._pending)
-        self._last = stacked
-        self._pending.append(stacked * batch_size)
+        self._last = row
+        self._pending.append(row)
         self._pending_meta.append((step, batch_size))
         if trainer is None or module is None:
             return
+        if self._logged is not None:
+            self._release_logged(trainer)
         logging_step = is_logging_step(trainer)
         if logging_step or len(self._pending) >= _MAX_PENDING:
             self.flush(step)
         if logging_step:
-            logged = {f"{k}_step": v for k, v in zip(self.keys, stacked.unbind(), strict=True) if k is not None}
-            module.log_dict(logged, on_step=True, on_epoch=False, prog_bar=self.prog_bar, batch_size=batch_size)
+            self._log_step(module, row, batch_size)
+
+    def _log_step(self, module: pl.LightningModule, row: list[Tensor], batch_size: int) -> None:
+        logged = {f"{k}_step": v for k, v in zip(self.keys, row, strict=True) if k is not None}
+        module.log_dict(logged, on_step=True, on_epoch=False, prog_bar=self.prog_bar, batch_size=batch_size)
+        self._logged = (module._current_fx_name, set(logged))
+
+    def _release_logged(self, trainer: pl.Trainer) -> None:
+        # Lightning's results (a private structure, read defensively): a step-only value marked as
+        # reset is no longer converted or collected each step; the next log call revives it.
+        fx, names = self._logged or (None, set())
+        self._logged = None
+        results = getattr(trainer, "_results", None)
+        if not isinstance(results, dict):
+            return
+        for item in results.values():
+            meta = getattr(item, "meta", None)
+            if meta is not None and meta.fx == fx and meta.name in names and not meta.on_epoch:
+                item.has_reset = True
 
     def flush(self, step: int) -> None:
         """Check the pending steps for NaN/inf (one host read) and fold them into the epoch sum."""
         if not self._pending:
             return
-        history = torch.stack(self._pending)  # [S, K]
+        history = torch.stack([v for row in self._pending for v in row]).view(len(self._pending), -1)  # [S, K]
         finite = torch.isfinite(history)
         if not bool(finite.all()):
             self._raise(history, finite, step)
-        total = history.sum(dim=0)
+        sizes = [size for _, size in self._pending_meta]
+        if all(size == sizes[0] for size in sizes):
+            total = history.sum(dim=0) * sizes[0]
+        else:  # weigh each step by its batch size (a copy to the device that does not wait for it)
+            weights = torch.tensor(sizes, dtype=history.dtype).to(history.device, non_blocking=True)
+            total = (history * weights[:, None]).sum(dim=0)
         self._sum = total if self._sum is None else self._sum + total
-        self._count += sum(size for _, size in self._pending_meta)
+        self._count += sum(sizes)
         self._pending.clear()
         self._pending_meta.clear()
 
     def _raise(self, history: Tensor, finite: Tensor, checked_at: int) -> None:
-        for row, (step, size) in enumerate(self._pending_meta):
+        for row, (step, _size) in enumerate(self._pending_meta):
             for column, name in enumerate(self.names):
                 if not bool(finite[row, column]):
                     self._pending.clear()
                     self._pending_meta.clear()
-                    _raise_non_finite(name, float(history[row, column]) / size, step, checked_at)
+                    _raise_non_finite(name, float(history[row, column]), step, checked_at)
 
     def epoch_means(self) -> dict[str, Tensor]:
         """The batch-size weighted means of the checked steps since the last :meth:`reset`, by key."""
@@ -199,7 +229,7 @@ class StepScalars:
     def reset(self) -> None:
         self._pending.clear()
         self._pending_meta.clear()
-        self._sum, self._count, self._last = None, 0, None
+        self._sum, self._count, self._last, self._logged = None, 0, None, None
 
     def epoch_end(self, module: pl.LightningModule) -> None:
         """Check what is pending, log the epoch means (``<key>_epoch``, and ``<key>`` for monitors), reset."""
@@ -216,6 +246,14 @@ class StepScalars:
         epoch = dict(on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
         module.log_dict(logged, prog_bar=self.prog_bar, **epoch)  # type: ignore[arg-type]
         module.log_dict(means, logger=False, prog_bar=False, **epoch)  # type: ignore[arg-type]
+
+
+def _detached_scalar(value: Tensor) -> Tensor:
+    """``value`` detached, as a float32 0-d tensor (no copy when it is one already)."""
+    value = value.detach()
+    if value.ndim == 0 and value.dtype == torch.float32:
+        return value
+    return value.reshape(()).float()
 
 
 _MAX_PENDING = 1000  # bound on unchecked steps when log_every_n_steps is 0 or very large
@@ -454,10 +492,11 @@ class StepContext:
         return FusedHead(hidden, weight, self._from_output("head_bias"))
 
     def _from_output(self, key: str) -> Tensor | None:
-        if isinstance(self.output, Mapping) and key in self.output:
-            value = self.output[key]
-            return value if isinstance(value, Tensor) else None
-        return None
+        output = self.output
+        if isinstance(output, Tensor) or not isinstance(output, (dict, Mapping)):  # dict first: no ABC check
+            return None
+        value = output.get(key)
+        return value if isinstance(value, Tensor) else None
 
     def _require_tap(self, what: str) -> LogitTap:
         if self.tap is None or (what != "outputs" and not self.tap.logits):
@@ -501,8 +540,8 @@ class StepContext:
         value = self._from_output("target")
         if value is not None:
             return value
-        custom: Callable[[Any], Tensor] | None = getattr(self.pl_module, "batch_target", None)
-        return custom(self.batch) if callable(custom) else batch_target(self.batch)
+        custom = module_reader(self.pl_module, "batch_target")
+        return custom(self.batch) if custom is not None else batch_target(self.batch)
 
     @property
     def input(self) -> Tensor:
@@ -510,8 +549,8 @@ class StepContext:
         value = self._from_output("input")
         if value is not None:
             return value
-        custom: Callable[[Any], Tensor] | None = getattr(self.pl_module, "batch_input", None)
-        return custom(self.batch) if callable(custom) else batch_input(self.batch)
+        custom = module_reader(self.pl_module, "batch_input")
+        return custom(self.batch) if custom is not None else batch_input(self.batch)
 
     def layer_output(self, name: str) -> Any:
         """Output of the intermediate layer ``name`` (registered with ``LossTermHub.tap.add_layer``)."""
@@ -632,9 +671,12 @@ class LossTermHub:
     def _training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.get("batch")
         batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
-        capture = self.tap.capture() if self.tap is not None else contextlib.nullcontext()
-        with capture:
+        tap = self.tap
+        if tap is None:
             output = self._original_step(*args, **kwargs)
+        else:
+            with tap.capture():
+                output = self._original_step(*args, **kwargs)
         if output is None:  # the module skipped this batch
             return None
         task_loss: Tensor | DeferredTaskLoss
@@ -647,27 +689,31 @@ class LossTermHub:
                 f"{type(self.pl_module).__name__}.training_step returned {type(output).__name__}; "
                 "loss-term callbacks need a loss tensor or a dict with a 'loss' entry"
             )
-        trainer = self.pl_module.trainer
-        context = StepContext(trainer, self.pl_module, batch, int(batch_idx), output, task_loss, self.tap)
-        replaced = any(c.replaces_task_loss for c in self.callbacks)
-        for callback in self.callbacks:
-            context.terms[callback.name] = callback.weight * callback.loss_term(context)
+        context = StepContext(self.pl_module.trainer, self.pl_module, batch, int(batch_idx), output, task_loss, tap)
+        callbacks = self.callbacks
+        replaced = any(c.replaces_task_loss for c in callbacks)
+        terms = context.terms
+        for callback in callbacks:
+            term = callback.loss_term(context)
+            terms[callback.name] = term if callback.weight == 1.0 else callback.weight * term
         # A deferred task loss is resolved here if no callback computed (or provided) it.
         task = context.task_loss
-        total = task.new_zeros(()) if replaced else task
-        for weighted in context.terms.values():
-            total = total + weighted
+        total: Tensor | None = None if replaced else task
+        for weighted in terms.values():
+            total = weighted if total is None else total + weighted
+        assert total is not None  # replaced implies a callback
         # No host read here: the values stay on the device, are logged on logging steps and checked
         # for NaN/inf there and at the epoch's end (StepScalars), naming the first bad term and step.
         # A replaced task loss is not optimized, so it is neither checked nor logged.
-        names = ([] if replaced else ["task"]) + list(context.terms) + ["total"]
-        if self.scalars is None or self.scalars.names != names:
+        values = [*terms.values(), total] if replaced else [task, *terms.values(), total]
+        scalars = self.scalars
+        if scalars is None or len(scalars.names) != len(values) or scalars.names[-len(terms) - 1 : -1] != list(terms):
+            names = ([] if replaced else ["task"]) + list(terms) + ["total"]
             keys: list[str | None] = [None if n == "task" else f"train/loss_{n}" for n in names]
-            self.scalars = StepScalars(names, keys, prog_bar=True)
-        values = ([] if replaced else [task]) + list(context.terms.values()) + [total]
-        self.scalars.update(self.pl_module, values, _batch_size(batch))
-        if self.tap is not None:
-            self.tap.clear()  # release the step's activations before backward
+            scalars = self.scalars = StepScalars(names, keys, prog_bar=True)
+        scalars.update(self.pl_module, values, _batch_size(batch))
+        if tap is not None:
+            tap.clear()  # release the step's activations before backward
         if isinstance(output, Tensor):
             return total
         return {**output, "loss": total}
@@ -680,6 +726,12 @@ class LossTermHub:
 
 def _batch_size(batch: Any) -> int:
     # What Lightning's self.log would infer, so the epoch means weigh steps as before.
+    if isinstance(batch, (list, tuple)) and batch:  # (input, target, ...) tensors of one length: the common case
+        first = batch[0]
+        if isinstance(first, Tensor) and first.ndim > 0:
+            size = first.shape[0]
+            if all(isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == size for t in batch):
+                return size
     try:
         return extract_batch_size(batch)
     except Exception:
@@ -733,7 +785,12 @@ class LossTermCallback(Callback):
     @override
     def state_key(self) -> str:
         # Keyed by name: two callbacks of one class (two USKD heads, two teachers) keep separate state.
-        return self._generate_state_key(name=self.name)
+        # Lightning reads it for every hook of every step: built once per name.
+        cached = self.__dict__.get("_state_key")
+        if cached is None or cached[0] != self.name:
+            cached = (self.name, self._generate_state_key(name=self.name))
+            self.__dict__["_state_key"] = cached
+        return cached[1]
 
     def loss_term(self, context: StepContext) -> Tensor:
         """The unweighted term for one training step (a scalar with a graph)."""

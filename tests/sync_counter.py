@@ -39,6 +39,7 @@ class HostReadCounter:
         total: calls counted.
         by_kind: calls per method name.
         sites: calls per ``file:line`` of the caller (to find where a read comes from).
+        by_step: calls per training step (0-based index in the fit).
         steps: number of training steps the window covered.
     """
 
@@ -46,8 +47,10 @@ class HostReadCounter:
         self.active = False
         self.total = 0
         self.steps = 0
+        self.step = 0
         self.by_kind: Counter[str] = Counter()
         self.sites: Counter[str] = Counter()
+        self.by_step: Counter[int] = Counter()
         self._saved: dict[str, Any] = {}
 
     def _wrap(self, kind: str, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,6 +61,7 @@ class HostReadCounter:
                 try:
                     self.total += 1
                     self.by_kind[kind] += 1
+                    self.by_step[self.step] += 1
                     frame = traceback.extract_stack(limit=2)[0]
                     self.sites[f"{frame.filename}:{frame.lineno}"] += 1
                 finally:
@@ -89,15 +93,28 @@ class HostReadCounter:
 
 
 class _Start(Callback):
-    def __init__(self, counter: HostReadCounter, first: int, last: int, sync_debug: bool) -> None:
+    def __init__(self, counter: HostReadCounter, first: int, last: int, sync_debug: bool, whole: bool) -> None:
         self.counter, self.first, self.last, self.sync_debug = counter, first, last, sync_debug
+        self.whole = whole
         self.seen = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.first <= self.seen < self.last:
+        if self.whole:
+            if self.counter.active:  # the previous iteration ends where this one starts
+                self.stop()
+            self.seen += 1
+        step = self.seen - 1 if self.whole else self.seen
+        if self.first <= step < self.last:
+            self.counter.step = step
             self.counter.active = True
             if self.sync_debug:
                 torch.cuda.set_sync_debug_mode("error")
+
+    def stop(self) -> None:
+        self.counter.active = False
+        if self.sync_debug:
+            torch.cuda.set_sync_debug_mode(0)
+        self.counter.steps += 1
 
 
 class _End(Callback):
@@ -105,21 +122,24 @@ class _End(Callback):
         self.start = start
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.start.whole:
+            return
         if self.start.counter.active:
-            self.start.counter.active = False
-            if self.start.sync_debug:
-                torch.cuda.set_sync_debug_mode(0)
-            self.start.counter.steps += 1
+            self.start.stop()
         self.start.seen += 1
 
 
 def counting_callbacks(
-    counter: HostReadCounter, first: int = 5, last: int = 15, sync_debug: bool = False
+    counter: HostReadCounter, first: int = 5, last: int = 15, sync_debug: bool = False, whole_iterations: bool = False
 ) -> tuple[Callback, Callback]:
     """``(start, end)`` callbacks that count during training steps ``first .. last - 1`` (0-based).
 
     With ``sync_debug`` (CUDA only) the same window also runs under
     ``torch.cuda.set_sync_debug_mode("error")``: any synchronizing CUDA call in it raises.
+    With ``whole_iterations`` a step's window runs from its ``on_train_batch_start`` to the next
+    step's, so it also holds what Lightning does after the callbacks' ``on_train_batch_end``
+    (collecting the logged values, converting the progress bar's to numbers) and the data
+    loading; the fit must then run at least one step past ``last - 1``.
     """
-    start = _Start(counter, first, last, sync_debug)
+    start = _Start(counter, first, last, sync_debug, whole_iterations)
     return start, _End(start)

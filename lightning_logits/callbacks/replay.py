@@ -59,9 +59,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_logits.batch import batch_input, batch_target
+from lightning_logits.batch import batch_input, batch_target, module_reader
 from lightning_logits.buffers import BUFFER_KINDS, ReservoirBuffer, make_buffer
 from lightning_logits.functional.replay import er_ace_loss, replay_cross_entropy, uer_loss
 from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext, check_state_version
@@ -84,25 +85,6 @@ def _check_gathered(weight: Tensor) -> None:
             "FSDP's default (lightning_logits.networks.shard_model does: blocks reshard, the root keeps its weights "
             "until the backward), or use strategy='ddp'"
         )
-
-
-@contextlib.contextmanager
-def _record_head(head: nn.Module) -> Iterator[list[tuple[Tensor, Tensor]]]:
-    """Record ``(features, logits)`` of every call of ``head`` inside the block.
-
-    A hook of its own, not the hub's tap: the tap's records of the incoming batch must stay
-    what other loss terms read in this step.
-    """
-    records: list[tuple[Tensor, Tensor]] = []
-
-    def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        records.append((args[0], output))
-
-    handle = head.register_forward_hook(hook)
-    try:
-        yield records
-    finally:
-        handle.remove()
 
 
 class ReplayCallback(LossTermCallback):
@@ -181,6 +163,11 @@ class ReplayCallback(LossTermCallback):
         self._world_size = 1
         self._pending_states: list[dict[str, Any]] | None = None
         self._validated = False
+        # The head's forward hook, registered once in setup, records into this list during the
+        # replay forward only (a hook of its own, not the hub's tap: the tap's records of the
+        # incoming batch must stay what other loss terms read in this step).
+        self._replay_records: list[tuple[Tensor, Tensor]] | None = None
+        self._replay_hook: RemovableHandle | None = None
 
     @property
     def validate_args(self) -> bool:
@@ -198,12 +185,30 @@ class ReplayCallback(LossTermCallback):
                 f"nn.Linear. {_CUSTOM_MODULE_HELP}"
             )
         self._head = tap.head
+        self._remove_replay_hook()
+        self._replay_hook = tap.head.register_forward_hook(self._record_replay)
         self._rank, self._world_size = trainer.global_rank, trainer.world_size
         if self._pending_states is not None:
             self._restore()
         elif self.buffer.seen == 0:
             # Per-rank random streams: the same seed on every rank would replay the same slots.
             self.buffer = make_buffer(self.buffer_kind, self.buffer_size, seed=self.seed + self._rank)
+
+    def _record_replay(self, _module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        records = self._replay_records
+        if records is not None:
+            records.append((args[0], output))
+
+    def _remove_replay_hook(self) -> None:
+        if self._replay_hook is not None:
+            self._replay_hook.remove()
+            self._replay_hook = None
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._remove_replay_hook()
+        super().teardown(trainer, pl_module, stage)
 
     @property
     def head(self) -> nn.Linear:
@@ -231,8 +236,12 @@ class ReplayCallback(LossTermCallback):
 
     def replay_forward(self, pl_module: pl.LightningModule, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Run the replayed inputs through the module; returns the head's ``(features, logits)``."""
-        with _record_head(self.head) as records:
+        records: list[tuple[Tensor, Tensor]] = []
+        self._replay_records = records
+        try:
             pl_module(inputs)
+        finally:
+            self._replay_records = None
         if not records:
             raise RuntimeError(
                 f"pl_module(x) did not run the classifier head on the replayed batch. {_CUSTOM_MODULE_HELP}"
@@ -280,7 +289,7 @@ class ReplayCallback(LossTermCallback):
         self._clean_input = None
         if self.augment is None:
             return
-        if callable(getattr(pl_module, "batch_input", None)):
+        if module_reader(pl_module, "batch_input") is not None:
             raise TypeError(
                 f"{type(self).__name__}(augment=...) replaces the input inside the batch, but "
                 f"{type(pl_module).__name__} reads it with its own batch_input(); use (input, target) list "
@@ -308,12 +317,12 @@ class ReplayCallback(LossTermCallback):
         clean, self._clean_input = self._clean_input, None
         if outputs is None:  # the module skipped this batch
             return
-        custom_input = getattr(pl_module, "batch_input", None)
-        custom_target = getattr(pl_module, "batch_target", None)
-        inputs = custom_input(batch) if callable(custom_input) else batch_input(batch)
+        custom_input = module_reader(pl_module, "batch_input")
+        custom_target = module_reader(pl_module, "batch_target")
+        inputs = custom_input(batch) if custom_input is not None else batch_input(batch)
         if clean is not None:  # the batch holds the augmented input: store the original
             inputs = clean
-        target = custom_target(batch) if callable(custom_target) else batch_target(batch)
+        target = custom_target(batch) if custom_target is not None else batch_target(batch)
         with self._timed(pl_module):
             self.buffer.add(inputs, target)
 

@@ -22,6 +22,7 @@ from lightning_logits.networks.sharding import ShardingChoice, reshard, shard_mo
 from lightning_logits.parallel import sharding_mesh
 
 _ACC_EVERY = 50
+_KEEP_LOGITS_UP_TO = 32  # classes up to which train_acc's pending steps keep logits, not argmaxes
 
 
 class Classifier(pl.LightningModule):
@@ -256,12 +257,17 @@ class Classifier(pl.LightningModule):
         else:
             loss = classification_loss(logits, target, label_smoothing=smoothing, validate_args=validate)
         self._record_train_step(logits, target, loss)
-        self._validated = True
+        if validate:  # nn.Module.__setattr__ costs more than this check: set once per fit
+            self._validated = True
         return {"loss": loss, "logits": logits, "target": target, "input": x}
 
     @torch.compiler.disable  # metrics and logging stay eager when the module is compiled
     def _record_train_step(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
-        self._acc_pending.append((logits.detach().argmax(dim=1), hard_target(target)))
+        scores = logits.detach()
+        # Few classes: keep the logits and take the argmax of many steps at once (an operation per
+        # step costs more than a small model's step); many: keep only the predicted classes.
+        predicted = scores if scores.shape[1] <= _KEEP_LOGITS_UP_TO else scores.argmax(dim=1)
+        self._acc_pending.append((predicted, hard_target(target)))
         if len(self._acc_pending) >= _ACC_EVERY:
             self._update_train_acc()
         # One log_dict call on logging steps only; NaN/inf checked on the device (see StepScalars).
@@ -269,8 +275,11 @@ class Classifier(pl.LightningModule):
 
     def _update_train_acc(self) -> None:
         if self._acc_pending:
-            predicted, true = zip(*self._acc_pending, strict=True)
-            self.train_acc.update(torch.cat(predicted), torch.cat(true))
+            kept, true = zip(*self._acc_pending, strict=True)
+            predicted = torch.cat(kept)
+            if predicted.ndim == 2:  # logits of steps with few classes
+                predicted = predicted.argmax(dim=1)
+            self.train_acc.update(predicted, torch.cat(true))
             self._acc_pending.clear()
 
     @override

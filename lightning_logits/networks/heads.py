@@ -11,8 +11,7 @@ Modules that this library adds to a user's model (auxiliary heads) live under th
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -272,15 +271,17 @@ class LogitTap:
         for values in self.outputs.values():
             values.clear()
 
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[LogitTap]:
-        """Record forward passes inside the ``with`` block (earlier records are cleared)."""
+    def capture(self) -> LogitTap:
+        """Record forward passes inside the ``with`` block (earlier records are cleared): ``with tap.capture():``."""
+        return self
+
+    def __enter__(self) -> LogitTap:
         self.clear()
         self._active = True
-        try:
-            yield self
-        finally:
-            self._active = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._active = False
 
     def remove(self) -> None:
         """Remove every hook; the model is as it was before the tap."""
