@@ -202,7 +202,10 @@ def uer_loss(
         shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
         raise ValueError(f"bias must have shape [C] = [{num_classes}], got {shape}")
 
-    logits = cosine_logits(features, weight, validate_args=False).float() / temperature
+    # the cosines in float32 (or wider): rounded to a half-precision input's dtype, 1/temperature would
+    # magnify their rounding error (bfloat16: 2^-8 / 0.09, about 0.04 per logit)
+    work = torch.promote_types(torch.promote_types(features.dtype, weight.dtype), torch.float32)
+    logits = cosine_logits(features.to(work), weight.to(work), validate_args=False).float() / temperature
     if logit_mask is not None:
         if logit_mask.dtype != torch.bool or logit_mask.shape != (num_classes,):
             raise ValueError(
@@ -324,6 +327,13 @@ def _row(matrix: Tensor, after: int | None) -> int:
     i = t - 1 if after is None else int(after)
     if not 0 <= i < t:
         raise ValueError(f"after must be a task index in [0, {t - 1}], got {after}")
+    # the entries the summaries read, R[k, j] for j <= k <= i, must have been measured
+    measured = matrix[: i + 1, : i + 1][torch.ones(i + 1, i + 1, dtype=torch.bool, device=matrix.device).tril()]
+    if not bool(torch.isfinite(measured).all()):
+        raise ValueError(
+            f"the accuracy matrix has NaN or inf among its measured entries R[k, j], j <= k <= {i}: "
+            f"{matrix.tolist()}; evaluate every seen task after each task (NaN belongs above the diagonal only)"
+        )
     return i
 
 
@@ -357,7 +367,8 @@ def average_incremental_accuracy(matrix: Tensor, after: int | None = None) -> fl
         0.775
     """
     i = _row(matrix, after)
-    return round(sum(average_accuracy(matrix, k) for k in range(i + 1)) / (i + 1), 6)
+    # the mean of the unrounded row means, rounded once (rounding each row first is off by up to 1e-6)
+    return round(sum(float(matrix[k, : k + 1].double().mean()) for k in range(i + 1)) / (i + 1), 6)
 
 
 def average_forgetting(matrix: Tensor, after: int | None = None) -> float:
