@@ -233,6 +233,18 @@ def distillation_reference(name: str, s: np.ndarray, t: np.ndarray, y: np.ndarra
     return float(per.mean())
 
 
+def _dist_ill_conditioned(s: np.ndarray, t: np.ndarray, temp: float, dtype: torch.dtype) -> bool:
+    """Whether a softmax row or column DIST correlates is constant to within 1e3 roundoffs of its compute dtype."""
+    if s.shape[0] == 0:
+        return False
+    spread = [
+        np.linalg.norm(p - p.mean(axis=axis, keepdims=True), axis=axis).min()
+        for p in (softmax(s / temp), softmax(t / temp))
+        for axis in (0, 1)
+    ]
+    return bool(min(spread) < 1e3 * EPS_COMPUTE[dtype])
+
+
 DISTILLATION_NAMES = tuple(distillation.DISTILLATION_LOSSES)
 TOKEN_LEVEL = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv")
 NEEDS_TARGET = ("nkd", "dkd")
@@ -341,6 +353,12 @@ def test_distillation_losses_agree_with_float64(name: str, data: st.DataObject) 
         return
     out = valid(name + "_loss", lambda: _call_distillation(name, case, s=s))
     assert out.dtype == dtype and out.shape == ()
+    if name == "dist" and _dist_ill_conditioned(s64, t64, temp, dtype):
+        # a Pearson correlation of a row or column that is constant up to roundoff is roundoff itself
+        # (the float64 value is no better): only the bounds hold, 1 - rho in [0, 2] for both terms
+        bound = temp**2 * 2 * (abs(case["hyper"]["beta"]) + abs(case["hyper"]["gamma"]))
+        assert torch.isfinite(out) and -1e-3 <= float(out) <= bound * (1 + RTOL[dtype]) + 1e-3
+        return
     finite = lambda x: np.abs(x[np.isfinite(x)]).max(initial=0.0)  # noqa: E731
     magnitude = float(finite(s64) + finite(t64))
     weight = max([1.0, *case["hyper"].values()])
@@ -580,8 +598,10 @@ def test_fused_losses_agree_with_float64(data: st.DataObject, with_teacher: bool
     tol = _fused_tolerance(case)
     if isinstance(out, LF.FusedLossTerms):
         CASES["FusedLossTerms"]["valid"] += 1
-        assert_close("FusedLossTerms.ce", out.ce, ce, torch.float64 if dtype == torch.float64 else torch.float32, tol)
-        assert_close("FusedLossTerms.kd", out.kd, kd, torch.float64 if dtype == torch.float64 else torch.float32, tol)
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        unit = _fused_tolerance({**case, "opts": {**opts, "ce_weight": 1.0, "kd_weight": 1.0}})  # whatever the weights
+        assert_close("FusedLossTerms.ce", out.ce, ce, work, unit)
+        assert_close("FusedLossTerms.kd", out.kd, kd, work, unit)
         out = out.loss
     assert out.dtype == dtype
     assert_close(name, out, want, dtype, tol)
@@ -708,7 +728,8 @@ def test_classification_loss_agrees_with_float64(case: tuple[Tensor, Tensor, flo
         invalid("classification_loss", lambda: LF.classification_loss(z, target, smoothing), "logits")
         return
     out = valid("classification_loss", lambda: LF.classification_loss(z, target, smoothing))
-    assert_close("classification_loss", out, want, z.dtype, atol(z.dtype, float(np.abs(f64(z)).max()), 4))
+    rounding = torch.float32 if z.dtype == torch.float64 else z.dtype  # documented: computed in float32
+    assert_close("classification_loss", out, want, rounding, atol(torch.float32, float(np.abs(f64(z)).max()), 4))
 
 
 @given(
@@ -1162,7 +1183,7 @@ def test_labelled_diagnostics_agree_with_float64(name: str, case: tuple[Tensor, 
         want, edge_distance = _ece_ref(x, labels, n_bins, norm)
         got = valid(name, lambda: LF.expected_calibration_error(z, y, n_bins=n_bins, norm=norm))
         if edge_distance > atol(dtype, big):  # no confidence on a bin edge up to roundoff: the bins are the same
-            assert_close(name, got, want, out_dtype, atol(dtype, big, 4))
+            assert_close(name, got, want, out_dtype, atol(dtype, big + len(labels), 4))
         assert 0.0 <= float(got) <= 1.0
     elif name == "fit_temperature":
         with warnings.catch_warnings(record=True):

@@ -618,6 +618,11 @@ def atc_estimate(target_scores: Tensor, threshold: float, validate_args: bool = 
         0.5
     """
     _check_scores(target_scores, validate_args, "target_scores")
+    if isinstance(threshold, bool) or math.isnan(float(threshold)):
+        raise ValueError(
+            "threshold must be a number (from fit_atc_threshold; +inf when every prediction was wrong), "
+            f"got {threshold!r}"
+        )
     return (target_scores.double() >= threshold).double().mean()
 
 
