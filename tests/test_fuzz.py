@@ -883,6 +883,7 @@ def test_logit_scores_agree_with_float64(name: str, z: Tensor, data: st.DataObje
             curve = (-np.sort(-x, axis=1)).mean(0)[1:]
             chord = curve[0] + (curve[-1] - curve[0]) * np.arange(len(curve)) / (len(curve) - 1)
             below = chord - curve
+            below[-1] = 0.0  # on the chord by construction (roundoff aside): never the knee
             assert below[got] >= below.max() - 1e-9 * (1 + big) or (got == 1 and below.argmax() == 0)
         else:
             assert got == c - 1
@@ -1182,8 +1183,9 @@ def test_labelled_diagnostics_agree_with_float64(name: str, case: tuple[Tensor, 
         n_bins, norm = data.draw(st.sampled_from((1, 3, 15))), data.draw(st.sampled_from(("l1", "l2", "max")))
         want, edge_distance = _ece_ref(x, labels, n_bins, norm)
         got = valid(name, lambda: LF.expected_calibration_error(z, y, n_bins=n_bins, norm=norm))
-        if edge_distance > atol(dtype, big):  # no confidence on a bin edge up to roundoff: the bins are the same
-            assert_close(name, got, want, out_dtype, atol(dtype, big + len(labels), 4))
+        # torchmetrics bins float32 confidences whatever the input dtype
+        if edge_distance > atol(torch.float32, big):  # no confidence on a bin edge up to roundoff: the same bins
+            assert_close(name, got, want, torch.float32, atol(torch.float32, big + len(labels), 4))
         assert 0.0 <= float(got) <= 1.0
     elif name == "fit_temperature":
         with warnings.catch_warnings(record=True):

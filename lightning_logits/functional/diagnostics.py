@@ -378,6 +378,9 @@ def select_logit_gap_top_n(id_logits: Tensor, validate_args: bool = True) -> int
     pos = torch.arange(k, dtype=torch.float64, device=curve.device)
     chord = curve[0] + (curve[-1] - curve[0]) * pos / (k - 1)
     below = chord - curve  # convex decreasing curve: the knee is farthest below the chord
+    # both ends lie on the chord by construction: roundoff must not make the last one "the knee" (it put
+    # N at C - 2 instead of 1 for a concave curve, depending on the last bit)
+    below[-1] = 0.0
     return max(1, int(torch.argmax(below)))
 
 
