@@ -1177,7 +1177,6 @@ def test_labelled_diagnostics_agree_with_float64(name: str, case: tuple[Tensor, 
     z, y = case
     x, labels = f64(z), y.numpy()
     dtype = z.dtype
-    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     big = float(np.abs(x).max())
     if name == "expected_calibration_error":
         n_bins, norm = data.draw(st.sampled_from((1, 3, 15))), data.draw(st.sampled_from(("l1", "l2", "max")))
