@@ -233,16 +233,17 @@ def distillation_reference(name: str, s: np.ndarray, t: np.ndarray, y: np.ndarra
     return float(per.mean())
 
 
-def _dist_ill_conditioned(s: np.ndarray, t: np.ndarray, temp: float, dtype: torch.dtype) -> bool:
-    """Whether a softmax row or column DIST correlates is constant to within 1e3 roundoffs of its compute dtype."""
+def _dist_condition(s: np.ndarray, t: np.ndarray, temp: float, dtype: torch.dtype) -> float:
+    """Roundoff of DIST's correlations relative to 1: unit roundoff over the smallest spread of a softmax
+    row or column about its mean (a Pearson correlation of a nearly constant vector magnifies roundoff)."""
     if s.shape[0] == 0:
-        return False
+        return 0.0
     spread = [
         np.linalg.norm(p - p.mean(axis=axis, keepdims=True), axis=axis).min()
         for p in (softmax(s / temp), softmax(t / temp))
         for axis in (0, 1)
     ]
-    return bool(min(spread) < 1e3 * EPS_COMPUTE[dtype])
+    return EPS_COMPUTE[dtype] * math.sqrt(s.size) / max(min(spread), 1e-300)
 
 
 DISTILLATION_NAMES = tuple(distillation.DISTILLATION_LOSSES)
@@ -353,7 +354,8 @@ def test_distillation_losses_agree_with_float64(name: str, data: st.DataObject) 
         return
     out = valid(name + "_loss", lambda: _call_distillation(name, case, s=s))
     assert out.dtype == dtype and out.shape == ()
-    if name == "dist" and _dist_ill_conditioned(s64, t64, temp, dtype):
+    condition = _dist_condition(s64, t64, temp, dtype) if name == "dist" else 0.0
+    if condition > 1e-4:
         # a Pearson correlation of a row or column that is constant up to roundoff is roundoff itself
         # (the float64 value is no better): only the bounds hold, 1 - rho in [0, 2] for both terms
         bound = temp**2 * 2 * (abs(case["hyper"]["beta"]) + abs(case["hyper"]["gamma"]))
@@ -363,7 +365,8 @@ def test_distillation_losses_agree_with_float64(name: str, data: st.DataObject) 
     magnitude = float(finite(s64) + finite(t64))
     weight = max([1.0, *case["hyper"].values()])
     factor = weight * (temp**2 if name in T_SQUARED else 1.0) * (1 + magnitude / temp)
-    assert_close(name, out, want, dtype, atol(dtype, 0.0, factor * (c if name in ("dhkd", "dist") else 1)))
+    tol = atol(dtype, 0.0, factor * (c if name in ("dhkd", "dist") else 1)) + 64 * factor * condition
+    assert_close(name, out, want, dtype, tol)
     if s.requires_grad:
         (grad,) = torch.autograd.grad(out, s)
         assert torch.isfinite(grad).all(), f"{name}: non-finite gradient"
@@ -538,8 +541,8 @@ def fused_case(draw: st.DrawFn, with_teacher: bool) -> dict[str, Any]:
             rest = torch.logsumexp(teacher.float(), dim=-1) - 1.0
             topk = (values.to(teacher.dtype), indices, rest)
             rebuilt = torch.full((*lead, vocab), 0.0, dtype=torch.float64)
-            if k < vocab:
-                rebuilt += (rest.double() - math.log(vocab - k)).unsqueeze(-1)
+            if k < vocab:  # the fill is computed in float32, as reconstruct_logits documents
+                rebuilt += (rest.float() - math.log(vocab - k)).double().unsqueeze(-1)
             teacher = rebuilt.scatter(-1, indices, values.to(teacher.dtype).double())
     return {
         "h": h,
@@ -849,7 +852,13 @@ def test_logit_scores_agree_with_float64(name: str, z: Tensor, data: st.DataObje
     elif name == "normalized_logit_score":
         p, center = data.draw(st.sampled_from((0.5, 1.0, 2.0, 3.0))), data.draw(st.booleans())
         want = _normalized_ref(x, p, center)
-        assert_close(name, valid(name, lambda: fn(z, p=p, center=center)), want, torch.float64, 1e-9 * c)
+        got = valid(name, lambda: fn(z, p=p, center=center))
+        assert (got.abs() <= 1 + 1e-12).all()  # |max z| <= ||z||_p for every p > 0
+        if center:  # a constant row centred is roundoff, whose direction means nothing: only the bound holds
+            spread = np.abs(x - x.mean(1, keepdims=True)).max(1)
+            well_posed = spread > 1e3 * EPS_COMPUTE[torch.float64] * np.abs(x).max(1)
+            got, want = got[torch.from_numpy(well_posed)], want[well_posed]
+        assert_close(name, got, want, torch.float64, 1e-9 * c)
     elif name == "mano_normalize":
         normalization = data.draw(st.sampled_from(("softmax", "taylor")))
         order = data.draw(st.integers(1, 4))
