@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 
 def find_free_port() -> int:
@@ -39,3 +40,26 @@ def _quiet_and_seeded() -> Iterator[None]:
 
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+# Hypothesis profiles. "short" is the suite's: derandomized (the same examples every run) and few
+# of them. "long" is for `python -m benchmarks.fuzz --profile long` (HYPOTHESIS_PROFILE=long).
+# Tests that set max_examples themselves keep their own count under either profile.
+settings.register_profile(
+    "short",
+    max_examples=6,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "long",
+    max_examples=200,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "short"))

@@ -236,3 +236,22 @@ def test_classifier_trains_with_dual_focal_loss() -> None:
         Classifier(TinyMLP(), loss="dual_focal", label_smoothing=0.1)
     with pytest.raises(ValueError, match="loss must be"):
         Classifier(TinyMLP(), loss="focal")  # type: ignore[arg-type]
+
+
+def test_vim_is_skipped_with_a_warning_when_the_fit_has_no_residual_space() -> None:
+    """64 fit samples of size 512 span ViM's 256-dim principal space: the residual would be roundoff."""
+    from lightning_logits.callbacks.diagnostics import _Outputs
+
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(8, 512, generator=g, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    callback = LogitDiagnostics(scores=("msp", "vim"))
+    few = _Outputs(
+        torch.randn(64, 8, dtype=torch.float64), torch.randn(64, 512, generator=g, dtype=torch.float64), None
+    )
+    with pytest.warns(UserWarning, match="ViM skipped: fitted on 64 samples of size 512"):
+        scorers = callback._scorers(few, weight, bias)
+    assert set(scorers) == {"msp"}
+    enough = _Outputs(
+        torch.randn(300, 8, dtype=torch.float64), torch.randn(300, 512, generator=g, dtype=torch.float64), None
+    )
+    assert set(callback._scorers(enough, weight, bias)) == {"msp", "vim"}

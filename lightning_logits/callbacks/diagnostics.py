@@ -44,6 +44,7 @@ from typing_extensions import override
 from lightning_logits.batch import batch_input, batch_target
 from lightning_logits.functional.diagnostics import (
     ViMSubspace,
+    _vim_default_dim,
     atc_estimate,
     aurc,
     average_confidence,
@@ -326,7 +327,16 @@ class LogitDiagnostics(Callback):
                         f"ViM needs the weight of the classifier head, but {self._tap.head_name if self._tap else '?'} "
                         "has no 2-d weight; drop 'vim' from scores"
                     )
-                subspace: ViMSubspace = fit_vim(fit.features, weight, bias, dim=self.vim_dim)
+                n, d = fit.features.shape
+                dim = _vim_default_dim(d) if self.vim_dim is None else self.vim_dim
+                if n <= dim:  # the fit samples span the principal space: no residual to score by
+                    rank_zero_warn(
+                        f"LogitDiagnostics: ViM skipped: fitted on {n} samples of size {d}, not more than its "
+                        f"principal dimension {dim}, so the residual is roundoff; fit on more samples "
+                        "(max_fit_batches, fit_on='train') or pass vim_dim below the number of samples"
+                    )
+                    continue
+                subspace: ViMSubspace = fit_vim(fit.features, weight, bias, dim=dim)
                 scorers[score] = lambda o, s=subspace: vim_score(o.features, o.logits, s)
         return scorers
 

@@ -81,3 +81,21 @@ def hard_target(target: Tensor) -> Tensor:
     if target.is_floating_point():
         return target.argmax(dim=1)
     return target.long()
+
+
+def result_in_dtype(value: Tensor, dtype: torch.dtype, validate_args: bool = True, name: str = "logits") -> Tensor:
+    """``value`` (computed in float32 or wider) cast to ``dtype``, the dtype of the input ``name``.
+
+    A finite result too large for a half-precision ``dtype`` would become ``inf`` silently; with
+    ``validate_args`` (it reads the value on the host) that is an error saying what to pass instead.
+    """
+    out = value.to(dtype)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if validate_args and half and bool(torch.isfinite(value).all()) and not bool(torch.isfinite(out).all()):
+        largest = float(value.detach().abs().max())
+        raise ValueError(
+            f"the result ({largest:.4g}) overflows {dtype}, the dtype of {name} (largest finite value "
+            f"{torch.finfo(dtype).max:.4g}); pass {name} in float32 (the computation is in float32 anyway) "
+            "or bring the logits to a smaller scale"
+        )
+    return out

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_logits.functional._checks import check_logits, check_target
+from lightning_logits.functional._checks import check_logits, check_target, result_in_dtype
+
+__all__ = ["classification_loss"]
 
 
 def classification_loss(
@@ -38,4 +40,4 @@ def classification_loss(
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     target = target.float() if target.is_floating_point() else target.long()
     loss = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
-    return loss.to(logits.dtype)
+    return result_in_dtype(loss, logits.dtype, validate_args)

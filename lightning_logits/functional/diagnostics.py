@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_logits.functional._checks import result_in_dtype
+
 __all__ = [
     "ViMSubspace",
     "atc_estimate",
@@ -284,10 +286,11 @@ def fit_vim(
     residual = torch.linalg.vector_norm(centered @ null_space, dim=1)
     logits = x @ w.T + b
     mean_residual = float(residual.mean())
-    if mean_residual <= 0:
+    # roundoff leaves a residual of ~1e-16 of the features' size where there is none (e.g. N <= dim)
+    if not mean_residual > 1e-9 * float(centered.abs().max()):
         raise ValueError(
-            "the ID features have no residual outside the principal space (mean residual norm 0); "
-            f"lower dim (got {dim})"
+            f"the ID features have no residual outside the principal space (mean residual norm {mean_residual:.3g}, "
+            f"{x.shape[0]} samples of size {d}); lower dim (got {dim}) or fit on more samples"
         )
     alpha = float(logits.amax(dim=1).mean()) / mean_residual
     return ViMSubspace(origin=origin, null_space=null_space, alpha=alpha, dim=dim)
@@ -375,6 +378,9 @@ def select_logit_gap_top_n(id_logits: Tensor, validate_args: bool = True) -> int
     pos = torch.arange(k, dtype=torch.float64, device=curve.device)
     chord = curve[0] + (curve[-1] - curve[0]) * pos / (k - 1)
     below = chord - curve  # convex decreasing curve: the knee is farthest below the chord
+    # both ends lie on the chord by construction: roundoff must not make the last one "the knee" (it put
+    # N at C - 2 instead of 1 for a concave curve, depending on the last bit)
+    below[-1] = 0.0
     return max(1, int(torch.argmax(below)))
 
 
@@ -439,6 +445,11 @@ def fpr_at_tpr(id_scores: Tensor, ood_scores: Tensor, tpr: float = 0.95, validat
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_threshold(threshold: float) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or math.isnan(threshold):
+        raise ValueError(f"threshold must be a number (MaNo's criterion threshold, officially 5), got {threshold!r}")
+
+
 def mano_criterion(logits: Tensor, validate_args: bool = True) -> Tensor:
     """MaNo's dataset-level criterion: mean cross-entropy between the uniform distribution and softmax.
 
@@ -481,11 +492,15 @@ def mano_select_normalization(
         >>> mano_select_normalization(torch.zeros(3, 4)), mano_select_normalization(20 * torch.eye(4))
         ('taylor', 'softmax')
     """
+    _check_threshold(threshold)
     return "softmax" if float(mano_criterion(logits, validate_args)) > threshold else "taylor"
 
 
 def mano_normalize(
-    logits: Tensor, normalization: Literal["softmax", "taylor"] = "taylor", taylor_order: int = 2
+    logits: Tensor,
+    normalization: Literal["softmax", "taylor"] = "taylor",
+    taylor_order: int = 2,
+    validate_args: bool = True,
 ) -> Tensor:
     """MaNo's row normalization of logits onto the simplex.
 
@@ -493,11 +508,18 @@ def mano_normalize(
     of ``exp``; the official code divides by ``i`` instead of ``i!``, identical for the default
     order 2), then ``v - min_k v`` and division by the row's L1 norm (rows of zeros stay zero).
 
+    Args:
+        logits: ``[N, C]`` logits (``N = 0`` gives an empty result).
+        normalization: ``"taylor"`` (default) or ``"softmax"``.
+        taylor_order: the order of the Taylor expansion, ``>= 1`` (default 2).
+        validate_args: check the logits are finite (a host sync); shapes and dtype always.
+
     Example:
         >>> import torch
         >>> mano_normalize(torch.tensor([[0.0, 2.0]])).tolist()  # v = [1, 5] -> [0, 4] -> [0, 1]
         [[0.0, 1.0]]
     """
+    _check_logits(logits, validate_args, allow_empty=True)
     z = _wide(logits)
     if normalization == "softmax":
         return z.softmax(dim=1)
@@ -546,9 +568,10 @@ def mano_score(
         raise ValueError(f"p must be >= 1, got {p}")
     if normalization not in ("auto", "softmax", "taylor"):
         raise ValueError(f"normalization must be 'auto', 'softmax' or 'taylor', got {normalization!r}")
+    _check_threshold(threshold)
     if normalization == "auto":
         normalization = "softmax" if float(mano_criterion(logits, validate_args=False)) > threshold else "taylor"
-    probs = mano_normalize(logits, normalization, taylor_order)
+    probs = mano_normalize(logits, normalization, taylor_order, validate_args=False)  # checked above
     n, c = probs.shape
     return torch.linalg.vector_norm(probs.double().flatten(), ord=p) / (n * c) ** (1.0 / p)
 
@@ -598,6 +621,11 @@ def atc_estimate(target_scores: Tensor, threshold: float, validate_args: bool = 
         0.5
     """
     _check_scores(target_scores, validate_args, "target_scores")
+    if isinstance(threshold, bool) or math.isnan(float(threshold)):
+        raise ValueError(
+            "threshold must be a number (from fit_atc_threshold; +inf when every prediction was wrong), "
+            f"got {threshold!r}"
+        )
     return (target_scores.double() >= threshold).double().mean()
 
 
@@ -762,8 +790,10 @@ def fit_temperature(
     """
     _check_logits(logits, validate_args)
     _check_labels(target, logits.shape[0], logits.shape[1], validate_args)
-    if not init > 0:
-        raise ValueError(f"init must be positive, got {init}")
+    if not (init > 0 and math.isfinite(init)):
+        raise ValueError(f"init must be a finite positive temperature, got {init}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1 (LBFGS iterations), got {max_iter!r}")
     # Callable at validation/test end, where Lightning runs under inference mode: the clones made
     # outside inference mode are ordinary tensors that autograd accepts.
     with torch.inference_mode(False), torch.enable_grad():
@@ -834,4 +864,4 @@ def dual_focal_loss(
         loss = loss.mean()
     elif reduction == "sum":
         loss = loss.sum()
-    return loss.to(logits.dtype)
+    return result_in_dtype(loss, logits.dtype, validate_args)

@@ -59,6 +59,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_logits.functional._checks import result_in_dtype
+
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "DISTILLATION_LOSSES",
@@ -273,6 +275,8 @@ def dkd_warmup(epoch: float, warmup: float = 20.0) -> float:
         >>> dkd_warmup(1, 20), dkd_warmup(10, 20), dkd_warmup(40, 20), dkd_warmup(3, 0)
         (0.05, 0.5, 1.0, 1.0)
     """
+    _check_number(epoch, "epoch")
+    _check_number(warmup, "warmup")
     if warmup <= 0:
         return 1.0
     return float(min(epoch / warmup, 1.0))
@@ -296,9 +300,20 @@ def _kd_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float) ->
     return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1) * temperature**2
 
 
+def _shift_to_max(x: Tensor) -> Tensor:
+    """``x`` minus its row maximum (the losses are shift-invariant per row).
+
+    ``x - logsumexp(x)`` with logits of 1e4 subtracts two float32 numbers of that size, off by up to
+    half an ulp of 1e4 (0.002): the probabilities ``exp`` of it are then off by 0.2%, which a KL of
+    1e4 turns into an error of 20. Shifted, the log-sum-exp is at most ``log C`` and exact to float32.
+    """
+    return x - x.detach().amax(dim=1, keepdim=True)
+
+
 def _nkd_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float, gamma: float) -> Tensor:
     assert labels is not None
     column = labels.unsqueeze(1)
+    s, t = _shift_to_max(s), _shift_to_max(t)
     log_ps_y = s.gather(1, column).squeeze(1) - s.logsumexp(dim=1)
     pt_y = (t.gather(1, column).squeeze(1) - t.logsumexp(dim=1)).exp()
     target_part = -pt_y * log_ps_y
@@ -313,7 +328,7 @@ def _dkd_rows(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float, a
     assert labels is not None
     column = labels.unsqueeze(1)
     rest = _rest_index(labels, s.shape[1])
-    s, t = s / temperature, t / temperature
+    s, t = _shift_to_max(s / temperature), _shift_to_max(t / temperature)
     s_rest, t_rest = s.gather(1, rest), t.gather(1, rest)
     lse_s, lse_t = s.logsumexp(dim=1), t.logsumexp(dim=1)
     lse_s_rest, lse_t_rest = s_rest.logsumexp(dim=1), t_rest.logsumexp(dim=1)
@@ -382,6 +397,7 @@ def _row_loss(
     valid: Tensor | None,
     standardize: bool,
     chunk_size: int | None,
+    validate_args: bool,
 ) -> Tensor:
     """Mean of ``rows`` over the valid positions, computed in float32, returned in the logits' dtype."""
     num_classes = logits.shape[-1]
@@ -407,7 +423,7 @@ def _row_loss(
     else:
         total = _ChunkedRows.apply(flat, compute, chunk_size)
     count = float(flat.shape[0]) if valid is None else valid.sum().clamp_min(1)
-    return (total / count).to(logits.dtype)
+    return result_in_dtype(total / count, logits.dtype, validate_args)
 
 
 def _prepare(
@@ -487,7 +503,7 @@ def kd_loss(
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         return _kd_rows(s, t, y, temperature)
 
-    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size, validate_args)
 
 
 def nkd_loss(
@@ -553,7 +569,7 @@ def nkd_loss(
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         return _nkd_rows(s, t, y, temperature, gamma)
 
-    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size, validate_args)
 
 
 def dkd_loss(
@@ -620,7 +636,7 @@ def dkd_loss(
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         return _dkd_rows(s, t, y, temperature, alpha, beta)
 
-    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size, validate_args)
 
 
 def dhkd_loss(
@@ -682,7 +698,7 @@ def dhkd_loss(
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         return _dhkd_rows(s, t, y, temperature)
 
-    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size, validate_args)
 
 
 def _pearson_rows(a: Tensor, b: Tensor) -> Tensor:
@@ -770,7 +786,7 @@ def dist_loss(
     if valid is None:
         inter = 1 - _pearson_rows(ys, yt).mean()
         intra = 1 - _pearson_rows(ys.T, yt.T).mean()
-        return ((beta * inter + gamma * intra) * temperature**2).to(logits.dtype)
+        return result_in_dtype((beta * inter + gamma * intra) * temperature**2, logits.dtype, validate_args)
     weight = valid.to(ys.dtype)
     count = weight.sum()
     inter = 1 - (_pearson_rows(ys, yt) * weight).sum() / count.clamp_min(1)
@@ -781,7 +797,7 @@ def dist_loss(
     intra = 1 - ((cs * ct).sum(0) / (norms + _PEARSON_EPS)).mean()
     value = (beta * inter + gamma * intra) * temperature**2
     value = torch.where(count > 0, value, torch.zeros_like(value))
-    return value.to(logits.dtype)
+    return result_in_dtype(value, logits.dtype, validate_args)
 
 
 # --------------------------------------------------------------------------- token-level divergences
@@ -911,7 +927,7 @@ def forward_kl_loss(
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         return _forward_kl_rows(s, t, y, temperature)
 
-    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size, validate_args)
 
 
 def reverse_kl_loss(
@@ -964,7 +980,7 @@ def reverse_kl_loss(
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         return _reverse_kl_rows(s, t, y, temperature)
 
-    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size, validate_args)
 
 
 def jsd_loss(
@@ -1030,7 +1046,7 @@ def jsd_loss(
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         return _jsd_rows(s, t, y, temperature, beta)
 
-    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size, validate_args)
 
 
 def skew_kl_loss(
@@ -1088,7 +1104,7 @@ def skew_kl_loss(
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         return _skew_kl_rows(s, t, y, temperature, alpha)
 
-    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size, validate_args)
 
 
 def skew_reverse_kl_loss(
@@ -1142,7 +1158,7 @@ def skew_reverse_kl_loss(
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         return _skew_reverse_kl_rows(s, t, y, temperature, alpha)
 
-    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size, validate_args)
 
 
 def tv_loss(
@@ -1192,7 +1208,7 @@ def tv_loss(
     def rows(s: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         return _tv_rows(s, t, y, temperature)
 
-    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size)
+    return _row_loss(rows, logits, teacher_logits, labels, valid, standardize, chunk_size, validate_args)
 
 
 # --------------------------------------------------------------------------- registry

@@ -85,6 +85,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_logits.functional._checks import result_in_dtype
+
 __all__ = [
     "FusedLossName",
     "FusedLossTerms",
@@ -145,6 +147,10 @@ def default_chunk_size(num_tokens: int, hidden: int, vocab: int) -> int:
         >>> default_chunk_size(10, 64, 50000)  # never more than N
         10
     """
+    for value, name in ((num_tokens, "num_tokens"), (hidden, "hidden"), (vocab, "vocab")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "vocab" else 0):
+            need = ">= 1" if name == "vocab" else ">= 0"
+            raise ValueError(f"{name} must be an int {need}, got {value!r}")
     return max(1, min(num_tokens, max(64, math.ceil(num_tokens * hidden / vocab))))
 
 
@@ -177,7 +183,7 @@ def _check_inputs(
             "weight as nn.Linear stores it (out_features x in_features), not its transpose"
         )
     if weight.shape[0] < 2:
-        raise ValueError(f"the vocabulary must have at least 2 tokens, got V={weight.shape[0]}")
+        raise ValueError(f"weight must have at least 2 rows (a vocabulary of V >= 2 tokens), got V={weight.shape[0]}")
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}: cast both to one dtype")
     if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],)):
@@ -215,6 +221,11 @@ def _check_inputs(
             raise ValueError(f"teacher_topk rest must have shape {list(lead)}, got {list(rest.shape)}")
         if values.shape[-1] > vocab:
             raise ValueError(f"teacher_topk holds k={values.shape[-1]} logits per token but V={vocab}")
+        if not values.is_floating_point() or not rest.is_floating_point() or indices.dtype not in _INT_DTYPES:
+            raise TypeError(
+                f"teacher_topk must hold float values, integer indices and float rest, got {values.dtype}, "
+                f"{indices.dtype} and {rest.dtype}"
+            )
 
 
 # --------------------------------------------------------------------------- the chunk loop
@@ -502,6 +513,20 @@ def _fused(
             indices.detach().reshape(-1, k),
             rest.detach().reshape(-1),
         )
+    if validate_args and teacher_topk is not None:
+        values, indices, rest = (t for t in topk if t is not None)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocab):
+            raise ValueError(
+                f"teacher_topk indices lie in [{int(indices.min())}, {int(indices.max())}] but the head has V={vocab} "
+                f"outputs; they must lie in [0, {vocab - 1}] (was the cache built for another vocabulary?)"
+            )
+        # rest is -inf when k = V (nothing outside the top k); with k < V it fills columns and must be finite
+        rest_ok = torch.isfinite(rest) if values.shape[1] < vocab else ~torch.isnan(rest) & (rest != math.inf)
+        if not bool((torch.isfinite(values).all(dim=1) & rest_ok | ~valid).all()):
+            raise ValueError(
+                "teacher_topk values or rest contain NaN or inf at a valid position (rest may be -inf only when "
+                "k = V); check the cache or the teacher's forward pass"
+            )
     if validate_args and flat_t is not None:
         step = max(1, 2**22 // vocab)  # the check reads the teacher in pieces, never a [N, V] mask
         for start in range(0, num, step):
@@ -513,7 +538,7 @@ def _fused(
     chunk = default_chunk_size(num, num_hidden, vocab) if chunk_size is None else min(chunk_size, max(num, 1))
     opts = _Options(loss, float(beta), float(temperature), ce_weight, kd_weight, chunk)
     total, ce, kd = _FusedLinearLoss.apply(flat_h, weight, bias, labels, valid, flat_t, *topk, opts)
-    return FusedLossTerms(total.to(hidden.dtype), ce, kd)
+    return FusedLossTerms(result_in_dtype(total, hidden.dtype, validate_args, "hidden"), ce, kd)
 
 
 @overload

@@ -67,6 +67,17 @@ def _check_pair(grad: Tensor, weight: Tensor) -> None:
         )
 
 
+def _check_eps(eps: float) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0 (added to <W, W>), got {eps!r}")
+
+
+def _check_finite(tensor: Tensor, name: str) -> None:
+    """Reads values on the host: only the out-of-place functions (direct calls) do this, and only with validate_args."""
+    if not bool(torch.isfinite(_local(tensor)).all()):
+        raise ValueError(f"{name} contains NaN or inf; check the model's forward and backward pass")
+
+
 def _check_norm(norm: float | Tensor) -> None:
     if isinstance(norm, Tensor) and norm.numel() != 1:
         raise ValueError(f"norm must be one number, got a tensor of shape {tuple(norm.shape)}")
@@ -75,20 +86,28 @@ def _check_norm(norm: float | Tensor) -> None:
         raise ValueError(f"norm must be a finite number >= 0, got {value}")
 
 
-def frobenius_norm(weight: Tensor) -> Tensor:
+def frobenius_norm(weight: Tensor, validate_args: bool = True) -> Tensor:
     """Frobenius norm of ``weight`` (any shape): ``sqrt(sum(weight**2))``, a 0-d tensor.
 
     Accumulated in at least float32; the result has that dtype.
+
+    Args:
+        weight: any-shaped floating-point tensor.
+        validate_args: check that ``weight`` is finite (reads values on the host).
 
     Example:
         >>> import torch
         >>> frobenius_norm(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
         tensor(5.)
     """
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight!r:.80}")
+    if validate_args:
+        _check_finite(weight, "weight")
     return torch.linalg.vector_norm(weight, dtype=_accumulate_dtype(weight))
 
 
-def project_to_tangent(grad: Tensor, weight: Tensor, eps: float = 0.0) -> Tensor:
+def project_to_tangent(grad: Tensor, weight: Tensor, eps: float = 0.0, validate_args: bool = True) -> Tensor:
     """Remove from ``grad`` its component along ``weight``: ``g - <g, W> / <W, W> * W``.
 
     The result is orthogonal to ``weight`` (Frobenius inner product over all entries), so a small
@@ -98,7 +117,9 @@ def project_to_tangent(grad: Tensor, weight: Tensor, eps: float = 0.0) -> Tensor
     Args:
         grad: gradient of ``weight``, same shape (any shape: ``[out, in]``, ``[out, in, k, k]``...).
         weight: the constrained weight.
-        eps: added to ``<W, W>`` in the denominator (default ``0``: exact projection).
+        eps: added to ``<W, W>`` in the denominator, ``>= 0`` (default ``0``: exact projection).
+        validate_args: check that both tensors are finite (reads values on the host); the fused
+            :func:`project_to_tangent_` of the training step does not.
 
     Returns:
         A new tensor of ``grad``'s shape and dtype; the inputs are not modified.
@@ -111,6 +132,10 @@ def project_to_tangent(grad: Tensor, weight: Tensor, eps: float = 0.0) -> Tensor
                 [4., 5.]])
     """
     _check_pair(grad, weight)
+    _check_eps(eps)
+    if validate_args:
+        _check_finite(grad, "grad")
+        _check_finite(weight, "weight")
     dtype = _accumulate_dtype(weight)
     w = weight.detach().to(dtype)
     g = grad.to(dtype)
@@ -205,7 +230,9 @@ def project_to_tangent_(grads: Sequence[Tensor], weights: Sequence[Tensor], eps:
     What the LAWN callback calls on ``param.grad`` before each constrained optimizer step. The
     norms are one ``torch._foreach_norm``, the inner products one ``torch.dot`` each, and the
     update one ``torch._foreach_addcmul_`` per device, with no host-device
-    synchronization, so constraining every layer of a network stays cheap.
+    synchronization, so constraining every layer of a network stays cheap. For the same reason
+    nothing reads the values: a NaN or inf in a gradient or weight spreads over that tensor's
+    projection (and only that tensor's), where the optimizer step and Lightning's checks see it.
 
     Example:
         >>> import torch
@@ -216,6 +243,7 @@ def project_to_tangent_(grads: Sequence[Tensor], weights: Sequence[Tensor], eps:
     """
     if len(grads) != len(weights):
         raise ValueError(f"got {len(grads)} gradients for {len(weights)} weights: pass one gradient per weight")
+    _check_eps(eps)
     for grad, weight in zip(grads, weights, strict=True):
         _check_pair(grad, weight)
     for (_, reduction), indices in _groups(weights).items():
@@ -239,7 +267,7 @@ def project_to_tangent_(grads: Sequence[Tensor], weights: Sequence[Tensor], eps:
                 local.copy_(g)
 
 
-def rescale_to_norm(weight: Tensor, norm: float | Tensor) -> Tensor:
+def rescale_to_norm(weight: Tensor, norm: float | Tensor, validate_args: bool = True) -> Tensor:
     """``weight`` scaled to Frobenius norm ``norm``: ``norm * W / ||W||_F``.
 
     A zero weight cannot be rescaled (it has no direction) and is returned as is.
@@ -247,6 +275,7 @@ def rescale_to_norm(weight: Tensor, norm: float | Tensor) -> Tensor:
     Args:
         weight: any-shaped floating-point tensor.
         norm: the target norm, a number ``>= 0`` (or a one-element tensor).
+        validate_args: check that ``weight`` is finite (reads values on the host).
 
     Returns:
         A new tensor of ``weight``'s shape and dtype.
@@ -260,7 +289,9 @@ def rescale_to_norm(weight: Tensor, norm: float | Tensor) -> Tensor:
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {type(weight).__name__}")
     _check_norm(norm)
-    current = frobenius_norm(weight.detach())
+    if validate_args:
+        _check_finite(weight, "weight")
+    current = frobenius_norm(weight.detach(), validate_args=False)
     target = torch.as_tensor(norm, dtype=current.dtype, device=weight.device)
     # Branch-free (no host sync on accelerators): a zero weight keeps scale 1.
     nonzero = current > 0
@@ -275,6 +306,7 @@ def rescale_to_norm_(weights: Sequence[Tensor], norms: Sequence[float | Tensor] 
     What the LAWN callback calls on the constrained parameters after each optimizer step: one
     ``torch._foreach_norm`` and one ``torch._foreach_mul_`` per device. ``norms`` may be a ``[k]``
     tensor on the weights' device (what the callback passes: no host-device copy per step).
+    Values are not read (no host sync): a weight holding NaN or inf comes out with NaN entries.
 
     Example:
         >>> import torch

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_logits.functional._checks import check_logits, check_same_shape, check_target, hard_target
+from lightning_logits.functional._checks import (
+    check_logits,
+    check_same_shape,
+    check_target,
+    hard_target,
+    result_in_dtype,
+)
 
 __all__ = [
     "check_node_mask",
@@ -177,11 +183,10 @@ def mowst_loss(
         1.6269
     """
     _check_pair(weak_logits, strong_logits)
-    if validate_args:
-        check_target(target, weak_logits.shape[0], weak_logits.shape[1])
+    check_target(target, weak_logits.shape[0], weak_logits.shape[1], validate_args=validate_args)
     c = _check_confidence(confidence, weak_logits.shape[0], check_range=validate_args).float()
     per_node = c * _per_node_ce(weak_logits, target) + (1.0 - c) * _per_node_ce(strong_logits, target)
-    return per_node.mean().to(weak_logits.dtype)
+    return result_in_dtype(per_node.mean(), weak_logits.dtype, validate_args, "weak_logits")
 
 
 def mowst_star_loss(
@@ -210,11 +215,10 @@ def mowst_star_loss(
         0.3133
     """
     _check_pair(weak_logits, strong_logits)
-    if validate_args:
-        check_target(target, weak_logits.shape[0], weak_logits.shape[1])
+    check_target(target, weak_logits.shape[0], weak_logits.shape[1], validate_args=validate_args)
     c = _check_confidence(confidence, weak_logits.shape[0], check_range=validate_args).float()[:, None]
     mixed = c * weak_logits.float() + (1.0 - c) * strong_logits.float()
-    return _per_node_ce(mixed, target).mean().to(weak_logits.dtype)
+    return result_in_dtype(_per_node_ce(mixed, target).mean(), weak_logits.dtype, validate_args, "weak_logits")
 
 
 @torch.no_grad()

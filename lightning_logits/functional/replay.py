@@ -379,6 +379,13 @@ def _row(matrix: Tensor, after: int | None) -> int:
     i = t - 1 if after is None else int(after)
     if not 0 <= i < t:
         raise ValueError(f"after must be a task index in [0, {t - 1}], got {after}")
+    # the entries the summaries read, R[k, j] for j <= k <= i, must have been measured
+    measured = matrix[: i + 1, : i + 1][torch.ones(i + 1, i + 1, dtype=torch.bool, device=matrix.device).tril()]
+    if not bool(torch.isfinite(measured).all()):
+        raise ValueError(
+            f"the accuracy matrix has NaN or inf among its measured entries R[k, j], j <= k <= {i}: "
+            f"{matrix.tolist()}; evaluate every seen task after each task (NaN belongs above the diagonal only)"
+        )
     return i
 
 
@@ -412,7 +419,8 @@ def average_incremental_accuracy(matrix: Tensor, after: int | None = None) -> fl
         0.775
     """
     i = _row(matrix, after)
-    return round(sum(average_accuracy(matrix, k) for k in range(i + 1)) / (i + 1), 6)
+    # the mean of the unrounded row means, rounded once (rounding each row first is off by up to 1e-6)
+    return round(sum(float(matrix[k, : k + 1].double().mean()) for k in range(i + 1)) / (i + 1), 6)
 
 
 def average_forgetting(matrix: Tensor, after: int | None = None) -> float:

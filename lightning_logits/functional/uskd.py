@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_logits.functional._checks import check_logits, check_same_shape, check_target
+from lightning_logits.functional._checks import check_logits, check_same_shape, check_target, result_in_dtype
 
 __all__ = ["uskd_loss", "uskd_soft_target_weight", "uskd_target_classes", "uskd_zipf_labels"]
 
@@ -70,7 +70,22 @@ def uskd_target_classes(target: Tensor, num_classes: int, validate_args: bool = 
     return labels, torch.ones(labels.shape, dtype=torch.float32, device=target.device)
 
 
-def uskd_soft_target_weight(probs: Tensor, labels: Tensor, values: Tensor) -> Tensor:
+def _check_labels(labels: Tensor, num_samples: int, num_classes: int, validate_args: bool) -> None:
+    """int64 ``[N, K]`` target classes, ``1 <= K <= C``; the range in ``[0, C)`` only with ``validate_args``."""
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+        raise TypeError(f"labels must be an int64 tensor [N, K] (uskd_target_classes), got {labels!r:.80}")
+    if labels.ndim != 2 or labels.shape[0] != num_samples or not 1 <= labels.shape[1] <= num_classes:
+        raise ValueError(
+            f"labels must have shape [N, K] = [{num_samples}, K] with 1 <= K <= C = {num_classes}, got "
+            f"{tuple(labels.shape)}"
+        )
+    if validate_args and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"labels hold classes in [{int(labels.min())}, {int(labels.max())}] but there are {num_classes} classes"
+        )
+
+
+def uskd_soft_target_weight(probs: Tensor, labels: Tensor, values: Tensor, validate_args: bool = True) -> Tensor:
     """The detached soft label of each target class: ``p^2 + v - mean_batch(p^2)``, zero where ``v = 0``.
 
     The batch mean makes the weight depend on the batch (under DDP, the per-device batch); with
@@ -80,6 +95,7 @@ def uskd_soft_target_weight(probs: Tensor, labels: Tensor, values: Tensor) -> Te
         probs: ``[N, C]`` student probabilities ``softmax(s)``.
         labels: int64 ``[N, K]`` target classes (:func:`uskd_target_classes`).
         values: ``[N, K]`` their values.
+        validate_args: check the label range (a host read); shapes are checked either way.
 
     Returns:
         ``[N, K]`` weights ``pt``, without gradient.
@@ -91,13 +107,21 @@ def uskd_soft_target_weight(probs: Tensor, labels: Tensor, values: Tensor) -> Te
         >>> [round(x, 4) for x in w.flatten().tolist()]  # mean of p^2 is (0.25 + 0.81) / 2 = 0.53
         [0.72, 1.28]
     """
+    if not isinstance(probs, Tensor) or probs.ndim != 2 or not probs.is_floating_point():
+        raise ValueError(f"probs must be a floating point [N, C] tensor of probabilities, got {probs!r:.80}")
+    _check_labels(labels, probs.shape[0], probs.shape[1], validate_args)
+    if not isinstance(values, Tensor) or values.shape != labels.shape:
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"values must have the shape of labels {tuple(labels.shape)}, got {shape}")
     with torch.no_grad():
         squared = probs.gather(1, labels).pow(2)
         weight = squared + values.to(squared.dtype) - squared.mean(dim=0, keepdim=True)
         return weight.masked_fill(values == 0, 0.0)
 
 
-def uskd_zipf_labels(logits: Tensor, weak_logits: Tensor, labels: Tensor, rank_by: str = "log_prob") -> Tensor:
+def uskd_zipf_labels(
+    logits: Tensor, weak_logits: Tensor, labels: Tensor, rank_by: str = "log_prob", validate_args: bool = True
+) -> Tensor:
     """Zipf soft labels of the non-target classes, ranked by the student and its weak head.
 
     Every class ``j`` gets the score ``w_nj / (1 - sum_k w[n, y_k] + 1e-6) + q_nj / (1 - sum_k
@@ -113,6 +137,8 @@ def uskd_zipf_labels(logits: Tensor, weak_logits: Tensor, labels: Tensor, rank_b
         weak_logits: ``[N, C]`` weak-head logits.
         labels: int64 ``[N, K]`` distinct target classes per row.
         rank_by: ``"log_prob"`` or ``"prob"``.
+        validate_args: check that the logits are finite and the labels in range (host reads);
+            shapes are checked either way.
 
     Returns:
         ``[N, C - K]`` labels of the non-target classes, in class order, rows summing to one,
@@ -127,6 +153,10 @@ def uskd_zipf_labels(logits: Tensor, weak_logits: Tensor, labels: Tensor, rank_b
     """
     if rank_by not in RANK_BY:
         raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")
+    check_logits(logits, validate_args=validate_args)
+    check_logits(weak_logits, "weak_logits", validate_args=validate_args)
+    check_same_shape(logits, weak_logits, "logits", "weak_logits")
+    _check_labels(labels, logits.shape[0], logits.shape[1], validate_args)
     with torch.no_grad():
         n, c = logits.shape
         weak = weak_logits.softmax(dim=1)
@@ -220,7 +250,7 @@ def uskd_loss(
     log_probs = student.log_softmax(dim=1)
 
     # Target term: the student's own confidence, shifted by the batch mean, is its target label.
-    weight = uskd_soft_target_weight(log_probs.exp(), labels, values.to(dtype))
+    weight = uskd_soft_target_weight(log_probs.exp(), labels, values.to(dtype), validate_args=False)
     loss_target = -(weight * log_probs.gather(1, labels)).sum(dim=1).mean()
 
     # Weak head: cross-entropy with label smoothing 0.1 against the full target.
@@ -229,9 +259,9 @@ def uskd_loss(
     loss_weak = -mu * (smoothed * weak.log_softmax(dim=1)).sum(dim=1).mean()
 
     # Non-target term: Zipf labels over the classes left after removing the targets.
-    zipf = uskd_zipf_labels(student, weak, labels, rank_by)
+    zipf = uskd_zipf_labels(student, weak, labels, rank_by, validate_args=False)
     non_target_logits = student.gather(1, _non_target_classes(labels, n, c))
     loss_non = -(zipf * non_target_logits.log_softmax(dim=1)).sum(dim=1).mean()
 
     loss = alpha * loss_target + beta * loss_non + loss_weak
-    return loss.to(logits.dtype)
+    return result_in_dtype(loss, logits.dtype, validate_args)

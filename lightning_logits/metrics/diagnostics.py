@@ -7,6 +7,7 @@ concatenated data.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -62,6 +63,8 @@ class OODDetection(Metric):
         for scores, flag in ((id_scores, True), (ood_scores, False)):
             if scores is None:
                 continue
+            if not isinstance(scores, Tensor):
+                raise TypeError(f"scores must be a torch.Tensor [N], got {type(scores).__name__}")
             if scores.ndim != 1:
                 raise ValueError(f"scores must have shape [N], got {tuple(scores.shape)}")
             self.scores.append(scores.detach().double())
@@ -114,6 +117,8 @@ class AURC(Metric):
         self.correct.append(correct.detach().bool())
 
     def compute(self) -> Tensor:
+        if isinstance(self.scores, list) and not self.scores:  # after a DDP sync the state is one tensor
+            raise ValueError("AURC has no scores; call update(scores, correct) first (is the loader empty?)")
         return aurc(dim_zero_cat(self.scores), dim_zero_cat(self.correct).bool())
 
 
@@ -158,6 +163,10 @@ class MaNoScore(Metric):
             raise ValueError(f"normalization must be 'auto', 'softmax' or 'taylor', got {normalization!r}")
         if taylor_order < 1:
             raise ValueError(f"taylor_order must be >= 1, got {taylor_order}")
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or math.isnan(threshold):
+            raise ValueError(
+                f"threshold must be a number (MaNo's criterion threshold, officially 5), got {threshold!r}"
+            )
         self.p, self.normalization, self.threshold, self.taylor_order = p, normalization, threshold, taylor_order
         for name in ("pow_softmax", "pow_taylor", "criterion_sum", "num_samples", "num_entries"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -167,8 +176,9 @@ class MaNoScore(Metric):
         if logits.ndim != 2 or logits.shape[1] < 2:
             raise ValueError(f"logits must have shape [N, C] with C >= 2, got {tuple(logits.shape)}")
         z = logits.detach().double()
-        self.pow_softmax += mano_normalize(z, "softmax").abs().pow(self.p).sum()
-        self.pow_taylor += mano_normalize(z, "taylor", self.taylor_order).abs().pow(self.p).sum()
+        # no host read per batch: non-finite logits turn the sums non-finite, which compute() refuses
+        self.pow_softmax += mano_normalize(z, "softmax", validate_args=False).abs().pow(self.p).sum()
+        self.pow_taylor += mano_normalize(z, "taylor", self.taylor_order, validate_args=False).abs().pow(self.p).sum()
         self.criterion_sum += -z.log_softmax(dim=1).mean(dim=1).sum()
         self.num_samples += z.shape[0]
         self.num_entries += z.numel()
@@ -176,6 +186,12 @@ class MaNoScore(Metric):
     def compute(self) -> Tensor:
         if float(self.num_samples) == 0:
             raise ValueError("MaNoScore has no logits; is the shifted loader empty?")
+        sums = torch.stack([self.pow_softmax, self.pow_taylor, self.criterion_sum])
+        if not bool(torch.isfinite(sums).all()):
+            raise ValueError(
+                "MaNoScore was updated with non-finite logits (NaN or inf); check the model's forward pass "
+                "on the shifted set"
+            )
         normalization = self.normalization
         if normalization == "auto":
             criterion = float(self.criterion_sum / self.num_samples)

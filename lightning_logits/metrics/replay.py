@@ -26,6 +26,9 @@ class AccuracyMatrix(Metric):
             UER author's framework does for every method but PCR/HPCR, ``FelixHuiweiLin/PCR``
             ``agents/base.py`` ``evaluate``); ``"seen"``: classes of tasks after ``after_task`` are
             left out of the argmax (what that framework does for PCR/HPCR).
+        validate_args: in :meth:`update`, check that the logits are finite and the labels in
+            ``[0, C)`` (reads values on the host, once per evaluation batch; default ``True``, as
+            torchmetrics' classification metrics). Shapes are checked either way.
         **kwargs: passed to :class:`torchmetrics.Metric`.
 
     Example:
@@ -45,8 +48,15 @@ class AccuracyMatrix(Metric):
     total: Tensor
     task_of_class: Tensor
 
-    def __init__(self, task_of_class: Tensor, eval_mask: Literal["all", "seen"] = "all", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        task_of_class: Tensor,
+        eval_mask: Literal["all", "seen"] = "all",
+        validate_args: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        self.validate_args = validate_args
         if eval_mask not in ("all", "seen"):
             raise ValueError(f"eval_mask must be 'all' or 'seen', got {eval_mask!r}")
         task_of_class = torch.as_tensor(task_of_class, dtype=torch.int64)
@@ -68,8 +78,21 @@ class AccuracyMatrix(Metric):
             )
         if target.shape != logits.shape[:1]:
             raise ValueError(f"target must have shape [N] = [{logits.shape[0]}], got {tuple(target.shape)}")
-        if not 0 <= after_task < self.num_tasks:
-            raise ValueError(f"after_task must be in [0, {self.num_tasks - 1}], got {after_task}")
+        if isinstance(after_task, bool) or not isinstance(after_task, int) or not 0 <= after_task < self.num_tasks:
+            raise ValueError(f"after_task must be an int in [0, {self.num_tasks - 1}], got {after_task!r}")
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+        if self.validate_args and target.numel():
+            low, high = int(target.min()), int(target.max())
+            if low < 0 or high >= logits.shape[1]:
+                raise ValueError(
+                    f"target holds labels in [{low}, {high}] but there are {logits.shape[1]} classes; labels must lie "
+                    f"in [0, {logits.shape[1] - 1}]"
+                )
+            if not bool(torch.isfinite(logits).all()):
+                raise ValueError(
+                    "logits contain NaN or inf: their argmax means nothing; check the model's forward pass"
+                )
         task_of_class = self.task_of_class.to(logits.device)
         if self.eval_mask == "seen":
             logits = logits.masked_fill(task_of_class > after_task, float("-inf"))
