@@ -25,7 +25,7 @@ pytestmark = pytest.mark.ddp
 
 CHILD = ROOT / "tests" / "two_node_child.py"
 # Written by every rank by design: the rows of the cache each rank computed (disjoint parts of shared files).
-SHARED_BY_DESIGN = {f"cache/{name}.npy" for name in ("values", "indices", "rest", "written")}
+SHARED_BY_DESIGN = {f"cache/{name}.npy" for name in ("values", "indices", "rest", "written", "checksum")}
 
 
 def _two_nodes(part: str, out: Path) -> tuple[list[str], list[str], float]:

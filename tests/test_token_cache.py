@@ -38,7 +38,7 @@ from lightning_logits.teacher_cache import (
 from tests.conftest import find_free_port
 from tests.helpers import fast_trainer
 from tests.sync_counter import HostReadCounter, counting_callbacks
-from tests.test_distillation_losses import reference
+from tests.test_distillation_losses import LM_NAMES, reference
 
 transformers = pytest.importorskip(
     "transformers", reason="Hugging Face transformers is not installed: pip install -e '.[dev]'"
@@ -280,7 +280,7 @@ class Checked(TeacherDistillation):
         reread = TokenLogitCache(self.cache_path).logits(token_index)  # type: ignore[arg-type]
         assert torch.equal(teacher, reread)  # the rows at the batch's token_index, rebuilt
         keep = context.target != -100
-        want = reference(self.loss, context.logits[keep], teacher[keep], context.target[keep], 1.0)
+        want = reference(self.loss, context.logits[keep], teacher[keep], context.target[keep], self.temperature)
         line = f"{value.item():.8f} {want:.8f} {int(token_index.max())}\n"
         with (Path(self.out_dir) / f"{self.name}_rank{context.trainer.global_rank}.txt").open("a") as fh:
             fh.write(line)
@@ -296,9 +296,9 @@ def _sgd(params):  # type: ignore[no-untyped-def]  # module level: ddp_spawn pic
     return torch.optim.SGD(params, lr=0.05)
 
 
-def _check_logs(out_dir: Path, ranks: int, steps: int) -> set[int]:
+def _check_logs(out_dir: Path, ranks: int, steps: int, losses: tuple[str, ...] = ("forward_kl", "jsd")) -> set[int]:
     seen = set()
-    for loss in ("forward_kl", "jsd"):
+    for loss in losses:
         for rank in range(ranks):
             lines = (out_dir / f"c_{loss}_rank{rank}.txt").read_text().splitlines()
             assert len(lines) == steps, (loss, rank, lines)
@@ -309,17 +309,20 @@ def _check_logs(out_dir: Path, ranks: int, steps: int) -> set[int]:
     return seen
 
 
-def test_a_hf_causal_lm_distills_from_the_flat_cache_with_forward_kl_and_jsd(tmp_path: Path) -> None:
+TOKEN_LOSSES = ("kd", *LM_NAMES)
+
+
+def test_a_hf_causal_lm_distills_from_the_flat_cache_with_every_token_loss(tmp_path: Path) -> None:
     docs = documents(count=20)
     build_token_cache(hf_teacher(), docs, tmp_path / "c", k=8)
-    callbacks = [Checked(str(tmp_path / "c"), loss, str(tmp_path)) for loss in ("forward_kl", "jsd")]
+    callbacks = [Checked(str(tmp_path / "c"), loss, str(tmp_path)) for loss in TOKEN_LOSSES]
     torch.manual_seed(0)
     module = CausalLM(llama(hidden=32), optimizer=_sgd)
     with HostReadCounter() as counter:  # steps 1 and 2: after the first step's checks
         start, end = counting_callbacks(counter, first=1, last=3)
         trainer = fast_trainer(max_steps=3, limit_val_batches=0, callbacks=[start, *callbacks, end])
         trainer.fit(module, train_dataloaders=DataLoader(_rows(docs), batch_size=4))
-    assert len(_check_logs(tmp_path, ranks=1, steps=3)) == 3  # three different batches
+    assert len(_check_logs(tmp_path, ranks=1, steps=3, losses=TOKEN_LOSSES)) == 3  # three different batches
     assert counter.steps == 2 and not [site for site in counter.sites if "/lightning_logits/" in site], counter.sites
     assert trainer.callback_metrics["train/loss_c_jsd_epoch"] > 0
 
