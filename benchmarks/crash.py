@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 # imported here, once: the forked runs share them
+from benchmarks.harness import ResumableLoader
 from lightning_logits.callbacks import (
     ERACE,
     LAWN,
@@ -94,29 +95,6 @@ def blobs(n: int = 48, in_features: int = 16, num_classes: int = 4, seed: int = 
     y = torch.arange(n) % num_classes
     x = (torch.randn(num_classes, in_features, generator=g) * 2)[y] + torch.randn(n, in_features, generator=g)
     return x, y
-
-
-class ResumableLoader(DataLoader):  # type: ignore[type-arg]
-    """A DataLoader that Lightning checkpoints: resumed mid-epoch, it continues with the next batch."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._yielded = 0
-        self._skip = 0
-
-    def __iter__(self) -> Any:
-        skip, self._skip = self._skip, 0
-        self._yielded = skip
-        for number, batch in enumerate(super().__iter__()):
-            if number >= skip:
-                self._yielded = number + 1
-                yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches": self._yielded}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = int(state["batches"])
 
 
 class BlobData(pl.LightningDataModule):

@@ -459,3 +459,31 @@ def run_child(command: list[str], name: str) -> dict[str, Any]:
         sys.stderr.write(proc.stderr[-2000:])
         raise SystemExit(f"case {name} failed")
     return json.loads(lines[0][len("RESULT ") :])
+
+
+class ResumableLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
+    """A DataLoader that Lightning checkpoints (``state_dict``): a run resumed mid-epoch continues with the
+    next batch instead of the epoch's first (what torchdata's StatefulDataLoader does for real data).
+
+    Used by the crash benchmark and the multi-process test worker, whose resumed runs must see the
+    batches an uninterrupted run sees.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._skip = 0
+
+    def __iter__(self) -> Any:
+        skip, self._skip = self._skip, 0
+        self._yielded = skip
+        for number, batch in enumerate(super().__iter__()):
+            if number >= skip:
+                self._yielded = number + 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state["batches"])

@@ -31,6 +31,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.distributed._composable.contract import _get_registry  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
+from benchmarks.harness import ResumableLoader  # noqa: E402
 from lightning_logits.callbacks import (  # noqa: E402
     ERACE,
     LAWN,
@@ -46,31 +47,6 @@ from tests.helpers import TinyMLP, blob_data  # noqa: E402
 
 NUM_SAMPLES = 160
 TEACHER_SEED = 7
-
-
-class ResumableLoader(DataLoader):  # type: ignore[type-arg]
-    """A DataLoader that Lightning checkpoints (``state_dict``): a run resumed mid-epoch continues with the
-    next batch instead of the epoch's first (what torchdata's StatefulDataLoader does for real data)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._yielded = 0
-        self._skip = 0
-
-    def __iter__(self) -> Any:
-        skip, self._skip = self._skip, 0
-        self._yielded = 0
-        for index, batch in enumerate(super().__iter__()):
-            if index < skip:
-                continue
-            self._yielded = index + 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches": self._yielded}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = int(state["batches"])
 
 
 class IndexedData(pl.LightningDataModule):
