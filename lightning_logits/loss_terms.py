@@ -158,7 +158,8 @@ class StepScalars:
     @torch.compiler.disable  # bookkeeping: never traced into a compiled training_step
     def update(self, module: pl.LightningModule | None, values: list[Tensor], batch_size: int) -> None:
         """Record one step's values (scalars); on a logging step check the pending ones and log these."""
-        row = [_detached_scalar(v) for v in values]
+        # Detached only: the cast to float32 0-d tensors waits for the logging step (few steps pay it).
+        row = [v.detach() for v in values]
         trainer = module._trainer if module is not None else None
         step = trainer.global_step if trainer is not None else len(self._pending)
         self._last = row
@@ -175,7 +176,7 @@ class StepScalars:
             self._log_step(module, row, batch_size)
 
     def _log_step(self, module: pl.LightningModule, row: list[Tensor], batch_size: int) -> None:
-        logged = {f"{k}_step": v for k, v in zip(self.keys, row, strict=True) if k is not None}
+        logged = {f"{k}_step": _as_scalar(v) for k, v in zip(self.keys, row, strict=True) if k is not None}
         module.log_dict(logged, on_step=True, on_epoch=False, prog_bar=self.prog_bar, batch_size=batch_size)
         self._logged = (module._current_fx_name, set(logged))
 
@@ -196,7 +197,7 @@ class StepScalars:
         """Check the pending steps for NaN/inf (one host read) and fold them into the epoch sum."""
         if not self._pending:
             return
-        history = torch.stack([v for row in self._pending for v in row]).view(len(self._pending), -1)  # [S, K]
+        history = torch.stack([_as_scalar(v) for row in self._pending for v in row]).view(len(self._pending), -1)
         finite = torch.isfinite(history)
         if not bool(finite.all()):
             self._raise(history, finite, step)
@@ -241,16 +242,15 @@ class StepScalars:
             return
         logged = {f"{k}_epoch": v for k, v in means.items()}
         # Lightning sends the epoch's last step values with the epoch values: so do we.
-        logged.update({f"{k}_step": last[i] for i, k in enumerate(self.keys) if k is not None})
+        logged.update({f"{k}_step": _as_scalar(last[i]) for i, k in enumerate(self.keys) if k is not None})
         # One reduction per epoch (not per step): the epoch means are averaged over DDP ranks.
         epoch = dict(on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
         module.log_dict(logged, prog_bar=self.prog_bar, **epoch)  # type: ignore[arg-type]
         module.log_dict(means, logger=False, prog_bar=False, **epoch)  # type: ignore[arg-type]
 
 
-def _detached_scalar(value: Tensor) -> Tensor:
-    """``value`` detached, as a float32 0-d tensor (no copy when it is one already)."""
-    value = value.detach()
+def _as_scalar(value: Tensor) -> Tensor:
+    """``value`` as a float32 0-d tensor (no copy when it is one already)."""
     if value.ndim == 0 and value.dtype == torch.float32:
         return value
     return value.reshape(()).float()
@@ -595,6 +595,7 @@ class LossTermHub:
         self.callbacks: list[LossTermCallback] = []
         self.tap: LogitTap | None = None
         self.scalars: StepScalars | None = None
+        self._replaced = False  # whether a callback replaces the task loss
         self._original_step = pl_module.training_step
         # Instance attribute: Lightning (and its DDP wrapper) look training_step up on the instance.
         pl_module.training_step = self._training_step  # type: ignore[method-assign]
@@ -652,12 +653,19 @@ class LossTermHub:
             # A head is optional here: terms that need only logits read them from the step's output.
             self.ensure_tap(require_head=False)
         self.callbacks.append(callback)
+        self._callbacks_changed()
 
     def unregister(self, callback: LossTermCallback) -> None:
         if callback in self.callbacks:
             self.callbacks.remove(callback)
+            self._callbacks_changed()
         if not self.callbacks:
             self.detach()
+
+    def _callbacks_changed(self) -> None:
+        # Read every step: worked out once per change of the callbacks, not per step.
+        self._replaced = any(c.replaces_task_loss for c in self.callbacks)
+        self.scalars = None
 
     def detach(self) -> None:
         """Restore the original ``training_step`` and remove all hooks."""
@@ -690,10 +698,9 @@ class LossTermHub:
                 "loss-term callbacks need a loss tensor or a dict with a 'loss' entry"
             )
         context = StepContext(self.pl_module.trainer, self.pl_module, batch, int(batch_idx), output, task_loss, tap)
-        callbacks = self.callbacks
-        replaced = any(c.replaces_task_loss for c in callbacks)
+        replaced = self._replaced
         terms = context.terms
-        for callback in callbacks:
+        for callback in self.callbacks:
             term = callback.loss_term(context)
             terms[callback.name] = term if callback.weight == 1.0 else callback.weight * term
         # A deferred task loss is resolved here if no callback computed (or provided) it.
@@ -707,7 +714,7 @@ class LossTermHub:
         # A replaced task loss is not optimized, so it is neither checked nor logged.
         values = [*terms.values(), total] if replaced else [task, *terms.values(), total]
         scalars = self.scalars
-        if scalars is None or len(scalars.names) != len(values) or scalars.names[-len(terms) - 1 : -1] != list(terms):
+        if scalars is None:  # one per set of callbacks: register and unregister drop it
             names = ([] if replaced else ["task"]) + list(terms) + ["total"]
             keys: list[str | None] = [None if n == "task" else f"train/loss_{n}" for n in names]
             scalars = self.scalars = StepScalars(names, keys, prog_bar=True)

@@ -59,13 +59,13 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_logits.batch import batch_input, batch_target, module_reader
 from lightning_logits.buffers import BUFFER_KINDS, ReservoirBuffer, make_buffer
 from lightning_logits.functional.replay import er_ace_loss, replay_cross_entropy, uer_loss
 from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext, check_state_version
+from lightning_logits.networks.heads import LogitTap
 
 __all__ = ["ERACE", "UER", "ExperienceReplay", "ReplayCallback"]
 
@@ -163,11 +163,9 @@ class ReplayCallback(LossTermCallback):
         self._world_size = 1
         self._pending_states: list[dict[str, Any]] | None = None
         self._validated = False
-        # The head's forward hook, registered once in setup, records into this list during the
-        # replay forward only (a hook of its own, not the hub's tap: the tap's records of the
-        # incoming batch must stay what other loss terms read in this step).
-        self._replay_records: list[tuple[Tensor, Tensor]] | None = None
-        self._replay_hook: RemovableHandle | None = None
+        # The hub's tap records the replay forward too (after the incoming batch's records, which
+        # stay first: what other loss terms read in this step).
+        self._tap: LogitTap | None = None
 
     @property
     def validate_args(self) -> bool:
@@ -185,8 +183,7 @@ class ReplayCallback(LossTermCallback):
                 f"nn.Linear. {_CUSTOM_MODULE_HELP}"
             )
         self._head = tap.head
-        self._remove_replay_hook()
-        self._replay_hook = tap.head.register_forward_hook(self._record_replay)
+        self._tap = tap
         self._rank, self._world_size = trainer.global_rank, trainer.world_size
         if self._pending_states is not None:
             self._restore()
@@ -194,20 +191,10 @@ class ReplayCallback(LossTermCallback):
             # Per-rank random streams: the same seed on every rank would replay the same slots.
             self.buffer = make_buffer(self.buffer_kind, self.buffer_size, seed=self.seed + self._rank)
 
-    def _record_replay(self, _module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        records = self._replay_records
-        if records is not None:
-            records.append((args[0], output))
-
-    def _remove_replay_hook(self) -> None:
-        if self._replay_hook is not None:
-            self._replay_hook.remove()
-            self._replay_hook = None
-
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._remove_replay_hook()
+            self._tap = None
         super().teardown(trainer, pl_module, stage)
 
     @property
@@ -218,11 +205,6 @@ class ReplayCallback(LossTermCallback):
         return self._head
 
     # -- the step ---------------------------------------------------------------------------
-
-    def _timed(self, pl_module: pl.LightningModule) -> contextlib.AbstractContextManager[None]:
-        if not self.profile_buffer:
-            return contextlib.nullcontext()
-        return self._timer(pl_module)
 
     @contextlib.contextmanager
     def _timer(self, pl_module: pl.LightningModule) -> Iterator[None]:
@@ -236,17 +218,15 @@ class ReplayCallback(LossTermCallback):
 
     def replay_forward(self, pl_module: pl.LightningModule, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Run the replayed inputs through the module; returns the head's ``(features, logits)``."""
-        records: list[tuple[Tensor, Tensor]] = []
-        self._replay_records = records
-        try:
-            pl_module(inputs)
-        finally:
-            self._replay_records = None
-        if not records:
+        tap = self._tap
+        if tap is None:
+            raise RuntimeError(f"{type(self).__name__} is not set up yet: it finds the head in Trainer.fit's setup")
+        all_features, all_logits = tap.record_pass(lambda: pl_module(inputs))
+        if not all_logits:
             raise RuntimeError(
                 f"pl_module(x) did not run the classifier head on the replayed batch. {_CUSTOM_MODULE_HELP}"
             )
-        features, logits = records[-1]
+        features, logits = all_features[-1], all_logits[-1]
         if features.ndim != 2 or logits.ndim != 2:
             raise ValueError(
                 f"the head's input/output have shapes {tuple(features.shape)}/{tuple(logits.shape)}; replay "
@@ -262,7 +242,10 @@ class ReplayCallback(LossTermCallback):
                 f"{type(self).__name__} needs int class targets, got dtype {target.dtype} (soft targets, e.g. "
                 "from mixup, are not supported)"
             )
-        with self._timed(context.pl_module):
+        if self.profile_buffer:
+            with self._timer(context.pl_module):
+                replay = self.buffer.sample(self.replay_batch_size)
+        else:
             replay = self.buffer.sample(self.replay_batch_size)
         replay_input, replay_target = replay["input"], replay["target"]
         features: Tensor | None = None
@@ -323,7 +306,10 @@ class ReplayCallback(LossTermCallback):
         if clean is not None:  # the batch holds the augmented input: store the original
             inputs = clean
         target = custom_target(batch) if custom_target is not None else batch_target(batch)
-        with self._timed(pl_module):
+        if self.profile_buffer:
+            with self._timer(pl_module):
+                self.buffer.add(inputs, target)
+        else:
             self.buffer.add(inputs, target)
 
     # -- checkpointing ----------------------------------------------------------------------

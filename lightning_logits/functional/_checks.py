@@ -80,7 +80,7 @@ def hard_target(target: Tensor) -> Tensor:
     """Class indices ``[N]`` from indices or soft scores (the argmax of soft scores)."""
     if target.is_floating_point():
         return target.argmax(dim=1)
-    return target.long()
+    return target if target.dtype == torch.int64 else target.long()
 
 
 def result_in_dtype(value: Tensor, dtype: torch.dtype, validate_args: bool = True, name: str = "logits") -> Tensor:
@@ -89,6 +89,8 @@ def result_in_dtype(value: Tensor, dtype: torch.dtype, validate_args: bool = Tru
     A finite result too large for a half-precision ``dtype`` would become ``inf`` silently; with
     ``validate_args`` (it reads the value on the host) that is an error saying what to pass instead.
     """
+    if value.dtype == dtype:
+        return value
     out = value.to(dtype)
     half = dtype in (torch.float16, torch.bfloat16)
     if validate_args and half and bool(torch.isfinite(value).all()) and not bool(torch.isfinite(out).all()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -38,6 +39,12 @@ def classification_loss(
     check_target(target, logits.shape[0], logits.shape[1], validate_args=validate_args)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    target = target.float() if target.is_floating_point() else target.long()
-    loss = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+    # Casts only where needed: a no-op cast still costs a dispatch, and this runs every step.
+    if target.is_floating_point():
+        target = target.float()
+    elif target.dtype != torch.int64:
+        target = target.long()
+    loss = F.cross_entropy(
+        logits if logits.dtype == torch.float32 else logits.float(), target, label_smoothing=label_smoothing
+    )
     return result_in_dtype(loss, logits.dtype, validate_args)

@@ -309,7 +309,11 @@ def replay_cross_entropy(logits: Tensor, target: Tensor, validate_args: bool = T
     _check_labels(target, logits.shape[0], logits.shape[1], "replay target", validate_args)
     if logits.shape[0] == 0:
         return logits.new_zeros((), dtype=torch.float32)
-    return F.cross_entropy(logits.float(), target.long())
+    # Casts only where needed: a no-op cast still costs a dispatch, and this runs every step.
+    return F.cross_entropy(
+        logits if logits.dtype == torch.float32 else logits.float(),
+        target if target.dtype == torch.int64 else target.long(),
+    )
 
 
 def er_ace_loss(

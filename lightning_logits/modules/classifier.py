@@ -241,9 +241,10 @@ class Classifier(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         x, target = batch_input(batch), batch_target(batch)
         validate = not self._validated
-        check_target(target, x.shape[0], self.num_classes, validate_args=validate)
         smoothing = self.label_smoothing
         if self.mixup is not None:
+            # The loss checks the target too, but after mixup has turned the labels into scores.
+            check_target(target, x.shape[0], self.num_classes, validate_args=validate)
             if x.shape[0] % 2:
                 raise ValueError(
                     f"mixup/cutmix need an even batch size, got {x.shape[0]}; use an even "
@@ -259,7 +260,10 @@ class Classifier(pl.LightningModule):
         self._record_train_step(logits, target, loss)
         if validate:  # nn.Module.__setattr__ costs more than this check: set once per fit
             self._validated = True
-        return {"loss": loss, "logits": logits, "target": target, "input": x}
+        if self.mixup is not None:  # loss terms must see the mixed input and its soft target
+            return {"loss": loss, "logits": logits, "target": target, "input": x}
+        # Lightning detaches every entry of the step's output each step: only what is new here.
+        return {"loss": loss, "logits": logits}
 
     @torch.compiler.disable  # metrics and logging stay eager when the module is compiled
     def _record_train_step(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:

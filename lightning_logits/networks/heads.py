@@ -11,7 +11,7 @@ Modules that this library adds to a user's model (auxiliary heads) live under th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -282,6 +282,21 @@ class LogitTap:
 
     def __exit__(self, *exc: object) -> None:
         self._active = False
+
+    def record_pass(self, run: Callable[[], Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """Call ``run()`` with recording on, keeping what was recorded before; its ``(features, logits)``.
+
+        For a second forward pass in a step (a replayed batch): the step's own records stay first,
+        and the same hook serves both passes (one hook call per head call, not one per user).
+        Returns the features and logits the head saw during ``run()``, in order.
+        """
+        start, active = len(self.logits), self._active
+        self._active = True
+        try:
+            run()
+        finally:
+            self._active = active
+        return self.features[start:], self.logits[start:]
 
     def remove(self) -> None:
         """Remove every hook; the model is as it was before the tap."""
