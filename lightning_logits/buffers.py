@@ -41,6 +41,11 @@ _FIELDS = ("inputs", "labels", "logits", "task_ids")
 _POOL = 1024  # uniforms drawn ahead from a buffer's generator in one call
 
 
+def _on(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` on ``device``: a copy that does not wait, only across devices (a no-op ``to`` still dispatches)."""
+    return tensor if tensor.device == device else tensor.to(device, non_blocking=True)
+
+
 def _index_tensor(values: list[int]) -> Tensor:
     """A CPU int64 tensor of ``values``.
 
@@ -242,19 +247,20 @@ class ReservoirBuffer:
         slots, positions = self._decide(labels)
         if slots.numel() == 0:
             return
+        # Under no_grad: the selected rows carry no graph (no detach needed). Moves only across devices.
         device = self.inputs.device
-        slots_d = slots.to(device, non_blocking=True)
-        positions_d = positions.to(inputs.device, non_blocking=True)
-        self.inputs.index_copy_(0, slots_d, inputs.detach().index_select(0, positions_d).to(device))
-        self.labels.index_copy_(0, slots_d, labels.detach().index_select(0, positions_d.to(labels.device)).to(device))
+        slots_d = _on(slots, device)
+        positions_d = _on(positions, inputs.device)
+        self.inputs.index_copy_(0, slots_d, _on(inputs.index_select(0, positions_d), device))
+        self.labels.index_copy_(0, slots_d, _on(labels.index_select(0, _on(positions_d, labels.device)), device))
         if self.logits is not None and logits is not None:
-            chosen = logits.detach().index_select(0, positions_d.to(logits.device))
+            chosen = logits.index_select(0, _on(positions_d, logits.device))
             self.logits.index_copy_(0, slots_d, chosen.to(device, self.logits.dtype))
         if self.task_ids is not None and task_ids is not None:
             if isinstance(task_ids, int):
                 self.task_ids.index_fill_(0, slots_d, task_ids)
             else:
-                chosen = task_ids.detach().index_select(0, positions_d.to(task_ids.device))
+                chosen = task_ids.index_select(0, _on(positions_d, task_ids.device))
                 self.task_ids.index_copy_(0, slots_d, chosen.to(device, torch.int64))
 
     def sample_indices(self, batch_size: int) -> Tensor:
@@ -284,7 +290,7 @@ class ReservoirBuffer:
         if self.inputs is None or self.labels is None:
             empty = torch.empty(0)
             return {"input": empty, "target": empty.long()}
-        index = self.sample_indices(batch_size).to(self.inputs.device, non_blocking=True)
+        index = _on(self.sample_indices(batch_size), self.inputs.device)
         batch = {"input": self.inputs.index_select(0, index), "target": self.labels.index_select(0, index)}
         if self.logits is not None:
             batch["logits"] = self.logits.index_select(0, index)

@@ -104,6 +104,28 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     return bool(getattr(connector, "should_update_logs", True))
 
 
+def _training_step_position(trainer: pl.Trainer, module: pl.LightningModule) -> tuple[int, bool]:
+    """``(trainer.global_step, is_logging_step(trainer))`` for a caller inside a training step, read directly.
+
+    Lightning's properties walk a chain of a dozen properties to answer these (which loop is
+    active, through a stage enum comparison; which optimization the module uses): microseconds,
+    every step. Inside a training step under automatic optimization the loop is the fit loop, the
+    global step is its optimizer-step count, and the step is logged when
+    ``(batches_that_stepped + 1) % log_every_n_steps == 0`` or a stop was requested: read here
+    directly. Anything else falls back to Lightning's properties.
+    """
+    every = getattr(trainer, "log_every_n_steps", None)
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    batches = getattr(epoch_loop, "_batches_that_stepped", None)
+    progress = getattr(getattr(epoch_loop, "automatic_optimization", None), "optim_progress", None)
+    step = getattr(progress, "optimizer_steps", None)
+    if type(every) is not int or type(batches) is not int or type(step) is not int or not module.automatic_optimization:
+        return trainer.global_step, is_logging_step(trainer)
+    if every == 0:
+        return step, False
+    return step, (batches + 1) % every == 0 or bool(trainer.should_stop)
+
+
 class StepScalars:
     """Scalars of every training step kept on the device: logged cheaply, averaged per epoch, checked lazily.
 
@@ -161,15 +183,17 @@ class StepScalars:
         # Detached only: the cast to float32 0-d tensors waits for the logging step (few steps pay it).
         row = [v.detach() for v in values]
         trainer = module._trainer if module is not None else None
-        step = trainer.global_step if trainer is not None else len(self._pending)
+        if trainer is None or module is None:
+            self._pending_meta.append((len(self._pending), batch_size))
+            self._pending.append(row)
+            self._last = row
+            return
+        step, logging_step = _training_step_position(trainer, module)
         self._last = row
         self._pending.append(row)
         self._pending_meta.append((step, batch_size))
-        if trainer is None or module is None:
-            return
         if self._logged is not None:
             self._release_logged(trainer)
-        logging_step = is_logging_step(trainer)
         if logging_step or len(self._pending) >= _MAX_PENDING:
             self.flush(step)
         if logging_step:

@@ -301,3 +301,40 @@ def test_step_scalars_name_the_first_bad_value() -> None:
     scalars.update(None, [torch.tensor(1.0), torch.tensor(float("inf"))], batch_size=2)
     with pytest.raises(FloatingPointError, match=r"'b' is inf at global step 1 \(found by .* step 7\)"):
         scalars.flush(step=7)
+
+
+@pytest.mark.parametrize(
+    ("every", "accumulate", "stop_at"),
+    [(3, 1, None), (1, 1, None), (4, 2, None), (0, 1, None), (5, 1, 2), (50, 1, None)],
+)
+def test_training_step_position_agrees_with_lightnings_properties(
+    every: int, accumulate: int, stop_at: int | None
+) -> None:
+    """StepScalars reads the step and the logging decision from the fit loop: they must be Lightning's at every step."""
+    from lightning_logits.loss_terms import _training_step_position
+
+    seen: list[tuple[tuple[int, bool], tuple[int, bool]]] = []
+
+    class Recording(Classifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            trainer = self.trainer
+            if stop_at is not None and batch_idx == stop_at:
+                trainer.should_stop = True  # e.g. EarlyStopping: Lightning logs this step
+            lightning = (trainer.global_step, bool(trainer._logger_connector.should_update_logs))
+            seen.append((_training_step_position(trainer, self), lightning))
+            return super().training_step(batch, batch_idx)
+
+    x, y = blob_data(n=96)
+    trainer = fast_trainer(
+        max_epochs=2,
+        limit_val_batches=0,
+        log_every_n_steps=every,
+        accumulate_grad_batches=accumulate,
+        callbacks=[LogitL2(weight=0.1)],
+    )
+    trainer.fit(Recording(TinyMLP()), datamodule=TensorDataModule(x, y, batch_size=8))
+    assert len(seen) >= 3
+    assert [ours for ours, _ in seen] == [lightning for _, lightning in seen]
+    if every and len(seen) >= every:
+        assert any(ours[1] for ours, _ in seen)  # the parametrization reaches logging steps
+    assert seen[-1][0][0] > 0  # and optimizer steps
