@@ -444,7 +444,9 @@ class UER(ReplayCallback):
     ``L = CE(cos(h, W) / τ, y) + CE(h_m W^T + b, y_m)``: the module's own loss is logged
     (by the module, e.g. ``train/loss`` for ``Classifier``) but not optimized
     (``replaces_task_loss``). Inference is unchanged: the plain dot-product logits. See the module
-    docstring for what a custom LightningModule must provide.
+    docstring for what a custom LightningModule must provide. The first step computes the loss
+    with :func:`~lightning_logits.functional.replay.uer_loss` and all its checks (values
+    included); later steps run the same computation without them.
 
     Args:
         buffer_size: samples kept in the reservoir (per rank under DDP).

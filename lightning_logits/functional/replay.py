@@ -218,8 +218,8 @@ def uer_loss(
             incoming batch's softmax (e.g. classes not seen yet). Every incoming label must be
             in the mask. The replay term always uses all classes.
         validate_args: check values on the host (finite inputs, labels in range, labels inside
-            the mask); a device sync. Shapes and dtypes are always checked. Callbacks pass
-            ``True`` on their first step only.
+            the mask); a device sync. Shapes and dtypes are always checked. ``UER`` calls this
+            function on its first step only, and the same computation without checks afterwards.
         replay_logits: ``[M, C]`` dot-product logits of the replayed batch when the head has
             already computed them (``replay_features @ weight.T + bias``); the replay term then
             uses them instead of recomputing them (pass ``replay_target`` with them, and leave
