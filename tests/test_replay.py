@@ -22,6 +22,7 @@ from lightning_logits.callbacks.replay import ERACE, UER, ExperienceReplay, Repl
 from lightning_logits.callbacks.replay_metrics import ContinualMetrics
 from lightning_logits.data.streams import ClassIncrementalStream
 from lightning_logits.functional.replay import (
+    _uer_loss_unchecked,
     average_accuracy,
     average_forgetting,
     average_incremental_accuracy,
@@ -286,6 +287,81 @@ def test_tiny_feature_row_gradient_is_bounded_by_one_over_norm() -> None:
     assert h.grad is not None and bool(torch.isfinite(h.grad).all())
     # ||d unit / dh|| <= 1 / (||h|| + eps) <= 1e6, times ||sum_c W_c / ||W_c|| || <= C
     assert float(h.grad.norm()) <= 4 * 1e6 + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("replayed", [None, 0, 3])
+def test_unchecked_uer_loss_gives_the_same_bits_as_uer_loss(
+    dtype: torch.dtype, masked: bool, replayed: int | None
+) -> None:
+    # The callback's path after its first step must compute exactly what uer_loss computes.
+    g = torch.Generator().manual_seed(3)
+    h0 = torch.randn(5, 6, generator=g, dtype=dtype)
+    h0[2] = 0.0  # a zero feature row: no gradient through the cosine on either path
+    w0 = torch.randn(4, 6, generator=g, dtype=dtype)
+    w0[3] = 0.0  # a zero weight row too
+    z0 = None if replayed is None else torch.randn(replayed, 4, generator=g, dtype=dtype)
+    y, ym = torch.tensor([0, 1, 2, 1, 0]), torch.tensor([3, 0, 2])[: replayed or 0]
+    mask = torch.tensor([True, True, True, False]) if masked else None
+    results = []
+    for checked in (True, False):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        z = None if z0 is None else z0.clone().requires_grad_(True)
+        if checked:
+            loss = uer_loss(
+                h, y, w, replay_target=None if z is None else ym, replay_logits=z, temperature=0.2, logit_mask=mask
+            )
+        else:
+            loss = _uer_loss_unchecked(h, y, w, 1.0 / 0.2, mask, z, None if z is None else ym)
+        leaves = [h, w] if not replayed else [h, w, z]  # an empty replay batch is not in the graph
+        results.append((loss.detach(), torch.autograd.grad(loss, leaves)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_b.dtype == torch.float32 and torch.equal(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.equal(a, b)
+    assert bool((grads_b[0][2] == 0).all()) and bool((grads_b[1][3] == 0).all())
+    assert float(loss_b) == pytest.approx(
+        ref_uer(h0, y, w0, tau=0.2, mask=mask) + (0.0 if not replayed else ref_ce(z0, ym)), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("mask", ["all", "present", "seen"])
+def test_uer_checks_on_its_first_step_only_and_every_step_matches_the_reference(
+    mask: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lightning_logits.callbacks.replay as replay_module
+
+    checked_calls: list[bool] = []
+    unchecked = replay_module._uer_loss_unchecked
+    checked = replay_module.uer_loss
+
+    def spy_checked(*args: Any, **kwargs: Any) -> Tensor:
+        checked_calls.append(True)
+        return checked(*args, **kwargs)
+
+    def spy_unchecked(features, target, weight, inverse_temperature, logit_mask, logits, replay_target):  # type: ignore[no-untyped-def]
+        checked_calls.append(False)
+        got = unchecked(features, target, weight, inverse_temperature, logit_mask, logits, replay_target)
+        # the value of the float64 restatement, with the mask the callback built
+        want = ref_uer(features.detach(), target, weight.detach(), tau=1.0 / inverse_temperature, mask=logit_mask)
+        if logits is not None:
+            want += ref_ce(logits.detach(), replay_target)
+        assert float(got) == pytest.approx(want, rel=1e-5)
+        return got
+
+    monkeypatch.setattr(replay_module, "uer_loss", spy_checked)
+    monkeypatch.setattr(replay_module, "_uer_loss_unchecked", spy_unchecked)
+    x, y = blob_data(n=48)
+    order = torch.argsort(y, stable=True)  # sorted by class: batches hold one or two of the 4 classes
+    x, y = x[order], y[order]
+    torch.manual_seed(0)
+    module = Classifier(TinyMLP(), optimizer=_sgd)
+    fast_trainer(max_epochs=1, limit_val_batches=0, callbacks=[UER(12, replay_batch_size=4, mask=mask)]).fit(  # type: ignore[arg-type]
+        module, datamodule=TensorDataModule(x, y, batch_size=8)
+    )
+    assert checked_calls == [True] + [False] * 5
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -63,7 +63,7 @@ from typing_extensions import override
 
 from lightning_logits.batch import batch_input, batch_target, module_reader
 from lightning_logits.buffers import BUFFER_KINDS, ReservoirBuffer, make_buffer
-from lightning_logits.functional.replay import er_ace_loss, replay_cross_entropy, uer_loss
+from lightning_logits.functional.replay import _uer_loss_unchecked, er_ace_loss, replay_cross_entropy, uer_loss
 from lightning_logits.loss_terms import LossTermCallback, LossTermHub, StepContext, check_state_version
 from lightning_logits.networks.heads import LogitTap
 
@@ -430,7 +430,9 @@ class UER(ReplayCallback):
     ``L = CE(cos(h, W) / τ, y) + CE(h_m W^T + b, y_m)``: the module's own loss is logged
     (by the module, e.g. ``train/loss`` for ``Classifier``) but not optimized
     (``replaces_task_loss``). Inference is unchanged: the plain dot-product logits. See the module
-    docstring for what a custom LightningModule must provide.
+    docstring for what a custom LightningModule must provide. The first step computes the loss
+    with :func:`~lightning_logits.functional.replay.uer_loss` and all its checks (values
+    included); later steps run the same computation without them.
 
     Args:
         buffer_size: samples kept in the reservoir (per rank under DDP).
@@ -509,25 +511,39 @@ class UER(ReplayCallback):
             raise ValueError(
                 f"the head's input has shape {tuple(current.shape)}; UER needs [N, D]. {_CUSTOM_MODULE_HELP}"
             )
-        weight = self.head.weight
+        head = self.head
+        weight = head.weight
         _check_gathered(weight)
-        validate = self.validate_args
-        # Checked on the first step only: reading the features on the host costs a device sync.
-        if validate and bool((current.detach().abs().amax(dim=1) == 0).any()):
+        mask = None if self.mask == "all" else self._logit_mask(target, weight.shape[0])
+        if self.validate_args:
+            loss = self._checked_loss(current, target, weight, mask, logits, replay_target)
+        else:
+            # After the first step: the same computation without uer_loss's checks, which the
+            # first step ran on these same inputs (see _uer_loss_unchecked).
+            loss = _uer_loss_unchecked(current, target, weight, 1.0 / self.temperature, mask, logits, replay_target)
+        if logits is None and head.bias is not None:
+            # The bias trains only through the replay term. With an empty buffer, a zero
+            # multiple keeps it in the graph: DDP fails on parameters without a gradient.
+            loss = loss + 0.0 * head.bias.sum()
+        return loss
+
+    def _checked_loss(
+        self,
+        current: Tensor,
+        target: Tensor,
+        weight: Tensor,
+        mask: Tensor | None,
+        logits: Tensor | None,
+        replay_target: Tensor,
+    ) -> Tensor:
+        """The first step's loss: :func:`uer_loss` with its value checks (a host sync, once)."""
+        if bool((current.detach().abs().amax(dim=1) == 0).any()):
             rank_zero_warn(
                 "UER: some incoming samples have all-zero features; their cosine logits are 0 (a uniform "
                 "softmax) and they get no gradient from the cosine term. Check for dead units before the head."
             )
-        mask = self._logit_mask(target, weight.shape[0])
         if logits is None:
-            loss = uer_loss(
-                current, target, weight, temperature=self.temperature, logit_mask=mask, validate_args=validate
-            )
-            if self.head.bias is not None:
-                # The bias trains only through the replay term. With an empty buffer, a zero
-                # multiple keeps it in the graph: DDP fails on parameters without a gradient.
-                loss = loss + 0.0 * self.head.bias.sum()
-            return loss
+            return uer_loss(current, target, weight, temperature=self.temperature, logit_mask=mask)
         # The head already computed the replayed logits in the replay forward: reuse them.
         return uer_loss(
             current,
@@ -537,7 +553,6 @@ class UER(ReplayCallback):
             replay_logits=logits,
             temperature=self.temperature,
             logit_mask=mask,
-            validate_args=validate,
         )
 
     @override

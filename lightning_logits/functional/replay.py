@@ -218,8 +218,8 @@ def uer_loss(
             incoming batch's softmax (e.g. classes not seen yet). Every incoming label must be
             in the mask. The replay term always uses all classes.
         validate_args: check values on the host (finite inputs, labels in range, labels inside
-            the mask); a device sync. Shapes and dtypes are always checked. Callbacks pass
-            ``True`` on their first step only.
+            the mask); a device sync. Shapes and dtypes are always checked. ``UER`` calls this
+            function on its first step only, and the same computation without checks afterwards.
         replay_logits: ``[M, C]`` dot-product logits of the replayed batch when the head has
             already computed them (``replay_features @ weight.T + bias``); the replay term then
             uses them instead of recomputing them (pass ``replay_target`` with them, and leave
@@ -254,10 +254,6 @@ def uer_loss(
         shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
         raise ValueError(f"bias must have shape [C] = [{num_classes}], got {shape}")
 
-    # The cosine logits over the temperature as one autograd node (see _ScaledCosine), in float32 or wider.
-    logits = _scaled_cosine(features, weight, 1.0 / temperature, 1e-6)
-    if logits.dtype != torch.float32:
-        logits = logits.float()
     if logit_mask is not None:
         if logit_mask.dtype != torch.bool or logit_mask.shape != (num_classes,):
             raise ValueError(
@@ -272,8 +268,6 @@ def uer_loss(
                     f"incoming labels {labels} are excluded by logit_mask; the mask must keep every "
                     "class present in the batch"
                 )
-        logits = logits.masked_fill(~logit_mask, float("-inf"))
-    loss = F.cross_entropy(logits, target.long())
 
     if replay_logits is not None and replay_features is not None:
         raise ValueError("pass replay_features or replay_logits, not both (the logits are computed from the features)")
@@ -282,14 +276,60 @@ def uer_loss(
     if replay_logits is None:
         if (replay_features is None) != (replay_target is None):
             raise ValueError("pass replay_features and replay_target together (or neither)")
-        if replay_features is None:
-            return loss
-        _check_matrix(replay_features, "replay_features", "[M, D] (replayed batch, feature dimension)", validate_args)
-        if replay_features.shape[1] != dim:
-            raise ValueError(f"replay_features have D={replay_features.shape[1]} but the head weight expects D={dim}")
-        replay_logits = F.linear(replay_features.float(), weight.float(), None if bias is None else bias.float())
-    assert replay_target is not None  # every path without it returned or raised above
-    return loss + _replay_term(replay_logits, replay_target, num_classes, "the head weight has", validate_args)
+        if replay_features is not None:
+            _check_matrix(
+                replay_features, "replay_features", "[M, D] (replayed batch, feature dimension)", validate_args
+            )
+            if replay_features.shape[1] != dim:
+                raise ValueError(
+                    f"replay_features have D={replay_features.shape[1]} but the head weight expects D={dim}"
+                )
+            replay_logits = F.linear(replay_features.float(), weight.float(), None if bias is None else bias.float())
+    if replay_logits is not None:
+        assert replay_target is not None  # every path without it raised above
+        _check_matrix(replay_logits, "replay_logits", "[M, C] (replayed batch, classes)", validate_args)
+        if replay_logits.shape[1] != num_classes:
+            raise ValueError(
+                f"replay_logits have C={replay_logits.shape[1]} classes but the head weight has C={num_classes}"
+            )
+        _check_labels(replay_target, replay_logits.shape[0], num_classes, "replay_target", validate_args)
+    return _uer_loss_unchecked(features, target, weight, 1.0 / temperature, logit_mask, replay_logits, replay_target)
+
+
+def _uer_loss_unchecked(
+    features: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    inverse_temperature: float,
+    logit_mask: Tensor | None,
+    replay_logits: Tensor | None,
+    replay_target: Tensor | None,
+) -> Tensor:
+    """:func:`uer_loss` after its checks: the computation alone, for callers that checked the inputs once.
+
+    :class:`~lightning_logits.callbacks.UER` calls :func:`uer_loss` on its first step and this
+    afterwards: on small steps the checks (a dozen Python-level tests and no-op dtype
+    conversions, about 10 us a step on a CPU) are a visible share of what UER adds to ER.
+    ``uer_loss`` computes through this function too, so both paths give the same bits.
+
+    Args: as :func:`uer_loss`, with ``inverse_temperature = 1 / τ``; ``replay_logits`` ``None``
+    or ``[0, C]``: no replay term (``replay_target`` is then not read).
+    """
+    # The cosine logits over the temperature as one autograd node (see _ScaledCosine), in float32 or wider.
+    logits = _scaled_cosine(features, weight, inverse_temperature, 1e-6)
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    if logit_mask is not None:
+        logits = logits.masked_fill(~logit_mask, float("-inf"))
+    loss = F.cross_entropy(logits, target if target.dtype == torch.int64 else target.long())
+    if replay_logits is None or replay_logits.shape[0] == 0:
+        return loss
+    assert replay_target is not None
+    if replay_logits.dtype != torch.float32:
+        replay_logits = replay_logits.float()
+    if replay_target.dtype != torch.int64:
+        replay_target = replay_target.long()
+    return loss + F.cross_entropy(replay_logits, replay_target)
 
 
 def replay_cross_entropy(logits: Tensor, target: Tensor, validate_args: bool = True) -> Tensor:
