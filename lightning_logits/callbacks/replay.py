@@ -166,6 +166,7 @@ class ReplayCallback(LossTermCallback):
         # The hub's tap records the replay forward too (after the incoming batch's records, which
         # stay first: what other loss terms read in this step).
         self._tap: LogitTap | None = None
+        self._readers: tuple[Callable[[Any], Any] | None, Callable[[Any], Any] | None] = (None, None)
 
     @property
     def validate_args(self) -> bool:
@@ -184,6 +185,8 @@ class ReplayCallback(LossTermCallback):
             )
         self._head = tap.head
         self._tap = tap
+        # The module's own batch readers, looked up once: methods of its class (or set in its __init__).
+        self._readers = (module_reader(pl_module, "batch_input"), module_reader(pl_module, "batch_target"))
         self._rank, self._world_size = trainer.global_rank, trainer.world_size
         if self._pending_states is not None:
             self._restore()
@@ -300,8 +303,7 @@ class ReplayCallback(LossTermCallback):
         clean, self._clean_input = self._clean_input, None
         if outputs is None:  # the module skipped this batch
             return
-        custom_input = module_reader(pl_module, "batch_input")
-        custom_target = module_reader(pl_module, "batch_target")
+        custom_input, custom_target = self._readers
         inputs = custom_input(batch) if custom_input is not None else batch_input(batch)
         if clean is not None:  # the batch holds the augmented input: store the original
             inputs = clean
