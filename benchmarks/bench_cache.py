@@ -72,6 +72,7 @@ def _build(fabric: Fabric, args: argparse.Namespace, out: str) -> dict[str, Any]
     slowest = max(fabric.all_gather(torch.tensor(mine)).reshape(-1).tolist())
     threads = torch.get_num_threads()
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # end gloo together: a rank closing early aborts the other at exit
         torch.distributed.destroy_process_group()
     return {"build_s": slowest, "threads": threads, "samples": len(dataset)}
 

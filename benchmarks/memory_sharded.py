@@ -92,6 +92,7 @@ def child(args: argparse.Namespace) -> None:
     out = Path(args.out_dir) / f"{args.arm}.rank{trainer.global_rank}.json"
     out.write_text(json.dumps(counts))
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # end gloo together: a rank closing early aborts the other at exit
         torch.distributed.destroy_process_group()
 
 

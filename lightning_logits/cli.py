@@ -12,6 +12,7 @@ import argparse
 import functools
 import importlib
 import json
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -103,7 +104,14 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _end_process_group() -> None:
+    """End the process group, after a barrier unless an exception is propagating (call it in ``finally``).
+
+    The barrier keeps a rank from closing its gloo sockets while another still talks to it (that
+    aborted the other at exit); after an error another rank may be stuck, so nobody waits for it.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if sys.exc_info()[0] is None:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -78,7 +78,8 @@ class TensorDataModule(pl.LightningDataModule):
         return self._loader()
 
 
-def _end_process_group() -> None:
+def end_process_group() -> None:
+    """End the process group on every rank together: a barrier, then ``destroy_process_group`` (see below)."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -97,8 +98,8 @@ class EndProcessGroupAtExit(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.world_size > 1 and multiprocessing.parent_process() is not None:
-            atexit.unregister(_end_process_group)
-            atexit.register(_end_process_group)
+            atexit.unregister(end_process_group)
+            atexit.register(end_process_group)
 
 
 def fast_trainer(**kwargs: Any) -> pl.Trainer:

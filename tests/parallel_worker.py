@@ -43,7 +43,7 @@ from lightning_logits.callbacks import (  # noqa: E402
 )
 from lightning_logits.modules import Classifier  # noqa: E402
 from lightning_logits.networks.sharding import is_sharded  # noqa: E402
-from tests.helpers import TinyMLP, blob_data  # noqa: E402
+from tests.helpers import TinyMLP, blob_data, end_process_group  # noqa: E402
 
 NUM_SAMPLES = 160
 TEACHER_SEED = 7
@@ -374,8 +374,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if global_seed is not None:
             os.environ["PL_GLOBAL_SEED"] = global_seed
-    if args.strategy != "single" and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if args.strategy != "single":
+        # Every rank ends the gloo group together: one rank closing its sockets while the other still
+        # talks to it aborted that rank at exit (SIGABRT, "terminate called without an active exception").
+        end_process_group()
 
 
 if __name__ == "__main__":

@@ -260,10 +260,7 @@ class Classifier(pl.LightningModule):
         self._record_train_step(logits, target, loss)
         if validate:  # nn.Module.__setattr__ costs more than this check: set once per fit
             self._validated = True
-        if self.mixup is not None:  # loss terms must see the mixed input and its soft target
-            return {"loss": loss, "logits": logits, "target": target, "input": x}
-        # Lightning detaches every entry of the step's output each step: only what is new here.
-        return {"loss": loss, "logits": logits}
+        return {"loss": loss, "logits": logits, "target": target, "input": x}
 
     @torch.compiler.disable  # metrics and logging stay eager when the module is compiled
     def _record_train_step(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
