@@ -714,7 +714,7 @@ class LossTermHub:
         task_loss: Tensor | DeferredTaskLoss
         if isinstance(output, Tensor):
             task_loss = output
-        elif isinstance(output, Mapping) and "loss" in output:
+        elif (type(output) is dict or isinstance(output, Mapping)) and "loss" in output:  # dict first: no ABC check
             task_loss = output["loss"]
         else:
             raise TypeError(
