@@ -68,10 +68,10 @@ def _check_labels(target: Tensor, num_samples: int, num_classes: int, name: str,
         raise TypeError(f"{name} must be an integer tensor, got dtype {target.dtype}")
 
 
-def _replay_term(
+def _check_replay(
     replay_logits: Tensor, replay_target: Tensor, num_classes: int, reference: str, validate_args: bool
-) -> Tensor | float:
-    """Mean cross-entropy of replayed ``[M, C]`` logits over all classes (0 for ``M = 0``), after the checks.
+) -> None:
+    """Check replayed ``[M, C]`` logits and their ``[M]`` labels against ``C`` classes.
 
     ``reference`` names what fixes ``C`` in the error message (the head's weight, the incoming logits).
     """
@@ -79,9 +79,18 @@ def _replay_term(
     if replay_logits.shape[1] != num_classes:
         raise ValueError(f"replay_logits have C={replay_logits.shape[1]} classes but {reference} C={num_classes}")
     _check_labels(replay_target, replay_logits.shape[0], num_classes, "replay_target", validate_args)
-    if replay_logits.shape[0] == 0:
-        return 0.0
-    return F.cross_entropy(replay_logits.float(), replay_target.long())
+
+
+def _cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy of ``[M, C]`` logits in float32 (or wider) against int ``[M]`` labels, unchecked.
+
+    Casts only what needs it: a no-op ``.float()``/``.long()`` still costs a dispatch, and the
+    replay losses run every step.
+    """
+    return F.cross_entropy(
+        logits if logits.dtype == torch.float32 else logits.float(),
+        target if target.dtype == torch.int64 else target.long(),
+    )
 
 
 _TINY = 1e-30  # a positive float32 (and float64) number: divides a zero <u, g> without a NaN
@@ -287,12 +296,7 @@ def uer_loss(
             replay_logits = F.linear(replay_features.float(), weight.float(), None if bias is None else bias.float())
     if replay_logits is not None:
         assert replay_target is not None  # every path without it raised above
-        _check_matrix(replay_logits, "replay_logits", "[M, C] (replayed batch, classes)", validate_args)
-        if replay_logits.shape[1] != num_classes:
-            raise ValueError(
-                f"replay_logits have C={replay_logits.shape[1]} classes but the head weight has C={num_classes}"
-            )
-        _check_labels(replay_target, replay_logits.shape[0], num_classes, "replay_target", validate_args)
+        _check_replay(replay_logits, replay_target, num_classes, "the head weight has", validate_args)
     return _uer_loss_unchecked(features, target, weight, 1.0 / temperature, logit_mask, replay_logits, replay_target)
 
 
@@ -321,15 +325,11 @@ def _uer_loss_unchecked(
         logits = logits.float()
     if logit_mask is not None:
         logits = logits.masked_fill(~logit_mask, float("-inf"))
-    loss = F.cross_entropy(logits, target if target.dtype == torch.int64 else target.long())
+    loss = _cross_entropy(logits, target)
     if replay_logits is None or replay_logits.shape[0] == 0:
         return loss
     assert replay_target is not None
-    if replay_logits.dtype != torch.float32:
-        replay_logits = replay_logits.float()
-    if replay_target.dtype != torch.int64:
-        replay_target = replay_target.long()
-    return loss + F.cross_entropy(replay_logits, replay_target)
+    return loss + _cross_entropy(replay_logits, replay_target)
 
 
 def replay_cross_entropy(logits: Tensor, target: Tensor, validate_args: bool = True) -> Tensor:
@@ -349,11 +349,7 @@ def replay_cross_entropy(logits: Tensor, target: Tensor, validate_args: bool = T
     _check_labels(target, logits.shape[0], logits.shape[1], "replay target", validate_args)
     if logits.shape[0] == 0:
         return logits.new_zeros((), dtype=torch.float32)
-    # Casts only where needed: a no-op cast still costs a dispatch, and this runs every step.
-    return F.cross_entropy(
-        logits if logits.dtype == torch.float32 else logits.float(),
-        target if target.dtype == torch.int64 else target.long(),
-    )
+    return _cross_entropy(logits, target)
 
 
 def er_ace_loss(
@@ -407,7 +403,9 @@ def er_ace_loss(
     if (replay_logits is None) != (replay_target is None):
         raise ValueError("pass replay_logits and replay_target together (or neither)")
     if replay_logits is not None and replay_target is not None:
-        loss = loss + _replay_term(replay_logits, replay_target, num_classes, "the incoming logits have", validate_args)
+        _check_replay(replay_logits, replay_target, num_classes, "the incoming logits have", validate_args)
+        if replay_logits.shape[0] > 0:
+            loss = loss + _cross_entropy(replay_logits, replay_target)
     return loss
 
 
