@@ -29,6 +29,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from lightning_logits.data.digits import DigitsDataModule
 from lightning_logits.networks.factory import build_model
+from lightning_logits.parallel import end_process_group
 from lightning_logits.teacher_cache import build_teacher_cache
 
 CACHE_FILES = ("values.npy", "indices.npy", "rest.npy", "written.npy", "meta.json")
@@ -71,9 +72,7 @@ def _build(fabric: Fabric, args: argparse.Namespace, out: str) -> dict[str, Any]
     mine = time.perf_counter() - start
     slowest = max(fabric.all_gather(torch.tensor(mine)).reshape(-1).tolist())
     threads = torch.get_num_threads()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # end gloo together: a rank closing early aborts the other at exit
-        torch.distributed.destroy_process_group()
+    end_process_group()
     return {"build_s": slowest, "threads": threads, "samples": len(dataset)}
 
 

@@ -53,6 +53,7 @@ def child(args: argparse.Namespace) -> None:
     from lightning_logits.callbacks import TeacherDistillation
     from lightning_logits.modules import Classifier
     from lightning_logits.networks import sharded_bytes
+    from lightning_logits.parallel import end_process_group
 
     warnings.filterwarnings("ignore")
     strategy_name, teacher_sharding = ARMS[args.arm]
@@ -91,9 +92,7 @@ def child(args: argparse.Namespace) -> None:
     trainer.fit(module, DataLoader(data, batch_size=8))
     out = Path(args.out_dir) / f"{args.arm}.rank{trainer.global_rank}.json"
     out.write_text(json.dumps(counts))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # end gloo together: a rank closing early aborts the other at exit
-        torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 def _mib(value: float) -> str:

@@ -12,7 +12,6 @@ import argparse
 import functools
 import importlib
 import json
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +28,7 @@ import lightning_logits.data
 import lightning_logits.modules  # noqa: F401
 from lightning_logits.callbacks import LAWN, USKD, LogitDiagnostics, ReplayCallback, TeacherDistillation
 from lightning_logits.networks.factory import check_checkpoint, load_teacher
+from lightning_logits.parallel import end_process_group
 from lightning_logits.teacher_cache import (
     TeacherLogitCache,
     TokenLogitCache,
@@ -100,19 +100,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         build_cli(args)
     finally:
-        _end_process_group()
-
-
-def _end_process_group() -> None:
-    """End the process group, after a barrier unless an exception is propagating (call it in ``finally``).
-
-    The barrier keeps a rank from closing its gloo sockets while another still talks to it (that
-    aborted the other at exit); after an error another rank may be stuck, so nobody waits for it.
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if sys.exc_info()[0] is None:
-            torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        end_process_group()
 
 
 def _import(dotted: str) -> Any:
@@ -197,7 +185,7 @@ def _build_on_every_rank(
     try:
         build(teacher, dataloader, path, device=fabric.device, **build_kwargs)
     finally:
-        _end_process_group()  # without it, the processes of a multi-node job abort at exit
+        end_process_group()  # without it, the processes of a multi-node job abort at exit
 
 
 def cache_main(argv: list[str] | None = None) -> None:
@@ -322,7 +310,7 @@ def _cache_command(args: argparse.Namespace, fabric: Fabric | None) -> None:
         )
     finally:
         if fabric is not None:
-            _end_process_group()  # without it, the processes of a multi-node job abort at exit
+            end_process_group()  # without it, the processes of a multi-node job abort at exit
     if fabric is None or fabric.global_rank == 0:
         print(
             f"wrote top-{cache.k} logits of {cache.num_samples} samples ({cache.num_classes} classes) to {cache.path}"
@@ -361,7 +349,7 @@ def _token_cache_command(args: argparse.Namespace, fabric: Fabric | None) -> Non
         )
     finally:
         if fabric is not None:
-            _end_process_group()
+            end_process_group()
     if fabric is None or fabric.global_rank == 0:
         print(
             f"wrote top-{cache.k} logits of {cache.num_tokens} tokens in {cache.num_documents} documents "

@@ -1,21 +1,43 @@
 """What our callbacks and modules need to know about Lightning's strategies (which one runs, its mesh).
 
-Lightning does the distributed work; this module only reads the strategy, so that every method
-answers "am I sharded, and over which mesh?" the same way.
+Lightning does the distributed work; this module reads the strategy, so that every method
+answers "am I sharded, and over which mesh?" the same way, and ends a finished run's process
+group where Lightning does not (gloo).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_logits.networks.sharding import fsdp_mesh
 
-__all__ = ["is_model_parallel", "sharding_mesh"]
+__all__ = ["end_process_group", "is_model_parallel", "sharding_mesh"]
 
 _warned_replicated_data = False
+
+
+def end_process_group() -> None:
+    """End this process's process group, on every rank together; call it once the run is over (or in ``finally``).
+
+    Lightning ends the group at exit for NCCL only. A gloo group left alive until the interpreter
+    exits, or closed by one rank while another still talks to it, sometimes aborts a process after
+    a good run ("terminate called without an active exception", SIGABRT). So: a barrier, then
+    ``destroy_process_group``. While an exception is propagating (a call from ``finally``) the
+    barrier is skipped: another rank may be stuck, and nobody waits for it. Does nothing without
+    a process group.
+
+    Example:
+        >>> end_process_group()  # no process group in this process: nothing to end
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if sys.exc_info()[0] is None:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def is_model_parallel(trainer: pl.Trainer) -> bool:

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from lightning_logits.parallel import end_process_group
+
 
 class TinyNet(nn.Module):
     """A small CNN with a BatchNorm, a ``features`` stage and a linear ``fc`` head: ``[N, 1, 8, 8] -> [N, C]``."""
@@ -76,13 +78,6 @@ class TensorDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader[Any]:
         return self._loader()
-
-
-def end_process_group() -> None:
-    """End the process group on every rank together: a barrier, then ``destroy_process_group`` (see below)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 class EndProcessGroupAtExit(pl.Callback):

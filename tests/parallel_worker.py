@@ -43,7 +43,8 @@ from lightning_logits.callbacks import (  # noqa: E402
 )
 from lightning_logits.modules import Classifier  # noqa: E402
 from lightning_logits.networks.sharding import is_sharded  # noqa: E402
-from tests.helpers import TinyMLP, blob_data, end_process_group  # noqa: E402
+from lightning_logits.parallel import end_process_group  # noqa: E402
+from tests.helpers import TinyMLP, blob_data  # noqa: E402
 
 NUM_SAMPLES = 160
 TEACHER_SEED = 7

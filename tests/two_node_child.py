@@ -122,13 +122,12 @@ def main() -> None:
         cache_main([*teacher, *data, "--out", str(out / "cache"), *nodes])
         return
     _fit_and_cache(part, out)
-    import torch.distributed
+    from lightning_logits.parallel import end_process_group
 
     # without it both processes abort at exit ("terminate called without an active exception"); the
     # barrier first, so that neither node tears down gloo while the other still has traffic in flight
     # (once in a full-suite run, node 1 of the ModelParallelStrategy case aborted at exit without it)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":
