@@ -57,6 +57,12 @@ def _index_tensor(values: list[int]) -> Tensor:
     return torch.frombuffer(array("q", values), dtype=torch.int64)
 
 
+def _slots_and_positions(written: dict[int, int]) -> tuple[Tensor, Tensor]:
+    """``(slots, positions)`` index tensors, by slot, from ``{slot: position in the batch}``."""
+    slots = sorted(written)
+    return _index_tensor(slots), _index_tensor([written[k] for k in slots])
+
+
 class ReservoirBuffer:
     """A fixed-size reservoir sample of a stream of labelled samples, stored as tensors.
 
@@ -214,8 +220,7 @@ class ReservoirBuffer:
             if slot < capacity:
                 written[slot] = position
         self.seen += batch_size
-        slots = sorted(written)
-        return _index_tensor(slots), _index_tensor([written[k] for k in slots])
+        return _slots_and_positions(written)
 
     def _decide(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Where the samples of a batch go: ``(slots, positions)`` (see :meth:`slots_for`)."""
@@ -457,9 +462,7 @@ class ClassBalancedBuffer(ReservoirBuffer):
             self._move(slot, label)
             written[slot] = position
         self.seen += len(values)
-        order = sorted(written)
-        slots, positions = _index_tensor(order), _index_tensor([written[k] for k in order])
-        return slots, positions
+        return _slots_and_positions(written)
 
     @override
     def state_dict(self) -> dict[str, Any]:

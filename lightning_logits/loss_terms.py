@@ -183,15 +183,15 @@ class StepScalars:
         # Detached only: the cast to float32 0-d tensors waits for the logging step (few steps pay it).
         row = [v.detach() for v in values]
         trainer = module._trainer if module is not None else None
-        if trainer is None or module is None:
-            self._pending_meta.append((len(self._pending), batch_size))
-            self._pending.append(row)
-            self._last = row
-            return
-        step, logging_step = _training_step_position(trainer, module)
+        if trainer is None or module is None:  # kept only: no step to log at
+            step, logging_step = len(self._pending), False
+        else:
+            step, logging_step = _training_step_position(trainer, module)
         self._last = row
         self._pending.append(row)
         self._pending_meta.append((step, batch_size))
+        if trainer is None or module is None:
+            return
         if self._logged is not None:
             self._release_logged(trainer)
         if logging_step or len(self._pending) >= _MAX_PENDING:

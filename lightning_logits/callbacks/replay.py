@@ -209,6 +209,11 @@ class ReplayCallback(LossTermCallback):
 
     # -- the step ---------------------------------------------------------------------------
 
+    def _timed(self, pl_module: pl.LightningModule) -> contextlib.AbstractContextManager[None]:
+        if not self.profile_buffer:
+            return contextlib.nullcontext()
+        return self._timer(pl_module)
+
     @contextlib.contextmanager
     def _timer(self, pl_module: pl.LightningModule) -> Iterator[None]:
         if pl_module.device.type == "cuda":
@@ -245,10 +250,7 @@ class ReplayCallback(LossTermCallback):
                 f"{type(self).__name__} needs int class targets, got dtype {target.dtype} (soft targets, e.g. "
                 "from mixup, are not supported)"
             )
-        if self.profile_buffer:
-            with self._timer(context.pl_module):
-                replay = self.buffer.sample(self.replay_batch_size)
-        else:
+        with self._timed(context.pl_module):
             replay = self.buffer.sample(self.replay_batch_size)
         replay_input, replay_target = replay["input"], replay["target"]
         features: Tensor | None = None
@@ -275,7 +277,7 @@ class ReplayCallback(LossTermCallback):
         self._clean_input = None
         if self.augment is None:
             return
-        if module_reader(pl_module, "batch_input") is not None:
+        if self._readers[0] is not None:
             raise TypeError(
                 f"{type(self).__name__}(augment=...) replaces the input inside the batch, but "
                 f"{type(pl_module).__name__} reads it with its own batch_input(); use (input, target) list "
@@ -308,10 +310,7 @@ class ReplayCallback(LossTermCallback):
         if clean is not None:  # the batch holds the augmented input: store the original
             inputs = clean
         target = custom_target(batch) if custom_target is not None else batch_target(batch)
-        if self.profile_buffer:
-            with self._timer(pl_module):
-                self.buffer.add(inputs, target)
-        else:
+        with self._timed(pl_module):
             self.buffer.add(inputs, target)
 
     # -- checkpointing ----------------------------------------------------------------------
